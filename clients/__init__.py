@@ -1,0 +1,1 @@
+"""Client side: a Python client library (sync and asyncio) and the CLI commands for people."""

@@ -1,0 +1,43 @@
+"""The seam between the worker transport (sockets, heartbeats) and what runs a job.
+
+Two implementations: `gpu_worker.executor.DiffusersExecutor` (real pipelines) and
+`gpu_worker.sim_executor.SimulatedExecutor` (a simulation for routing tests and benchmarks,
+named as such everywhere). The transport calls `run` on its busy thread and `telemetry` from
+its heartbeat thread, so `telemetry` must be cheap and thread-safe.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from protocol.job import Job
+
+# progress(stage, step, total_steps): stage is one of protocol.constants.STAGES
+ProgressFn = Callable[[str, int, int], None]
+# should_abort(): True once the job was cancelled or timed out; checked at every step
+AbortFn = Callable[[], bool]
+
+
+class Executor(Protocol):
+    def describe(self) -> dict:
+        """Static facts for READY: {device, device_type, device_name, memory_total_mb,
+        capabilities: [features from Job.features the executor can run], worker_types: [...],
+        simulated: bool}."""
+
+    def telemetry(self) -> dict:
+        """Live facts for HEARTBEAT: {memory: {total_mb, used_mb, free_mb}, rss_mb,
+        cache_budget_mb, models_loaded: [{name, kind, size_mb}], models_loading: [names],
+        step_time_s: {"model@WxH": seconds per step, moving average}, load_time_s: {name: s}}."""
+
+    def run(self, job: Job, progress: ProgressFn, should_abort: AbortFn) -> dict:
+        """Run a job. Returns the reply `data` (generated_images, processing_metrics,
+        features_used) plus `warnings: [str]` (the transport moves them to the envelope).
+        Raises protocol.errors.JobError with a catalogue code on failure; `cancelled` when
+        should_abort() turned True (the transport then sends cancelled/timeout as it knows)."""
+
+    def load_model(self, name: str) -> dict:
+        """Load a base model into the cache ahead of use. Returns {model, load_time_s}."""
+
+    def cleanup(self, models: list[str] | None = None) -> dict:
+        """Unload the named models (all when None) and free device memory.
+        Returns {unloaded: [...], memory: {...}}."""

@@ -1,0 +1,115 @@
+"""Names and numbers that cross the wire. Constants only (Majordomo style)."""
+
+from __future__ import annotations
+
+# --- client-facing message types (CONTRACT.md, "Message types") -------------------------
+GENERATE_FLAT = "generate_sdxl_enhanced"
+GENERATE_NESTED = "inference_request"
+GENERATE_LEGACY_ACTION = "generate"  # legacy bodies carry `action`, not `message_type`
+MODEL_LOAD = "model_load_request"
+MODEL_LOAD_LEGACY = "load_model"
+STATUS = "status_request"
+STATUS_LEGACY = "get_status"
+INITIALIZE = "initialize"
+CLEANUP = "cleanup"
+CANCEL = "cancel_request"
+PROGRESS = "progress"
+
+# request message type -> reply message type
+REPLY_TYPE = {
+    GENERATE_FLAT: "generate_sdxl_enhanced_response",
+    GENERATE_NESTED: "inference_response",
+    GENERATE_LEGACY_ACTION: "generate_response",
+    MODEL_LOAD: "model_load_response",
+    MODEL_LOAD_LEGACY: "model_load_response",
+    STATUS: "status_response",
+    STATUS_LEGACY: "status_response",
+    INITIALIZE: "initialize_response",
+    CLEANUP: "cleanup_response",
+    CANCEL: "cancel_response",
+}
+
+GENERATION_TYPES = frozenset({GENERATE_FLAT, GENERATE_NESTED, GENERATE_LEGACY_ACTION})
+
+# the form a generation request came in; decides the reply type and the legacy/nested views
+FORM_FLAT = "flat"
+FORM_NESTED = "nested"
+FORM_LEGACY = "legacy"
+FORM_REPLY_TYPE = {
+    FORM_FLAT: REPLY_TYPE[GENERATE_FLAT],
+    FORM_NESTED: REPLY_TYPE[GENERATE_NESTED],
+    FORM_LEGACY: REPLY_TYPE[GENERATE_LEGACY_ACTION],
+}
+
+# --- error codes (CONTRACT.md, "Replies"): the one catalogue ----------------------------
+MALFORMED_MESSAGE = "malformed_message"
+UNKNOWN_MESSAGE_TYPE = "unknown_message_type"
+VALIDATION_ERROR = "validation_error"
+MODEL_NOT_FOUND = "model_not_found"
+UNSUPPORTED_FEATURE = "unsupported_feature"
+QUEUE_FULL = "queue_full"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+WORKER_LOST = "worker_lost"
+OUT_OF_MEMORY = "out_of_memory"
+DUPLICATE_REQUEST_ID = "duplicate_request_id"
+INTERNAL_ERROR = "internal_error"
+
+ERROR_CODES = (
+    MALFORMED_MESSAGE, UNKNOWN_MESSAGE_TYPE, VALIDATION_ERROR, MODEL_NOT_FOUND,
+    UNSUPPORTED_FEATURE, QUEUE_FULL, TIMEOUT, CANCELLED, WORKER_LOST, OUT_OF_MEMORY,
+    DUPLICATE_REQUEST_ID, INTERNAL_ERROR,
+)
+
+# --- priorities -----------------------------------------------------------------------------
+PRIORITY_HIGH = "high"
+PRIORITY_NORMAL = "normal"
+PRIORITY_LOW = "low"
+PRIORITIES = (PRIORITY_HIGH, PRIORITY_NORMAL, PRIORITY_LOW)  # served in this order
+
+# --- progress stages ----------------------------------------------------------------------
+STAGES = ("queued", "loading", "denoising", "refining", "postprocessing")
+
+# --- worker types (Phase 6 seed's WorkerTypeResolver) ------------------------------------
+WORKER_BASIC = "sdxl_worker"
+WORKER_ENHANCED = "enhanced_sdxl_worker"
+
+# --- codecs ---------------------------------------------------------------------------------
+CODEC_JSON = "json"
+CODEC_MSGPACK = "msgpack"
+
+# --- defaults and bounds (Phase 6 seed; CONTRACT.md "Message types") ----------------------
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SEED = -1
+DEFAULT_STRENGTH = 0.8
+DEFAULT_SIZE = 1024
+DEFAULT_FORMAT = "png"
+DEFAULT_QUALITY = 95
+DEFAULT_SAVE_PATH = "outputs/"
+DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
+DEFAULT_DTYPE = "float16"
+DEFAULT_VAE_DTYPE = "float32"
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_REFINER_SWITCH = 0.8
+DEFAULT_MAX_MESSAGE_MB = 64
+
+MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 2048, 8
+MIN_STEPS, MAX_STEPS = 1, 150
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 30.0
+MIN_LORA_WEIGHT, MAX_LORA_WEIGHT = -2.0, 2.0
+MIN_BATCH, MAX_BATCH = 1, 9
+MIN_QUALITY, MAX_QUALITY = 1, 100
+MIN_CONTROLNET_SCALE, MAX_CONTROLNET_SCALE = 0.0, 2.0
+
+# the ten diffusers scheduler classes the Phase 6 seed lists
+SCHEDULERS = (
+    "DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+    "UniPCMultistepScheduler",
+)
+CONTROLNET_TYPES = ("canny", "depth", "pose", "scribble", "normal", "seg", "lineart")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+DTYPES = ("float16", "bfloat16", "float32")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")

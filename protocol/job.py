@@ -1,0 +1,151 @@
+"""The one canonical, immutable job that every generation form becomes.
+
+The broker routes it, the journal stores it, workers run it. It travels between processes as
+a plain dict (`to_wire` / `from_wire`, msgpack-friendly: images stay bytes or str).
+Field names follow the flat C# form where one exists; units are in names (`timeout_s`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol import constants as C
+
+# An image input: a path under the input root, a base64 string / data URI, or raw bytes
+# (msgpack binary). Decoding happens on the worker, which owns the input root.
+ImageRef = Union[bytes, str]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Frozen):
+    base: str
+    refiner: Optional[str] = None
+    vae: Optional[str] = None
+
+
+class LoraSpec(_Frozen):
+    name: str
+    path: Optional[str] = None  # None: resolve `name` under the models dir
+    weight: float = 1.0
+
+
+class ControlNetSpec(_Frozen):
+    type: str = "canny"
+    image: ImageRef
+    weight: float = 1.0  # conditioning scale 0..2
+    model: Optional[str] = None  # None: the worker picks its model for `type`
+    preprocess: bool = True  # run the type's preprocessor (e.g. canny edges) on the image
+
+
+class TextualInversionSpec(_Frozen):
+    name: str
+    path: Optional[str] = None
+    token: Optional[str] = None  # None: "<name>"
+
+
+class OutputSpec(_Frozen):
+    format: Literal["png", "jpeg", "webp"] = C.DEFAULT_FORMAT
+    quality: int = C.DEFAULT_QUALITY
+    save_path: str = C.DEFAULT_SAVE_PATH  # relative to the output root
+    return_images: bool = False
+
+
+class PostprocessSpec(_Frozen):
+    auto_contrast: bool = False
+    upscale_factor: Optional[float] = None  # None or 1: no upscaling
+    upscale_method: str = "lanczos"
+
+
+class PrecisionSpec(_Frozen):
+    dtype: str = C.DEFAULT_DTYPE
+    vae_dtype: str = C.DEFAULT_VAE_DTYPE
+    attention_slicing: bool = True
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+
+
+class Job(_Frozen):
+    request_id: str
+    form: Literal["flat", "nested", "legacy"] = C.FORM_FLAT  # decides the reply message type
+
+    prompt: str
+    prompt_2: Optional[str] = None
+    negative_prompt: str = ""
+    negative_prompt_2: Optional[str] = None
+
+    models: ModelSpec
+    width: int = C.DEFAULT_SIZE
+    height: int = C.DEFAULT_SIZE
+    steps: int = C.DEFAULT_STEPS
+    guidance_scale: float = C.DEFAULT_GUIDANCE
+    seed: int = C.DEFAULT_SEED  # -1: the worker draws one and reports it
+    strength: float = C.DEFAULT_STRENGTH
+    scheduler: str = C.DEFAULT_SCHEDULER  # a diffusers class name from C.SCHEDULERS
+    use_karras_sigmas: bool = False
+    clip_skip: Optional[int] = None
+    refiner_switch: float = C.DEFAULT_REFINER_SWITCH  # fraction of steps the base runs
+
+    loras: tuple[LoraSpec, ...] = ()
+    controlnets: tuple[ControlNetSpec, ...] = ()
+    textual_inversions: tuple[TextualInversionSpec, ...] = ()
+    init_image: Optional[ImageRef] = None
+    mask_image: Optional[ImageRef] = None
+
+    batch_size: int = 1
+    output: OutputSpec = OutputSpec()
+    postprocess: PostprocessSpec = PostprocessSpec()
+    precision: PrecisionSpec = PrecisionSpec()
+
+    device: Optional[str] = None  # a device hint: "cuda:1", "cpu", ...
+    worker_type: str = C.WORKER_BASIC
+    priority: Literal["high", "normal", "low"] = C.PRIORITY_NORMAL
+    timeout_s: float = C.DEFAULT_TIMEOUT_S
+    tags: tuple[str, ...] = ()
+    stream: bool = False  # progress messages wanted
+
+    # Field names the client set explicitly; lets the legacy view emit exactly what was sent
+    # (the first seed's examples omit hyperparameters that were not given).
+    explicit: frozenset[str] = Field(default_factory=frozenset)
+
+    # --- derived views used for routing ---------------------------------------------------
+    @property
+    def mode(self) -> str:
+        if self.mask_image is not None:
+            return "inpaint"
+        if self.init_image is not None:
+            return "img2img"
+        return "txt2img"
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What a worker must support to run this job (routing hard filter)."""
+        f = {self.mode}
+        if self.loras:
+            f.add("lora")
+        if self.controlnets:
+            f.add("controlnet")
+        if self.textual_inversions:
+            f.add("textual_inversion")
+        if self.models.refiner:
+            f.add("refiner")
+        if self.models.vae:
+            f.add("custom_vae")
+        if self.postprocess.upscale_factor and self.postprocess.upscale_factor != 1:
+            f.add("upscale")
+        return frozenset(f)
+
+    # --- the wire between broker and worker -----------------------------------------------
+    def to_wire(self) -> dict:
+        d = self.model_dump(mode="python")
+        d["explicit"] = sorted(self.explicit)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Job":
+        return cls.model_validate(d)

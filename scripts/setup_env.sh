@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install the project into it. Sourced by demo.sh and test.sh.
+# torch goes first, pinned, so pip takes the CPU wheel instead of a multi-GB CUDA build;
+# GPU users set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0 --index-url <their CUDA index>").
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] installing $TORCH_SPEC"
+  # shellcheck disable=SC2086
+  "${PIP[@]}" install $TORCH_SPEC
+fi
+# Reinstall the project only when its metadata changed (keeps test.sh fast on a warm venv).
+STAMP="$VENV/.sdxl-broker-installed"
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+  echo "[setup] installing sdxl-broker and its dependencies"
+  "${PIP[@]}" install -e "$ROOT[test]"
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
