@@ -113,3 +113,16 @@ CONTROLNET_TYPES = ("canny", "depth", "pose", "scribble", "normal", "seg", "line
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DTYPES = ("float16", "bfloat16", "float32")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+# --- request size limits (protocol.models): generous, but a 1 MB prompt is a mistake ----------
+MAX_PROMPT_CHARS = 10_000
+MAX_NAME_CHARS = 1024  # model names, paths, devices, tokens
+MAX_ID_CHARS = 256  # request_id / session_id
+MAX_SEED = 2**63 - 1  # a C# long; -1 means "draw one"
+MAX_CLIP_SKIP = 10
+MAX_UPSCALE_FACTOR = 8.0
+MAX_TIMEOUT_S = 86_400.0
+MAX_TAGS = 64
+MAX_LIST_ITEMS = 32  # LoRAs, ControlNets, textual inversions, workers, models per request
+DEFAULT_UPSCALE_METHOD = "lanczos"
+DEFAULT_CONTROLNET_RESOLUTION = 512  # the seed's preprocessor.resolution

@@ -40,6 +40,7 @@ class ControlNetSpec(_Frozen):
     weight: float = 1.0  # conditioning scale 0..2
     model: Optional[str] = None  # None: the worker picks its model for `type`
     preprocess: bool = True  # run the type's preprocessor (e.g. canny edges) on the image
+    preprocess_resolution: int = C.DEFAULT_CONTROLNET_RESOLUTION  # the seed's preprocessor.resolution
 
 
 class TextualInversionSpec(_Frozen):
@@ -111,6 +112,8 @@ class Job(_Frozen):
 
     # Field names the client set explicitly; lets the legacy view emit exactly what was sent
     # (the first seed's examples omit hyperparameters that were not given).
+    # Names are Job fields ("steps", "timeout_s") or "section.field" ("output.quality",
+    # "postprocess.upscale_factor", "precision.dtype"); filled by protocol.translate.
     explicit: frozenset[str] = Field(default_factory=frozenset)
 
     # --- derived views used for routing ---------------------------------------------------

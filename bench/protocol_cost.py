@@ -1,0 +1,152 @@
+"""What the protocol layer costs per message on this machine.
+
+Prints the median microseconds to decode + validate + translate one request of each form
+(JSON and msgpack) and to build + encode a final reply. The goal (issue 3): under 50 us for a
+full nested request with three LoRAs and two ControlNets.
+
+    .venv/bin/python bench/protocol_cost.py [--repeat 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+from protocol import codec
+from protocol import constants as C
+from protocol.parse import parse_request
+from protocol.replies import final_reply
+
+NESTED_FULL = {
+    "message_type": "inference_request",
+    "request_id": "6f1c2a9e-3b7d-4c55-9a0e-1d2f3a4b5c6d",
+    "data": {
+        "worker_type": "enhanced_sdxl_worker",
+        "prompt": "a castle at dawn, volumetric light, highly detailed",
+        "negative_prompt": "lowres, blurry",
+        "model_name": "tiny-sdxl",
+        "hyperparameters": {"num_inference_steps": 30, "guidance_scale": 6.5, "seed": 42,
+                            "strength": 0.8},
+        "dimensions": {"width": 832, "height": 1216},
+        "scheduler": "EulerAncestralDiscreteScheduler",
+        "models": {"base": "tiny-sdxl", "refiner": "tiny-sdxl-refiner", "vae": "tiny-vae"},
+        "lora": {"enabled": True, "models": [{"name": "tiny-lora-a", "weight": 0.7},
+                                             {"name": "tiny-lora-b", "weight": 1.2},
+                                             {"name": "detail", "weight": -0.5}]},
+        "controlnet": {"enabled": True, "type": "canny", "conditioning_scale": 0.9,
+                       "control_image": "inputs/edges.png",
+                       "preprocessor": {"enabled": True, "resolution": 512}},
+        "controlnets": [{"enabled": True, "type": "depth", "conditioning_scale": 0.6,
+                         "control_image": "inputs/depth.png",
+                         "preprocessor": {"enabled": False, "resolution": 512}}],
+        "output": {"format": "png", "quality": 90, "save_path": "outputs/castles/",
+                   "upscale": {"enabled": True, "factor": 2, "method": "lanczos"}},
+        "batch": {"size": 2, "parallel": False},
+        "precision": {"dtype": "float16", "vae_dtype": "float32", "cpu_offload": False,
+                      "attention_slicing": True, "vae_slicing": True},
+        "metadata": {"request_id": "6f1c2a9e-3b7d-4c55-9a0e-1d2f3a4b5c6d", "priority": "normal",
+                     "timeout": 300, "tags": ["enhanced_sdxl", "c_sharp_service", "lora_enhanced",
+                                              "controlnet_guided"]},
+    },
+}
+
+FLAT_FULL = {
+    "message_type": "generate_sdxl_enhanced", "request_id": "flat-1",
+    "prompt": "a castle at dawn", "negative_prompt": "blurry", "width": 832, "height": 1216,
+    "steps": 30, "guidance_scale": 6.5, "seed": 42, "scheduler": "DPM++ 2M Karras",
+    "model_base": "tiny-sdxl", "model_refiner": "tiny-sdxl-refiner", "model_vae": "tiny-vae",
+    "lora_names": ["tiny-lora-a", "tiny-lora-b", "detail"], "lora_weights": [0.7, 1.2, -0.5],
+    "controlnet_types": ["canny", "depth"],
+    "controlnet_images": ["inputs/edges.png", "inputs/depth.png"],
+    "controlnet_weights": [0.9, 0.6], "batch_size": 2, "output_format": "png",
+    "output_quality": 90, "save_path": "outputs/castles/", "upscale_factor": 2.0,
+    "priority": "high", "timeout": 300, "tags": ["bench"],
+}
+
+FLAT_MINIMAL = {"message_type": "generate_sdxl_enhanced", "session_id": "abc123",
+                "prompt": "Beautiful landscape", "negative_prompt": "blurry", "width": 1024,
+                "height": 1024, "model_base": "/models/sdxl.safetensors"}
+
+LEGACY_FULL = {
+    "action": "generate", "session_id": "xyz789",
+    "prompt_submission": {
+        "model": {"base": "tiny-sdxl", "refiner": "tiny-sdxl-refiner"},
+        "conditioning": {"prompt": "Portrait", "negative_prompt": "blurry",
+                         "loras": [{"name": "a", "path": "loras/a.safetensors", "weight": 0.8},
+                                   {"name": "b", "path": "loras/b.safetensors", "weight": 0.5},
+                                   {"name": "c", "path": "loras/c.safetensors", "weight": 0.3}],
+                         "controlnets": [{"type": "canny", "image": "input.png", "weight": 1.0},
+                                         {"type": "depth", "image": "depth.png", "weight": 0.5}]},
+        "hyperparameters": {"width": 1024, "height": 1024, "steps": 30, "guidance_scale": 7.0},
+    },
+}
+
+REPLY_DATA = {
+    "generated_images": [{"index": i, "seed": 42 + i, "width": 832, "height": 1216, "format": "png",
+                          "path": f"outputs/castles/{i}.png", "sha256": "ab" * 32}
+                         for i in range(2)],
+    "processing_metrics": {"total_time": 12.5, "queue_time": 0.01, "inference_time": 11.9,
+                           "preprocessing_time": 0.2, "postprocessing_time": 0.4,
+                           "device_name": "cpu", "worker_id": "w-1", "memory_used_mb": 612.0,
+                           "model_info": {"base": "tiny-sdxl"}},
+    "features_used": ["txt2img", "lora", "controlnet", "refiner", "upscale"],
+}
+
+
+def median_us(fn, repeat: int) -> float:
+    for _ in range(min(200, repeat)):  # warm caches
+        fn()
+    gc.collect()
+    gc.disable()
+    try:
+        samples = []
+        for _ in range(repeat):
+            t0 = time.perf_counter_ns()
+            fn()
+            samples.append(time.perf_counter_ns() - t0)
+    finally:
+        gc.enable()
+    return statistics.median(samples) / 1000.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=2000, help="timed runs per case")
+    args = parser.parse_args(argv)
+
+    cases = [("nested, 3 LoRAs + 2 ControlNets", NESTED_FULL),
+             ("flat, 3 LoRAs + 2 ControlNets", FLAT_FULL),
+             ("flat, seed example 1", FLAT_MINIMAL),
+             ("legacy, 3 LoRAs + 2 ControlNets", LEGACY_FULL)]
+    print(f"median microseconds over {args.repeat} runs (decode + validate + translate to a Job)")
+    print(f"{'request':36} {'codec':8} {'bytes':>6} {'us':>8}")
+    for label, body in cases:
+        for codec_name in (C.CODEC_JSON, C.CODEC_MSGPACK):
+            frame = codec.encode(body, codec_name)
+            parse_request(codec.decode(frame)[0])  # must be valid
+
+            def run(frame=frame):
+                parse_request(codec.decode(frame)[0])
+            print(f"{label:36} {codec_name:8} {len(frame):6d} {median_us(run, args.repeat):8.1f}")
+
+    # the share pydantic itself takes (the issue quotes ~11 us for validating such a request)
+    from protocol.models import NestedGenerateRequest
+    frame = codec.encode(NESTED_FULL, C.CODEC_JSON)
+    t = median_us(lambda: NestedGenerateRequest.model_validate_json(frame), args.repeat)
+    print(f"{'  of which pydantic validate_json':36} {'json':8} {len(frame):6d} {t:8.1f}")
+
+    print()
+    print("median microseconds to build + encode one final reply (2 images, no image bytes)")
+    for codec_name in (C.CODEC_JSON, C.CODEC_MSGPACK):
+        def reply(codec_name=codec_name):
+            codec.encode(final_reply("inference_response", "r", success=True, data=REPLY_DATA,
+                                     execution_time=12.5), codec_name)
+        print(f"{'final reply':36} {codec_name:8} {'':6} {median_us(reply, args.repeat):8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The broker's waiting room: priorities high > normal > low, FIFO within one, a size limit.
+
+Jobs wait here (not on workers) so each can go to whichever worker frees up first. The
+dispatcher walks the queue in order and may skip a job no worker can take right now (its model
+does not fit anywhere free) so it does not block the jobs behind it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+from protocol import constants as C
+
+
+class QueueFull(Exception):
+    pass
+
+
+class JobQueue:
+    def __init__(self, max_size: int = 1000):
+        self.max_size = max_size
+        # one insertion-ordered dict per priority: O(1) append, remove and membership
+        self._lanes: dict[str, OrderedDict[str, object]] = {p: OrderedDict() for p in C.PRIORITIES}
+
+    def __len__(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def __bool__(self) -> bool:
+        return any(self._lanes.values())
+
+    def __contains__(self, request_id: str) -> bool:
+        return any(request_id in lane for lane in self._lanes.values())
+
+    def push(self, request_id: str, priority: str, item: object, *, force: bool = False) -> None:
+        """Append; raises QueueFull past max_size (force: re-queue a job that was already
+        accepted, e.g. after its worker died, which must never be refused)."""
+        if not force and len(self) >= self.max_size:
+            raise QueueFull(f"queue is full ({self.max_size} jobs waiting)")
+        lane = self._lanes.get(priority, self._lanes[C.PRIORITY_NORMAL])
+        lane[request_id] = item
+
+    def push_front(self, request_id: str, priority: str, item: object) -> None:
+        """Re-queue ahead of its priority's other jobs (a job whose worker was lost)."""
+        lane = self._lanes.get(priority, self._lanes[C.PRIORITY_NORMAL])
+        lane[request_id] = item
+        lane.move_to_end(request_id, last=False)
+
+    def remove(self, request_id: str) -> object | None:
+        for lane in self._lanes.values():
+            if request_id in lane:
+                return lane.pop(request_id)
+        return None
+
+    def __iter__(self) -> Iterator[tuple[str, object]]:
+        """(request_id, item) in serving order. Copy-safe: removal while iterating is fine."""
+        for priority in C.PRIORITIES:
+            yield from list(self._lanes[priority].items())
+
+    def position(self, request_id: str) -> int | None:
+        """0-based place in serving order, or None when not queued."""
+        ahead = 0
+        for priority in C.PRIORITIES:
+            lane = self._lanes[priority]
+            if request_id in lane:
+                for index, key in enumerate(lane):
+                    if key == request_id:
+                        return ahead + index
+            ahead += len(lane)
+        return None

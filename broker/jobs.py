@@ -1,0 +1,54 @@
+"""One accepted generation job inside the broker: who waits for it, where it runs, when it expires.
+
+A job has one or more peers (a resend of the same request_id attaches another peer); each gets
+the final reply exactly once, in the codec it used. `attempt` counts dispatches; each dispatch
+has a unique `dispatch_id` and a RESULT is accepted only from the worker holding the current
+one, so a late result from a worker already declared lost (or from before a broker restart) is
+discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protocol.job import Job
+
+QUEUED = "queued"
+RUNNING = "running"
+
+
+@dataclass
+class Peer:
+    """A client waiting for a reply: the ROUTER envelope to answer with, in its codec."""
+    envelope: tuple[bytes, ...]   # (identity,) or (identity, b"") as the request came
+    codec: str
+    is_req: bool = False          # REQ peers get the final reply only, never progress
+
+    def frames(self, body: bytes) -> list[bytes]:
+        return [*self.envelope, body]
+
+
+@dataclass
+class JobState:
+    request_id: str
+    job: Job
+    reply_type: str
+    fingerprint: str
+    accepted_at: float            # broker clock
+    deadline: float               # broker clock; accepted_at + job.timeout_s
+    peers: list[Peer] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    state: str = QUEUED
+    attempt: int = 0              # dispatches so far; the current one when RUNNING
+    dispatch_id: int | None = None  # unique id of the current dispatch (echoed by the worker)
+    worker_id: str | None = None
+    dispatched_at: float = 0.0
+    lost_workers: list[str] = field(default_factory=list)
+
+    @property
+    def wants_progress(self) -> bool:
+        return self.job.stream and any(not p.is_req for p in self.peers)
+
+    def attach(self, peer: Peer) -> None:
+        if peer.envelope not in [p.envelope for p in self.peers]:
+            self.peers.append(peer)

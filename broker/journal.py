@@ -1,0 +1,189 @@
+"""The broker's journal: accepted jobs and final replies in SQLite (WAL) under --state-dir.
+
+After a restart, unfinished jobs are queued again and a resend of a finished request_id gets
+its stored reply. Stored replies expire after `reply_ttl_s` and the table is capped at
+`max_replies` rows, so the journal does not grow without bound. Rows hold the request body as
+the client sent it (bytes) and replies as msgpack: no pickle. With state_dir None the journal
+lives in memory (MemoryJournal: the same interface on dicts, nothing survives a restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FILE = "broker-journal.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    request_id  TEXT PRIMARY KEY,
+    body        BLOB NOT NULL,
+    fingerprint TEXT NOT NULL,
+    accepted_at REAL NOT NULL          -- wall clock (time.time()), survives restarts
+);
+CREATE TABLE IF NOT EXISTS replies (
+    request_id  TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    codec       TEXT NOT NULL,
+    reply       BLOB NOT NULL,         -- msgpack of the final reply dict
+    finished_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replies_finished ON replies(finished_at);
+"""
+
+
+@dataclass(frozen=True)
+class StoredReply:
+    request_id: str
+    fingerprint: str
+    codec: str
+    reply: dict
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    request_id: str
+    body: bytes
+    fingerprint: str
+    accepted_at: float
+
+
+class Journal:
+    def __init__(self, state_dir: str | None, reply_ttl_s: float = 3600.0,
+                 max_replies: int = 100_000, wall_clock=time.time):
+        self.reply_ttl_s = reply_ttl_s
+        self.max_replies = max_replies
+        self.wall_clock = wall_clock
+        if state_dir:
+            os.makedirs(state_dir, exist_ok=True)
+            self.path = os.path.join(state_dir, JOURNAL_FILE)
+        else:
+            self.path = ":memory:"
+        # one connection, used only by the broker's loop thread
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a committed row survives a process kill (not a power cut)
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        log.info("journal at %s (reply ttl %.0f s)", self.path, reply_ttl_s)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def accept(self, request_id: str, body: bytes, fingerprint: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?)",
+                         (request_id, body, fingerprint, self.wall_clock()))
+
+    def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict) -> None:
+        """Store the final reply and drop the job row, in one transaction."""
+        blob = msgpack.packb(reply, use_bin_type=True, default=_msgpack_default)
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
+                             (request_id, fingerprint, codec, blob, self.wall_clock()))
+            self._db.execute("DELETE FROM jobs WHERE request_id = ?", (request_id,))
+
+    def stored_reply(self, request_id: str) -> StoredReply | None:
+        row = self._db.execute(
+            "SELECT fingerprint, codec, reply, finished_at FROM replies WHERE request_id = ?",
+            (request_id,)).fetchone()
+        if row is None:
+            return None
+        if self.wall_clock() - row[3] > self.reply_ttl_s:
+            return None
+        reply = msgpack.unpackb(row[2], raw=False, strict_map_key=False)
+        return StoredReply(request_id, row[0], row[1], reply)
+
+    def pending(self) -> list[PendingJob]:
+        """Accepted jobs without a final reply, oldest first (to re-queue after a restart)."""
+        rows = self._db.execute(
+            "SELECT request_id, body, fingerprint, accepted_at FROM jobs ORDER BY accepted_at")
+        return [PendingJob(r[0], bytes(r[1]), r[2], r[3]) for r in rows]
+
+    def expire(self) -> int:
+        """Delete replies older than the TTL and the oldest past max_replies. Returns rows deleted."""
+        cutoff = self.wall_clock() - self.reply_ttl_s
+        deleted = self._db.execute("DELETE FROM replies WHERE finished_at < ?", (cutoff,)).rowcount
+        count = self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+        if count > self.max_replies:
+            deleted += self._db.execute(
+                "DELETE FROM replies WHERE request_id IN "
+                "(SELECT request_id FROM replies ORDER BY finished_at LIMIT ?)",
+                (count - self.max_replies,)).rowcount
+        return deleted
+
+    def counts(self) -> dict:
+        jobs = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        replies = self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+        return {"jobs": jobs, "replies": replies}
+
+
+def _msgpack_default(obj):
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, memoryview):
+        return bytes(obj)
+    raise TypeError(f"cannot store {type(obj).__name__}")
+
+
+class MemoryJournal:
+    """The Journal interface without a disk (state_dir None): dicts, same expiry and bound."""
+
+    path = ":memory:"
+
+    def __init__(self, reply_ttl_s: float = 3600.0, max_replies: int = 100_000, wall_clock=time.time):
+        self.reply_ttl_s = reply_ttl_s
+        self.max_replies = max_replies
+        self.wall_clock = wall_clock
+        self._jobs: dict[str, PendingJob] = {}
+        self._replies: OrderedDict[str, tuple[StoredReply, float]] = OrderedDict()  # oldest first
+
+    def close(self) -> None:
+        pass
+
+    def accept(self, request_id: str, body: bytes, fingerprint: str) -> None:
+        self._jobs[request_id] = PendingJob(request_id, body, fingerprint, self.wall_clock())
+
+    def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict) -> None:
+        self._replies.pop(request_id, None)
+        self._replies[request_id] = (StoredReply(request_id, fingerprint, codec, reply), self.wall_clock())
+        self._jobs.pop(request_id, None)
+        if len(self._replies) > self.max_replies:
+            self._replies.popitem(last=False)
+
+    def stored_reply(self, request_id: str) -> StoredReply | None:
+        entry = self._replies.get(request_id)
+        if entry is None or self.wall_clock() - entry[1] > self.reply_ttl_s:
+            return None
+        return entry[0]
+
+    def pending(self) -> list[PendingJob]:
+        return sorted(self._jobs.values(), key=lambda p: p.accepted_at)
+
+    def expire(self) -> int:
+        cutoff = self.wall_clock() - self.reply_ttl_s
+        deleted = 0
+        while self._replies and next(iter(self._replies.values()))[1] < cutoff:
+            self._replies.popitem(last=False)
+            deleted += 1
+        return deleted
+
+    def counts(self) -> dict:
+        return {"jobs": len(self._jobs), "replies": len(self._replies)}
+
+
+def open_journal(state_dir: str | None, reply_ttl_s: float = 3600.0) -> Journal | MemoryJournal:
+    """SQLite under state_dir, or the in-memory journal when there is none."""
+    if state_dir:
+        return Journal(state_dir, reply_ttl_s)
+    log.info("journal in memory (no --state-dir): jobs and replies do not survive a restart")
+    return MemoryJournal(reply_ttl_s)

@@ -1,0 +1,231 @@
+"""Worker registry: who is connected, what each can run, and whether it is still alive.
+
+Paranoid-Pirate liveness: every message from a worker refreshes its expiry to
+`now + heartbeat_interval_s * heartbeat_liveness`; a worker past its expiry is declared lost.
+The clock is injected so the liveness logic is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+# Lost workers stay visible in status (state "lost") this long, then are forgotten.
+LOST_VISIBLE_S = 60.0
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    identity: bytes                  # ROUTER identity of its DEALER socket
+    device: str = "cpu"
+    device_type: str = "cpu"
+    device_name: str = ""
+    host: str = ""
+    pid: int = 0
+    memory_total_mb: float = 0.0
+    capabilities: frozenset[str] = frozenset()
+    worker_types: frozenset[str] = frozenset()
+    simulated: bool = False
+    telemetry: dict = field(default_factory=dict)
+    expiry: float = 0.0              # clock time after which it is lost
+    last_heartbeat: float = 0.0      # clock time of the last message from it
+    registered_at: float = 0.0
+    lost: bool = False
+    lost_at: float = 0.0
+    jobs: dict[str, int] = field(default_factory=dict)  # request_id -> dispatch_id it runs
+    # request_id -> (estimated seconds, models it brings), recorded at dispatch, so routing can
+    # count a worker's backlog; entries for request_ids no longer in `jobs` are ignored
+    estimates: dict[str, tuple[float, tuple[str, ...]]] = field(default_factory=dict)
+    current_step: int = 0
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    loading: bool = False            # a model_load_request is running on it
+    _memory: dict | None = field(default=None, repr=False)
+    _models_loaded: dict | None = field(default=None, repr=False)
+
+    # --- views the routing policy reads -------------------------------------------------
+    @property
+    def state(self) -> str:
+        if self.lost:
+            return "lost"
+        if self.loading or self.telemetry.get("models_loading"):
+            return "loading"
+        return "busy" if self.jobs else "idle"
+
+    def set_telemetry(self, telemetry: dict) -> None:
+        """Store a worker's telemetry; the views routing reads are rebuilt on first use
+        (with 1,000 heart-beating workers most telemetry is never routed on)."""
+        self.telemetry = telemetry
+        self._memory = None
+        self._models_loaded = None
+
+    def _build_views(self) -> None:
+        telemetry = self.telemetry
+        mem = telemetry.get("memory") or {}
+        total = float(mem.get("total_mb") or self.memory_total_mb)
+        used = float(mem.get("used_mb") or 0.0)
+        free = mem.get("free_mb")
+        self._memory = {"total_mb": total, "used_mb": used,
+                        "free_mb": float(free) if free is not None else max(total - used, 0.0)}
+        models = {}
+        for m in telemetry.get("models_loaded") or []:
+            if isinstance(m, dict) and "name" in m:
+                models[str(m["name"])] = float(m.get("size_mb") or 0.0)
+        self._models_loaded = models
+
+    @property
+    def memory(self) -> dict:
+        if self._memory is None:
+            self._build_views()
+        return self._memory
+
+    @property
+    def models_loaded(self) -> dict[str, float]:
+        """name -> size_mb of every model the worker holds warm."""
+        if self._models_loaded is None:
+            self._build_views()
+        return self._models_loaded
+
+    def step_time_s(self, model: str, width: int, height: int) -> float | None:
+        table = self.telemetry.get("step_time_s") or {}
+        exact = table.get(f"{model}@{width}x{height}")
+        if exact is not None:
+            return float(exact)
+        # scale a measurement at another resolution by pixel count (denoising cost ~ pixels)
+        for key, seconds in table.items():
+            name, _, res = key.rpartition("@")
+            if name == model and "x" in res:
+                try:
+                    w, h = (int(v) for v in res.split("x"))
+                    return float(seconds) * (width * height) / max(w * h, 1)
+                except ValueError:
+                    continue
+        return None
+
+    def load_time_s(self, model: str) -> float | None:
+        value = (self.telemetry.get("load_time_s") or {}).get(model)
+        return None if value is None else float(value)
+
+    def status_row(self, now: float) -> dict:
+        t = self.telemetry
+        return {
+            "worker_id": self.worker_id,
+            "host": self.host,
+            "pid": self.pid,
+            "device": self.device,
+            "device_type": self.device_type,
+            "device_name": self.device_name,
+            "state": self.state,
+            "memory": self.memory,
+            "models_loaded": sorted(self.models_loaded),
+            "models_loading": list(t.get("models_loading") or []),
+            "model_sizes_mb": self.models_loaded,
+            "jobs_done": self.jobs_done,
+            "jobs_failed": self.jobs_failed,
+            "last_heartbeat_s": round(max(now - self.last_heartbeat, 0.0), 3),
+            "current_jobs": sorted(self.jobs),
+            "current_step": self.current_step,
+            "rss_mb": t.get("rss_mb"),
+            "cache_budget_mb": t.get("cache_budget_mb"),
+            "loras_cached": list(t.get("loras_cached") or []),
+            "controlnets_cached": list(t.get("controlnets_cached") or []),
+            "step_time_s": dict(t.get("step_time_s") or {}),
+            "load_time_s": dict(t.get("load_time_s") or {}),
+            "capabilities": sorted(self.capabilities),
+            "worker_types": sorted(self.worker_types),
+            "simulated": self.simulated,
+        }
+
+
+class WorkerRegistry:
+    def __init__(self, heartbeat_interval_s: float = 1.0, heartbeat_liveness: int = 3,
+                 clock: Callable[[], float] = time.monotonic):
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_liveness = heartbeat_liveness
+        self.clock = clock
+        self._by_id: dict[str, WorkerRecord] = {}
+        self._by_identity: dict[bytes, str] = {}
+
+    @property
+    def expiry_s(self) -> float:
+        return self.heartbeat_interval_s * self.heartbeat_liveness
+
+    def register(self, identity: bytes, ready: dict) -> tuple[WorkerRecord, WorkerRecord | None]:
+        """Add a worker from its READY. Returns (record, previous record of the same worker_id
+        if it was still registered: its jobs must be treated as lost)."""
+        now = self.clock()
+        worker_id = str(ready.get("worker_id") or identity.hex())
+        previous = self._by_id.get(worker_id)
+        if previous is not None:
+            self._by_identity.pop(previous.identity, None)
+            if previous.lost:
+                previous = None  # its jobs were already handled when it was declared lost
+        rec = WorkerRecord(
+            worker_id=worker_id,
+            identity=identity,
+            device=str(ready.get("device") or "cpu"),
+            device_type=str(ready.get("device_type") or "cpu"),
+            device_name=str(ready.get("device_name") or ""),
+            host=str(ready.get("host") or ""),
+            pid=int(ready.get("pid") or 0),
+            memory_total_mb=float(ready.get("memory_total_mb") or 0.0),
+            capabilities=frozenset(ready.get("capabilities") or ()),
+            worker_types=frozenset(ready.get("worker_types") or ()),
+            simulated=bool(ready.get("simulated")),
+            telemetry=dict(ready.get("telemetry") or {}),
+            expiry=now + self.expiry_s,
+            last_heartbeat=now,
+            registered_at=now,
+        )
+        self._by_id[worker_id] = rec
+        self._by_identity[identity] = worker_id
+        return rec, previous
+
+    def by_identity(self, identity: bytes) -> WorkerRecord | None:
+        worker_id = self._by_identity.get(identity)
+        rec = self._by_id.get(worker_id) if worker_id is not None else None
+        return rec if rec is not None and not rec.lost else None
+
+    def get(self, worker_id: str) -> WorkerRecord | None:
+        return self._by_id.get(worker_id)
+
+    def touch(self, rec: WorkerRecord, telemetry: dict | None = None) -> None:
+        """Any message from a live worker refreshes its liveness."""
+        now = self.clock()
+        rec.last_heartbeat = now
+        rec.expiry = now + self.expiry_s
+        if telemetry:
+            rec.set_telemetry(telemetry)
+
+    def remove(self, rec: WorkerRecord) -> None:
+        self._by_id.pop(rec.worker_id, None)
+        self._by_identity.pop(rec.identity, None)
+
+    def mark_lost(self, rec: WorkerRecord) -> None:
+        rec.lost = True
+        rec.lost_at = self.clock()
+        self._by_identity.pop(rec.identity, None)
+
+    def expire(self) -> list[WorkerRecord]:
+        """Declare every worker past its expiry lost; forget long-lost ones. Returns the newly lost."""
+        now = self.clock()
+        newly_lost = []
+        for rec in list(self._by_id.values()):
+            if rec.lost:
+                if now - rec.lost_at > LOST_VISIBLE_S:
+                    self._by_id.pop(rec.worker_id, None)
+            elif now > rec.expiry:
+                self.mark_lost(rec)
+                newly_lost.append(rec)
+        return newly_lost
+
+    def live(self) -> list[WorkerRecord]:
+        return [r for r in self._by_id.values() if not r.lost]
+
+    def all(self) -> list[WorkerRecord]:
+        return list(self._by_id.values())

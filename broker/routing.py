@@ -1,0 +1,267 @@
+"""Routing policy: which worker runs a job. Pure functions of the job and the workers'
+telemetry (no sockets, no clock), so every rule here is unit-tested directly.
+
+1. Hard filters, in order: the worker serves the job's worker type, its capabilities cover
+   `job.features`, it matches the device hint, and the job's estimated memory need fits its
+   free + evictable memory. A job that fails the static part of these on every registered
+   worker gets a reason ("no worker offers feature refiner") the broker reports at timeout.
+2. Rank (policy "smart") every worker passing the filters, full ones included, by predicted
+   finish time:
+       backlog (the dispatch-time estimates of the jobs it holds) + this job's steps * measured
+       step time + measured load time of each model neither loaded, loading nor brought by
+       the backlog
+   ties -> the worker with fewer models loaded -> round-robin. If the best worker has no free
+   slot, the job waits for it (choose_worker returns None) instead of going to a worse free one.
+Other policies for comparison, each among workers with a free slot: "round-robin",
+"least-loaded", "tiered" (Ray Serve style: has the model, then fewest models loaded, then the
+rest; least-loaded within a tier).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from protocol.job import Job
+from protocol.worker_protocol import MAX_JOBS_PER_WORKER
+
+from broker.registry import WorkerRecord
+
+POLICIES = ("smart", "round-robin", "least-loaded", "tiered")
+
+# --- the memory estimate ---------------------------------------------------------------
+# need_mb = sum(size_mb of each model the job uses: base, refiner, vae, controlnets)
+#         + ACTIVATION_MB_PER_MEGAPIXEL * width * height / 1e6 * batch_size
+# A model's size is the size some worker measured when it loaded it (telemetry
+# models_loaded[].size_mb, or a worker's model_sizes_mb catalogue); unknown models count
+# UNKNOWN_MODEL_MB. Activations: SDXL's UNet + VAE decode at 1024x1024 in fp16 peak near
+# 2 GB above the weights, so 2048 MB per megapixel per image.
+ACTIVATION_MB_PER_MEGAPIXEL = 2048.0
+UNKNOWN_MODEL_MB = 1000.0
+# Predicted-time defaults when a worker has not measured anything yet.
+DEFAULT_STEP_TIME_S = 1.0
+DEFAULT_LOAD_TIME_S = 5.0
+_TIE_S = 1e-3  # finish times are compared in whole milliseconds; equal ones are a tie
+
+
+def job_models(job: Job) -> list[str]:
+    """Every model the job needs warm: base, refiner, VAE, ControlNets (by model or type)."""
+    names = [job.models.base]
+    if job.models.refiner:
+        names.append(job.models.refiner)
+    if job.models.vae:
+        names.append(job.models.vae)
+    for cn in job.controlnets:
+        names.append(cn.model or f"controlnet-{cn.type}")
+    return names
+
+
+def known_model_sizes(workers: Iterable[WorkerRecord]) -> dict[str, float]:
+    sizes: dict[str, float] = {}
+    for w in workers:
+        for name, mb in (w.telemetry.get("model_sizes_mb") or {}).items():
+            sizes[str(name)] = float(mb)
+        for name, mb in w.models_loaded.items():
+            if mb > 0:
+                sizes[name] = mb
+    return sizes
+
+
+def estimate_memory_mb(job: Job, model_sizes_mb: dict[str, float]) -> float:
+    """The job's estimated peak memory need on a device with none of its models loaded."""
+    models_mb = sum(model_sizes_mb.get(name, UNKNOWN_MODEL_MB) for name in job_models(job))
+    megapixels = job.width * job.height / 1e6
+    return models_mb + ACTIVATION_MB_PER_MEGAPIXEL * megapixels * job.batch_size
+
+
+def _device_matches(hint: str | None, worker: WorkerRecord) -> bool:
+    if not hint or hint == "auto":
+        return True
+    return hint == worker.device or hint == worker.device_type
+
+
+@dataclass(frozen=True)
+class JobNeeds:
+    """What routing reads from a job, computed once per routing decision (not per worker)."""
+    worker_type: str
+    features: frozenset[str]
+    device: str | None
+    models: tuple[str, ...]
+    need_mb: float            # estimate_memory_mb with nothing loaded
+    base: str
+    width: int
+    height: int
+    work_steps: int           # steps * batch_size
+
+    @classmethod
+    def of(cls, job: Job, sizes: dict[str, float]) -> "JobNeeds":
+        return cls(job.worker_type, job.features, job.device, tuple(job_models(job)),
+                   estimate_memory_mb(job, sizes), job.models.base, job.width, job.height,
+                   job.steps * job.batch_size)
+
+
+def _static_reason(needs: JobNeeds, worker: WorkerRecord) -> str | None:
+    if worker.worker_types and needs.worker_type not in worker.worker_types:
+        return f"worker type {needs.worker_type} not served"
+    if not needs.features <= worker.capabilities:
+        return f"feature {', '.join(sorted(needs.features - worker.capabilities))} not offered"
+    if not _device_matches(needs.device, worker):
+        return f"device {needs.device} not present"
+    total = worker.memory["total_mb"]
+    if total > 0 and needs.need_mb > total:
+        return f"needs {needs.need_mb:.0f} MB, has {total:.0f} MB"
+    return None
+
+
+def static_reason(job: Job, worker: WorkerRecord, sizes: dict[str, float]) -> str | None:
+    """Why this worker can never run the job (None: it can, given time and memory)."""
+    return _static_reason(JobNeeds.of(job, sizes), worker)
+
+
+def _fits_now(needs: JobNeeds, worker: WorkerRecord) -> bool:
+    """The job's remaining need fits in free memory plus models it could evict."""
+    memory = worker.memory
+    if memory["total_mb"] <= 0:
+        return True
+    loaded = worker.models_loaded
+    need = needs.need_mb - sum(loaded.get(n, 0.0) for n in needs.models)
+    evictable = sum(mb for name, mb in loaded.items() if name not in needs.models)
+    return need <= memory["free_mb"] + evictable
+
+
+def unroutable_reason(job: Job, workers: Sequence[WorkerRecord]) -> str | None:
+    """Why no registered worker can ever run this job, or None if one can."""
+    live = [w for w in workers if not w.lost]
+    if not live:
+        return "no worker is registered"
+    needs = JobNeeds.of(job, known_model_sizes(live))
+    reasons = [_static_reason(needs, w) for w in live]
+    if any(r is None for r in reasons):
+        return None
+    if all(w.worker_types and job.worker_type not in w.worker_types for w in live):
+        return f"no worker serves worker type {job.worker_type}"
+    offered = set().union(*(w.capabilities for w in live))
+    missing = sorted(job.features - offered)
+    if missing:
+        return f"no worker offers feature {', '.join(missing)}"
+    if job.device and not any(_device_matches(job.device, w) for w in live):
+        return f"no worker on device {job.device}"
+    largest = max(w.memory["total_mb"] for w in live)
+    if needs.need_mb > largest:
+        return f"needs {needs.need_mb:.0f} MB, largest worker has {largest:.0f} MB"
+    return "; ".join(f"{w.worker_id}: {r}" for w, r in zip(live, reasons))
+
+
+def _eligible(needs: JobNeeds, workers: Sequence[WorkerRecord]) -> list[WorkerRecord]:
+    return [w for w in workers
+            if not w.lost and len(w.jobs) < MAX_JOBS_PER_WORKER
+            and _static_reason(needs, w) is None and _fits_now(needs, w)]
+
+
+def eligible_now(job: Job, workers: Sequence[WorkerRecord],
+                 sizes: dict[str, float] | None = None) -> list[WorkerRecord]:
+    """Workers that pass every hard filter and have room for one more job right now.
+    `sizes`: known_model_sizes(workers), when the caller already computed it for many jobs."""
+    if sizes is None:
+        sizes = known_model_sizes(w for w in workers if not w.lost)
+    return _eligible(JobNeeds.of(job, sizes), workers)
+
+
+def _own_cost_s(needs: JobNeeds, worker: WorkerRecord, have) -> tuple[float, float]:
+    """(seconds of steps, seconds loading the models not in `have`) for this job on the worker."""
+    step_s = worker.step_time_s(needs.base, needs.width, needs.height)
+    if step_s is None:
+        step_s = DEFAULT_STEP_TIME_S * needs.width * needs.height / (1024 * 1024)
+    load_s = 0.0
+    for name in needs.models:
+        if name not in have:
+            measured = worker.load_time_s(name)
+            load_s += DEFAULT_LOAD_TIME_S if measured is None else measured
+    return step_s * needs.work_steps, load_s
+
+
+def _finish_s(needs: JobNeeds, worker: WorkerRecord) -> float:
+    """Backlog of the jobs the worker holds (their dispatch-time estimates; one without an
+    estimate counts this job's steps) + this job's steps + loads of the models neither loaded,
+    loading nor brought by the backlog."""
+    have = set(worker.models_loaded) | set(worker.telemetry.get("models_loading") or ())
+    backlog_s, unknown = 0.0, 0
+    for rid in worker.jobs:
+        estimate = worker.estimates.get(rid)
+        if estimate is None:
+            unknown += 1
+        else:
+            backlog_s += estimate[0]
+            have.update(estimate[1])
+    run_s, load_s = _own_cost_s(needs, worker, have)
+    return backlog_s + unknown * run_s + run_s + load_s
+
+
+def dispatch_estimate(job: Job, worker: WorkerRecord) -> tuple[float, tuple[str, ...]]:
+    """What the broker records on a worker when it sends it `job` (see WorkerRecord.estimates)."""
+    needs = JobNeeds.of(job, {})
+    have = set(worker.models_loaded)
+    for rid in worker.jobs:
+        have.update(worker.estimates.get(rid, (0.0, ()))[1])
+    return sum(_own_cost_s(needs, worker, have)), needs.models
+
+
+def predicted_finish_s(job: Job, worker: WorkerRecord) -> float:
+    """Seconds until this job would be done on this worker, from its measured telemetry:
+    (jobs already on it + 1) * step time * steps * batch + load time of models not warm."""
+    return _finish_s(JobNeeds.of(job, {}), worker)
+
+
+@dataclass
+class RoundRobin:
+    """Remembers the last worker chosen, so ties rotate evenly."""
+    last_worker_id: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def pick(self, tied: Sequence[WorkerRecord]) -> WorkerRecord:
+        ordered = sorted(tied, key=lambda w: w.worker_id)
+        chosen = next((w for w in ordered if w.worker_id > self.last_worker_id), ordered[0])
+        self.last_worker_id = chosen.worker_id
+        self.counts[chosen.worker_id] = self.counts.get(chosen.worker_id, 0) + 1
+        return chosen
+
+
+def _best(candidates: list[WorkerRecord], key, rr: RoundRobin) -> WorkerRecord:
+    keys = [key(w) for w in candidates]
+    best_key = min(keys)
+    tied = [w for w, k in zip(candidates, keys) if _same(k, best_key)]
+    return rr.pick(tied)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a == b
+
+
+def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,
+                  rr: RoundRobin, sizes: dict[str, float] | None = None) -> WorkerRecord | None:
+    """The worker to run `job` now, or None (no worker has room now, or none ever can)."""
+    if sizes is None:
+        sizes = known_model_sizes(w for w in workers if not w.lost)
+    needs = JobNeeds.of(job, sizes)
+    if policy == "smart":
+        candidates = [w for w in workers if not w.lost and _static_reason(needs, w) is None
+                      and _fits_now(needs, w)]
+    else:
+        candidates = _eligible(needs, workers)
+    if not candidates:
+        return None
+    if policy == "round-robin":
+        return rr.pick(candidates)
+    if policy == "least-loaded":
+        return _best(candidates, lambda w: (len(w.jobs),), rr)
+    if policy == "tiered":
+        needed = set(needs.models)
+        return _best(candidates, lambda w: (
+            0 if needs.base in w.models_loaded else 1,
+            len(w.models_loaded) if not needed & set(w.models_loaded) else 0,
+            len(w.jobs)), rr)
+    # smart: rank every worker that could take the job (full ones too) by predicted finish;
+    # if the best one is full, the job waits for it rather than going to a worse free one
+    # (taking whichever worker freed a slot made smart no better than round-robin under load)
+    best = _best(candidates, lambda w: (round(_finish_s(needs, w) / _TIE_S), len(w.models_loaded)), rr)
+    return best if len(best.jobs) < MAX_JOBS_PER_WORKER else None

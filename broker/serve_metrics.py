@@ -1,0 +1,97 @@
+"""Prometheus metrics for `serve --metrics-port`, read from Broker.status() at scrape time.
+
+A custom collector rather than counters updated in the hot path: the broker loop stays
+untouched, and every scrape shows exactly what `sdxl-broker status` would. Supervisor facts
+(worker restarts, workers given up) come from the Supervisor. Latency histograms, per-priority
+queue depth and cache hit/miss counters need counters inside the broker and workers; they are
+not exported here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+_WORKER_LABELS = ["worker_id", "device"]
+
+
+class StatusCollector:
+    def __init__(self, status: Callable[[], dict], supervisor=None):
+        self._status = status
+        self._supervisor = supervisor
+
+    def collect(self):
+        data = self._status()
+        b = data.get("broker") or {}
+        yield GaugeMetricFamily("sdxl_broker_uptime_seconds", "Seconds since the broker started",
+                                value=float(b.get("uptime_s") or 0.0))
+        yield GaugeMetricFamily("sdxl_broker_queue_depth", "Jobs waiting for a worker",
+                                value=float(b.get("queue_depth") or 0))
+        yield GaugeMetricFamily("sdxl_broker_jobs_inflight", "Jobs running on workers",
+                                value=float(b.get("inflight") or 0))
+        jobs = CounterMetricFamily("sdxl_broker_jobs", "Generation jobs by outcome",
+                                   labels=["outcome"])
+        for outcome in ("accepted", "completed", "failed"):
+            jobs.add_metric([outcome], float(b.get(outcome) or 0))
+        yield jobs
+
+        workers = data.get("workers") or []
+        gauges = {
+            "memory_used_mb": GaugeMetricFamily("sdxl_worker_memory_used_mb",
+                                                "Device memory in use", labels=_WORKER_LABELS),
+            "memory_total_mb": GaugeMetricFamily("sdxl_worker_memory_total_mb",
+                                                 "Device memory in total", labels=_WORKER_LABELS),
+            "rss_mb": GaugeMetricFamily("sdxl_worker_rss_mb", "Worker process resident memory",
+                                        labels=_WORKER_LABELS),
+            "last_heartbeat_s": GaugeMetricFamily("sdxl_worker_last_heartbeat_seconds",
+                                                  "Seconds since the worker was last heard",
+                                                  labels=_WORKER_LABELS),
+            "models_loaded": GaugeMetricFamily("sdxl_worker_models_loaded",
+                                               "Models held warm", labels=_WORKER_LABELS),
+        }
+        done = CounterMetricFamily("sdxl_worker_jobs", "Jobs finished per worker",
+                                   labels=_WORKER_LABELS + ["outcome"])
+        state = GaugeMetricFamily("sdxl_worker_state", "1 for the worker's current state",
+                                  labels=_WORKER_LABELS + ["state"])
+        for w in workers:
+            labels = [str(w.get("worker_id")), str(w.get("device"))]
+            memory = w.get("memory") or {}
+            gauges["memory_used_mb"].add_metric(labels, float(memory.get("used_mb") or 0.0))
+            gauges["memory_total_mb"].add_metric(labels, float(memory.get("total_mb") or 0.0))
+            if w.get("rss_mb") is not None:
+                gauges["rss_mb"].add_metric(labels, float(w["rss_mb"]))
+            gauges["last_heartbeat_s"].add_metric(labels, float(w.get("last_heartbeat_s") or 0.0))
+            gauges["models_loaded"].add_metric(labels, float(len(w.get("models_loaded") or [])))
+            done.add_metric(labels + ["done"], float(w.get("jobs_done") or 0))
+            done.add_metric(labels + ["failed"], float(w.get("jobs_failed") or 0))
+            for name in ("idle", "busy", "loading", "lost"):
+                state.add_metric(labels + [name], 1.0 if w.get("state") == name else 0.0)
+        yield from gauges.values()
+        yield done
+        yield state
+
+        if self._supervisor is not None:
+            restarts = CounterMetricFamily("sdxl_worker_restarts",
+                                           "Worker processes restarted after a crash",
+                                           labels=["worker_id"])
+            for name, count in self._supervisor.restarts().items():
+                restarts.add_metric([name], float(count))
+            yield restarts
+            yield GaugeMetricFamily("sdxl_workers_given_up",
+                                    "Workers that kept crashing and are not restarted",
+                                    value=float(len(self._supervisor.given_up())))
+
+
+def start_metrics_server(port: int, status: Callable[[], dict], supervisor=None,
+                         addr: str = "127.0.0.1"):
+    """Serve /metrics on addr:port in a daemon thread. Returns (server, thread)."""
+    registry = CollectorRegistry()
+    registry.register(StatusCollector(status, supervisor))
+    server, thread = start_http_server(port, addr=addr, registry=registry)
+    log.info("Prometheus metrics on http://%s:%d/metrics", addr, server.server_port)
+    return server, thread

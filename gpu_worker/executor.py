@@ -1,0 +1,664 @@
+"""The real executor: runs a canonical Job with diffusers on one device.
+
+One job, in order: validate what diffusers would choke on, decode the input images, get the
+models from the pipeline cache (pinned for the job), attach the job's LoRAs and textual
+inversions, denoise (base, then the refiner on the latents), decode with the job's VAE, paste
+the original back outside an inpainting mask, post-process and save. Whatever happens, the
+`finally` block takes the LoRAs and embeddings off again and resets the memory-saving switches
+on the shared modules, so nothing from one job leaks into the next.
+
+Out of memory: the cache drops everything the job does not hold and the inference is retried
+once with attention/VAE slicing on and the batch split into single images; a second failure is
+`out_of_memory` and the executor keeps serving. `fault_injector` is a TEST HOOK that raises an
+OOM on purpose (or set SDXL_BROKER_TEST_INJECT_OOM=N for the first N inference attempts).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+import torch
+
+from gpu_worker import job_adapters, postprocess
+from gpu_worker.executor_api import AbortFn, ProgressFn
+from gpu_worker.images import canny_edges, decode_image
+from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, VAE, PipelineCache, compose_pipeline,
+                                       free_device_memory)
+from gpu_worker.schedulers import make_scheduler, scheduler_class
+from protocol import constants as C
+from protocol.errors import JobError
+from protocol.job import Job
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES = ("txt2img", "img2img", "inpaint", "lora", "controlnet", "textual_inversion",
+                "refiner", "custom_vae", "upscale")
+# share of device memory the cache may use when --cache-budget-mb is not given; the rest is
+# activations (accelerators) or the rest of the machine (CPU, where RAM is shared)
+DEFAULT_BUDGET_FRACTION = {"cpu": 0.25}
+DEFAULT_ACCELERATOR_BUDGET_FRACTION = 0.7
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_OOM_ENV = "SDXL_BROKER_TEST_INJECT_OOM"
+_STEP_TIME_SMOOTHING = 0.3  # weight of the newest sample in the per-step moving average
+
+
+class InjectedOOM:
+    """TEST HOOK: raises torch.OutOfMemoryError on the first `count` inference attempts."""
+
+    def __init__(self, count: int):
+        self.remaining = int(count)
+
+    def __call__(self, attempt: str) -> None:
+        if self.remaining > 0:
+            self.remaining -= 1
+            raise torch.OutOfMemoryError(f"injected out of memory (test hook) at {attempt}")
+
+
+def _quiet_library_progress_bars() -> None:
+    """Load progress bars would flood the worker's log (one per component per load)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _min_steps(strength: float) -> int:
+    """Fewest steps with int(steps * strength) >= 1, as diffusers counts them."""
+    steps = max(1, math.ceil(1 / strength))
+    while int(steps * strength) < 1:
+        steps += 1
+    while steps > 1 and int((steps - 1) * strength) >= 1:
+        steps -= 1
+    return steps
+
+
+def _keep_scheduler_config(pipe) -> None:
+    """Remember the scheduler config the model shipped with; every job starts from it."""
+    pipe.sdxl_broker_scheduler_config = dict(pipe.scheduler.config)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+@dataclass
+class _JobState:
+    """What one run accumulates: pins to release, features, warnings, timing, peak memory."""
+    pinned: list = field(default_factory=list)
+    features: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    ti_tokens: list = field(default_factory=list)  # embeddings to unload after the job
+    aborted: bool = False
+    memory_peak_mb: float = 0.0
+    offloaded: bool = False  # model CPU offload hooks are on the shared modules
+    steps_run: dict = field(default_factory=dict)  # stage -> denoising steps actually run
+
+    def feature(self, name: str) -> None:
+        if name not in self.features:
+            self.features.append(name)
+
+
+class DiffusersExecutor:
+    """gpu_worker.executor_api.Executor on real diffusers pipelines."""
+
+    def __init__(self, device: str = "cpu", *, models_dir: str, output_dir: str, input_dir: str,
+                 cache_budget_mb: float | None = None, allow_pickle: bool = False,
+                 worker_id: str = "", fault_injector: Callable[[str], None] | None = None,
+                 upscaler_model_path: str | None = None):
+        from gpu_worker import devices
+        from gpu_worker.model_resolver import ModelResolver
+
+        self.device = device
+        self.device_type = device.split(":")[0]
+        self.worker_id = worker_id
+        self.models_dir, self.output_dir, self.input_dir = models_dir, output_dir, input_dir
+        self.upscaler_model_path = upscaler_model_path
+        self._devices = devices
+        self._torch_device = devices.torch_device(device)
+        self._memory_total_mb = float(devices.memory_stats(device).get("total_mb", 0.0))
+        self._device_name = self._display_name(devices, device)
+        if cache_budget_mb is None:
+            fraction = DEFAULT_BUDGET_FRACTION.get(self.device_type, DEFAULT_ACCELERATOR_BUDGET_FRACTION)
+            cache_budget_mb = self._memory_total_mb * fraction
+        self.cache = PipelineCache(cache_budget_mb)
+        self.resolver = ModelResolver(models_dir, allow_pickle=allow_pickle)
+        if fault_injector is None and os.environ.get(_OOM_ENV):
+            fault_injector = InjectedOOM(int(os.environ[_OOM_ENV]))
+            log.warning("TEST HOOK %s active: the first %s inference attempts raise OOM",
+                        _OOM_ENV, os.environ[_OOM_ENV])
+        self._fault_injector = fault_injector
+        self._stats_lock = threading.Lock()
+        self._step_time_s: dict[str, float] = {}
+        os.makedirs(output_dir, exist_ok=True)
+        _quiet_library_progress_bars()
+        log.info("diffusers executor on %s (%s), cache budget %.0f MB", device, self._device_name,
+                 cache_budget_mb)
+
+    @staticmethod
+    def _display_name(devices, device: str) -> str:
+        try:
+            for info in devices.discover_devices():
+                if info.name == device:
+                    return info.display_name
+        except Exception:  # discovery is informative only; never fail the worker over it
+            log.debug("device discovery failed", exc_info=True)
+        return device
+
+    # --- Executor API ------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {"device": self.device, "device_type": self.device_type, "device_name": self._device_name,
+                "memory_total_mb": self._memory_total_mb, "capabilities": list(CAPABILITIES),
+                "worker_types": [C.WORKER_BASIC, C.WORKER_ENHANCED], "simulated": False}
+
+    def telemetry(self) -> dict:
+        cache = self.cache.snapshot()
+        with self._stats_lock:
+            step_times = dict(self._step_time_s)
+        return {"memory": self._devices.memory_stats(self.device),
+                "rss_mb": psutil.Process().memory_info().rss / 2**20,
+                "cache_budget_mb": cache["cache_budget_mb"], "cache_used_mb": cache["cache_used_mb"],
+                "models_loaded": cache["models_loaded"], "models_loading": cache["models_loading"],
+                "step_time_s": step_times, "load_time_s": cache["load_time_s"]}
+
+    def load_model(self, name: str) -> dict:
+        dtype, _ = self._dtype("float16" if self.device_type != "cpu" else "float32", [])
+        started = time.perf_counter()
+        key, _pipe, hit = self._base(name, dtype, pin=False)
+        return {"model": name, "load_time_s": 0.0 if hit else time.perf_counter() - started,
+                "cached": hit, "device": self.device}
+
+    def cleanup(self, models: list[str] | None = None) -> dict:
+        wanted = set(models or [])
+        unloaded = self.cache.evict(lambda entry: not wanted or entry.name in wanted, reason="cleanup")
+        free_device_memory()
+        return {"unloaded": unloaded, "memory": self._devices.memory_stats(self.device)}
+
+    def run(self, job: Job, progress: ProgressFn, should_abort: AbortFn) -> dict:
+        started = time.perf_counter()
+        state = _JobState()
+        self._reset_peak_memory()
+        pipe = None
+        try:
+            self._validate(job)
+            dtype, _ = self._dtype(job.precision.dtype, state.warnings)
+            vae_dtype, _ = self._dtype(job.precision.vae_dtype, state.warnings, field_name="vae_dtype")
+            progress("loading", 0, 0)
+            prep_started = time.perf_counter()
+            inputs = self._decode_inputs(job, state)
+            pipe, refiner, vae, model_info = self._assemble(job, dtype, vae_dtype, inputs, state)
+            self._attach_adapters(job, pipe, state, model_info)
+            self._apply_memory_switches(job, pipe, state)
+            preprocessing_time = time.perf_counter() - prep_started
+            if should_abort():
+                raise JobError(C.CANCELLED, "cancelled before denoising started")
+
+            seeds = self._seeds(job)
+            infer_started = time.perf_counter()
+            images = self._infer_with_oom_retry(job, pipe, refiner, vae, inputs, seeds, progress,
+                                                should_abort, state)
+            inference_time = time.perf_counter() - infer_started
+
+            post_started = time.perf_counter()
+            progress("postprocessing", 0, len(images))
+            generated = self._finish(job, images, seeds, inputs, model_info, state)
+            postprocessing_time = time.perf_counter() - post_started
+        except JobError:
+            raise
+        except Exception as exc:
+            if _is_oom(exc):
+                raise JobError(C.OUT_OF_MEMORY, f"out of memory: {exc}") from None
+            log.exception("job %s failed", job.request_id)
+            raise JobError(C.INTERNAL_ERROR, f"{exc.__class__.__name__}: {exc}") from None
+        finally:
+            self._detach_adapters(pipe, job, state)
+            self.cache.release(state.pinned)
+        used_mb = self._current_memory_mb()
+        return {
+            "generated_images": generated,
+            "processing_metrics": {
+                "total_time": time.perf_counter() - started, "queue_time": 0.0,
+                "inference_time": inference_time, "preprocessing_time": preprocessing_time,
+                "postprocessing_time": postprocessing_time, "device_name": self._device_name,
+                "worker_id": self.worker_id, "memory_used_mb": used_mb,
+                "memory_peak_mb": max(state.memory_peak_mb, self._peak_memory_mb(), used_mb),
+                "model_info": model_info,
+            },
+            "features_used": state.features,
+            "warnings": state.warnings,
+        }
+
+    # --- validation --------------------------------------------------------------------------
+    def _validate(self, job: Job) -> None:
+        """What diffusers would fail on cryptically (DIFFUSERS-FACTS.md) gets a clear error."""
+        scheduler_class(job.scheduler)
+        if job.mode in ("img2img", "inpaint"):
+            if not 0.0 < job.strength <= 1.0:
+                raise JobError(C.VALIDATION_ERROR, f"strength {job.strength} must be in (0, 1] for {job.mode}",
+                               {"field": "strength"})
+            if int(job.steps * job.strength) < 1:
+                raise JobError(C.VALIDATION_ERROR,
+                               f"strength {job.strength} x steps {job.steps} leaves no denoising step "
+                               f"(needs steps * strength >= 1); raise steps to at least "
+                               f"{_min_steps(job.strength)} or raise strength", {"field": "strength"})
+        if job.models.refiner and not 0.0 < job.refiner_switch < 1.0:
+            raise JobError(C.VALIDATION_ERROR, f"refiner_switch {job.refiner_switch} must be in (0, 1)",
+                           {"field": "refiner_switch"})
+        if job.width % 8 or job.height % 8:
+            raise JobError(C.VALIDATION_ERROR, "width and height must be multiples of 8", {"field": "width"})
+        if not C.MIN_BATCH <= job.batch_size <= C.MAX_BATCH:
+            raise JobError(C.VALIDATION_ERROR, f"batch_size {job.batch_size} outside {C.MIN_BATCH}..{C.MAX_BATCH}",
+                           {"field": "batch_size"})
+
+    def _dtype(self, name: str, warnings: list, field_name: str = "dtype") -> tuple[torch.dtype, str]:
+        if name not in _DTYPES:
+            raise JobError(C.VALIDATION_ERROR, f"{field_name} {name!r}; expected one of {', '.join(_DTYPES)}",
+                           {"field": field_name})
+        if name == "float16" and self.device_type == "cpu":
+            # fp16 on CPU works but is about 9x slower than fp32 (DIFFUSERS-FACTS.md)
+            warnings.append(f"{field_name} float16 is slow on CPU: running float32 instead")
+            name = "float32"
+        return _DTYPES[name], name
+
+    # --- inputs -------------------------------------------------------------------------------
+    def _decode_inputs(self, job: Job, state: _JobState) -> dict:
+        size = (job.width, job.height)
+        inputs: dict[str, Any] = {"init": None, "mask": None, "controls": []}
+        if job.init_image is not None:
+            inputs["init"] = decode_image(job.init_image, input_dir=self.input_dir,
+                                          field="init_image").resize(size)
+        if job.mask_image is not None:
+            if job.init_image is None:
+                raise JobError(C.VALIDATION_ERROR, "mask_image needs an init_image to inpaint",
+                               {"field": "mask_image"})
+            inputs["mask"] = decode_image(job.mask_image, input_dir=self.input_dir,
+                                          field="mask_image", mode="L").resize(size)
+        for index, spec in enumerate(job.controlnets):
+            field_name = f"controlnets[{index}].image"
+            image = decode_image(spec.image, input_dir=self.input_dir, field=field_name).resize(size)
+            if spec.preprocess:
+                if spec.type != "canny":
+                    raise JobError(C.UNSUPPORTED_FEATURE,
+                                   f"controlnets[{index}]: no {spec.type!r} preprocessor on this worker; "
+                                   "send a ready-made control image with preprocess=false",
+                                   {"field": f"controlnets[{index}].preprocess"})
+                image = canny_edges(image)
+                state.feature("canny_preprocess")
+            inputs["controls"].append(image)
+        return inputs
+
+    # --- models ------------------------------------------------------------------------------
+    def _load(self, key: tuple, name: str, kind: str, load: Callable[[], Any], state: _JobState | None,
+              pin: bool = True):
+        value, hit = self.cache.get_or_load(key, name, kind, load, pin=pin)
+        if pin and state is not None:
+            state.pinned.append(key)
+        return value, hit
+
+    def _base(self, name: str, dtype: torch.dtype, state: _JobState | None = None, pin: bool = True):
+        resolved = self.resolver.base(name)
+        key = (BASE, resolved.path, str(dtype))
+
+        def load():
+            from diffusers import StableDiffusionXLPipeline
+            if resolved.single_file:
+                pipe = StableDiffusionXLPipeline.from_single_file(
+                    resolved.path, config=self._single_file_config(resolved), dtype=dtype,
+                    local_files_only=True)
+            else:
+                pipe = StableDiffusionXLPipeline.from_pretrained(resolved.path, dtype=dtype,
+                                                                 local_files_only=True)
+            pipe.set_progress_bar_config(disable=True)
+            _keep_scheduler_config(pipe)
+            return pipe.to(self._torch_device)
+        pipe, hit = self._load(key, name, BASE, load, state, pin)
+        return key, pipe, hit
+
+    def _single_file_config(self, resolved) -> str:
+        """from_single_file offline needs a local diffusers folder of the same architecture: the
+        resolver's `config` when it gives one, else a folder named like the file next to it."""
+        config = getattr(resolved, "config_path", None)
+        if config:
+            return config
+        sibling = os.path.splitext(resolved.path)[0]
+        if os.path.isfile(os.path.join(sibling, "model_index.json")):
+            return sibling
+        raise JobError(C.MODEL_NOT_FOUND,
+                       f"single-file model {resolved.path} needs a diffusers config folder to load offline; "
+                       f"looked for {sibling}/model_index.json")
+
+    def _assemble(self, job: Job, dtype, vae_dtype, inputs: dict, state: _JobState):
+        from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLImg2ImgPipeline
+
+        _key, base, _hit = self._base(job.models.base, dtype, state)
+        model_info = {"base": job.models.base, "refiner": None, "vae": None, "loras": [],
+                      "controlnets": [], "textual_inversions": [], "scheduler": job.scheduler,
+                      "dtype": str(dtype).replace("torch.", ""), "vae_dtype": str(vae_dtype).replace("torch.", "")}
+        state.feature(job.mode)
+
+        vae = base.vae if base.vae.dtype == vae_dtype else None
+        if job.models.vae or vae is None:
+            vae_name = job.models.vae or f"{job.models.base}/vae"
+            if job.models.vae:
+                resolved = self.resolver.vae(job.models.vae)
+                path = resolved.path
+
+                def load_vae():
+                    if resolved.single_file:
+                        return AutoencoderKL.from_single_file(path, dtype=vae_dtype).to(self._torch_device)
+                    return AutoencoderKL.from_pretrained(path, dtype=vae_dtype,
+                                                         local_files_only=True).to(self._torch_device)
+                state.feature("custom_vae")
+                model_info["vae"] = job.models.vae
+            else:  # the base's own VAE in another dtype: a copy, the cached one stays as it is
+                path = self.resolver.base(job.models.base).path
+
+                def load_vae():
+                    import copy
+                    return copy.deepcopy(base.vae).to(dtype=vae_dtype)
+            vae, _ = self._load((VAE, path, str(vae_dtype)), vae_name, VAE, load_vae, state)
+
+        controlnets = []
+        for index, spec in enumerate(job.controlnets):
+            resolved = self.resolver.controlnet(spec.model or spec.type)
+            model, _ = self._load(
+                (CONTROLNET, resolved.path, str(dtype)), resolved.name, CONTROLNET,
+                lambda path=resolved.path: ControlNetModel.from_pretrained(
+                    path, dtype=dtype, local_files_only=True).to(self._torch_device), state)
+            controlnets.append(model)
+            model_info["controlnets"].append({"name": resolved.name, "type": spec.type, "weight": spec.weight})
+        if controlnets:
+            state.feature("controlnet" if len(controlnets) == 1 else "multi_controlnet")
+
+        pipeline_class = self._pipeline_class(job.mode, bool(controlnets))
+        parents = [key for key in state.pinned if key[0] in (BASE, VAE, CONTROLNET)]
+        custom_vae = None if vae is base.vae else vae
+
+        def build():
+            composed = compose_pipeline(base, pipeline_class, vae=custom_vae, controlnets=controlnets, dtype=dtype)
+            composed.set_progress_bar_config(disable=True)
+            return composed
+        pipe = self.cache.derived((pipeline_class.__name__, *parents), parents, build)
+
+        refiner = None
+        if job.models.refiner:
+            resolved = self.resolver.refiner(job.models.refiner)
+
+            def load_refiner():
+                loaded = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                    resolved.path, dtype=dtype, local_files_only=True)
+                loaded.set_progress_bar_config(disable=True)
+                _keep_scheduler_config(loaded)
+                return loaded.to(self._torch_device)
+            refiner, _ = self._load((REFINER, resolved.path, str(dtype)), job.models.refiner, REFINER,
+                                    load_refiner, state)
+            state.feature("refiner")
+            model_info["refiner"] = job.models.refiner
+
+        # from the config saved at load time: `pipe` may be the cached base itself, whose
+        # scheduler the previous job replaced (its Karras setting must not carry over)
+        pipe.scheduler, warnings = make_scheduler(job.scheduler, base.sdxl_broker_scheduler_config,
+                                                  job.use_karras_sigmas)
+        state.warnings.extend(warnings)
+        if refiner is not None:
+            refiner.scheduler, _ = make_scheduler(job.scheduler, refiner.sdxl_broker_scheduler_config,
+                                                  job.use_karras_sigmas)
+        if job.use_karras_sigmas and not warnings:
+            state.feature("karras_sigmas")
+            model_info["scheduler"] = f"{job.scheduler} (Karras)"
+        return pipe, refiner, vae, model_info
+
+    @staticmethod
+    def _pipeline_class(mode: str, with_controlnet: bool):
+        import diffusers
+        names = {("txt2img", False): "StableDiffusionXLPipeline",
+                 ("img2img", False): "StableDiffusionXLImg2ImgPipeline",
+                 ("inpaint", False): "StableDiffusionXLInpaintPipeline",
+                 ("txt2img", True): "StableDiffusionXLControlNetPipeline",
+                 ("img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
+                 ("inpaint", True): "StableDiffusionXLControlNetInpaintPipeline"}
+        return getattr(diffusers, names[(mode, with_controlnet)])
+
+    # --- LoRA and textual inversion lifecycle (gpu_worker/job_adapters.py) -------------------
+    def _attach_adapters(self, job: Job, pipe, state: _JobState, model_info: dict) -> None:
+        def load_cached(key: tuple, name: str, kind: str, load: Callable[[], Any]):
+            return self._load(key, name, kind, load, state)[0]
+        job_adapters.attach(job, pipe, self.resolver, load_cached, state, model_info)
+
+    def _detach_adapters(self, pipe, job: Job, state: _JobState) -> None:
+        """Take the job's LoRAs and embeddings off the shared modules, whatever happened."""
+        if pipe is None:
+            return
+        try:
+            job_adapters.detach(job, pipe, state.ti_tokens)
+        except Exception:
+            # a half-detached base would leak into later jobs: drop it from the cache instead
+            log.exception("could not detach adapters; evicting the base model")
+            self.cache.evict(lambda entry: entry.kind == BASE, include_pinned=True, reason="adapter reset failed")
+        finally:
+            state.ti_tokens.clear()
+            if state.offloaded:
+                pipe.remove_all_hooks()
+                pipe.to(self._torch_device)
+                state.offloaded = False
+            if getattr(pipe, "vae", None) is not None:
+                pipe.vae.disable_slicing()
+                pipe.vae.disable_tiling()
+
+    def _apply_memory_switches(self, job: Job, pipe, state: _JobState, force: bool = False) -> None:
+        precision = job.precision
+        if precision.attention_slicing or force:
+            pipe.enable_attention_slicing()
+        else:
+            pipe.disable_attention_slicing()
+        if precision.vae_slicing or force:
+            pipe.vae.enable_slicing()
+        if precision.vae_tiling:
+            pipe.vae.enable_tiling()
+            state.feature("vae_tiling")
+        if precision.cpu_offload and not force:
+            if self.device_type == "cpu":
+                # accelerate's offload needs an accelerator (DIFFUSERS-FACTS.md)
+                state.warnings.append("cpu_offload is for accelerators only; ignored on this CPU worker")
+            elif not state.offloaded:
+                # Not exercised on the CPU-only development machine. The hooks sit on the shared
+                # cached modules, so the finally block of run() removes them and moves the
+                # modules back onto the device.
+                pipe.enable_model_cpu_offload(device=self._torch_device)
+                state.offloaded = True
+                state.feature("cpu_offload")
+
+    # --- inference ---------------------------------------------------------------------------
+    @staticmethod
+    def _seeds(job: Job) -> list[int]:
+        base = job.seed if job.seed >= 0 else secrets.randbelow(2**32)
+        return [(base + index) % 2**64 for index in range(job.batch_size)]
+
+    def _infer_with_oom_retry(self, job, pipe, refiner, vae, inputs, seeds, progress, should_abort, state):
+        try:
+            return self._infer(job, pipe, refiner, vae, inputs, seeds, progress, should_abort, state, "attempt 1")
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            log.warning("job %s: out of memory (%s); evicting the cache and retrying once with "
+                        "slicing on and the batch split", job.request_id, exc)
+        evicted = self.cache.evict(reason="out of memory")  # all but what this job holds
+        free_device_memory()
+        state.warnings.append(f"out of memory on the first attempt: evicted {len(evicted)} cached models "
+                              "and retried with attention/VAE slicing and one image at a time")
+        self._apply_memory_switches(job, pipe, state, force=True)
+        images = []
+        try:
+            for index, seed in enumerate(seeds):
+                images.extend(self._infer(job, pipe, refiner, vae, inputs, [seed], progress, should_abort,
+                                          state, f"retry image {index}"))
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            free_device_memory()
+            raise JobError(C.OUT_OF_MEMORY, f"out of memory again after evicting the cache and lowering "
+                                            f"memory use: {exc}") from None
+        state.feature("oom_retry")
+        return images
+
+    def _infer(self, job, pipe, refiner, vae, inputs, seeds, progress, should_abort, state, attempt):
+        if self._fault_injector is not None:
+            self._fault_injector(attempt)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        step_key = f"{job.models.base}@{job.width}x{job.height}"
+        kwargs = self._call_kwargs(job, pipe, inputs, len(seeds), generators)
+        if refiner is not None:
+            if "denoising_end" not in self._parameters(pipe):
+                raise JobError(C.UNSUPPORTED_FEATURE, f"the refiner cannot follow {type(pipe).__name__}")
+            kwargs["denoising_end"] = job.refiner_switch
+        with torch.inference_mode():
+            latents = pipe(**kwargs, callback_on_step_end=self._step_callback(
+                "denoising", progress, should_abort, state, step_key)).images
+            if state.aborted:
+                raise JobError(C.CANCELLED, "cancelled during denoising")
+            if refiner is not None:
+                latents = refiner(
+                    prompt=job.prompt_2 or job.prompt, negative_prompt=job.negative_prompt_2 or job.negative_prompt,
+                    image=latents, num_inference_steps=job.steps, denoising_start=job.refiner_switch,
+                    guidance_scale=job.guidance_scale, generator=generators, output_type="latent",
+                    callback_on_step_end=self._step_callback("refining", progress, should_abort, state,
+                                                             f"{job.models.refiner}@{job.width}x{job.height}"),
+                ).images
+                if state.aborted:
+                    raise JobError(C.CANCELLED, "cancelled during refining")
+                if not state.steps_run.get("refining") and "refiner ran no step" not in " ".join(state.warnings):
+                    state.warnings.append(f"refiner ran no step: refiner_switch {job.refiner_switch} with "
+                                          f"{job.steps} steps leaves none after the hand-off")
+            return self._decode_latents(vae, pipe, latents)
+
+    @staticmethod
+    def _parameters(pipe) -> set[str]:
+        import inspect
+        return set(inspect.signature(pipe.__call__).parameters)
+
+    def _call_kwargs(self, job: Job, pipe, inputs: dict, count: int, generators) -> dict:
+        kwargs: dict[str, Any] = {
+            "prompt": job.prompt, "prompt_2": job.prompt_2, "negative_prompt": job.negative_prompt or None,
+            "negative_prompt_2": job.negative_prompt_2, "num_inference_steps": job.steps,
+            "guidance_scale": job.guidance_scale, "num_images_per_prompt": count, "generator": generators,
+            "output_type": "latent", "clip_skip": job.clip_skip or None,
+        }
+        accepted = self._parameters(pipe)
+        if "height" in accepted:  # inpainting would default to the UNet's native size otherwise
+            kwargs["height"], kwargs["width"] = job.height, job.width
+        if inputs["init"] is not None:
+            kwargs["image"], kwargs["strength"] = inputs["init"], job.strength
+        if inputs["mask"] is not None:
+            kwargs["mask_image"] = inputs["mask"]
+        if inputs["controls"]:
+            controls = inputs["controls"] if len(inputs["controls"]) > 1 else inputs["controls"][0]
+            scales = [float(spec.weight) for spec in job.controlnets]
+            kwargs["control_image" if "control_image" in accepted else "image"] = controls
+            kwargs["controlnet_conditioning_scale"] = scales if len(scales) > 1 else scales[0]
+        return kwargs
+
+    def _step_callback(self, stage: str, progress: ProgressFn, should_abort: AbortFn, state: _JobState,
+                       step_key: str):
+        last = [time.perf_counter()]
+
+        def on_step_end(pipe, step: int, _timestep, callback_kwargs: dict) -> dict:
+            now = time.perf_counter()
+            self._record_step_time(step_key, now - last[0])
+            last[0] = now
+            state.steps_run[stage] = state.steps_run.get(stage, 0) + 1
+            state.memory_peak_mb = max(state.memory_peak_mb, self._current_memory_mb())
+            progress(stage, step + 1, int(getattr(pipe, "num_timesteps", 0) or 0))
+            if should_abort():
+                pipe._interrupt = True  # stops the loop; the image it still returns is discarded
+                state.aborted = True
+            return callback_kwargs
+        return on_step_end
+
+    def _record_step_time(self, key: str, seconds: float) -> None:
+        with self._stats_lock:
+            old = self._step_time_s.get(key)
+            self._step_time_s[key] = seconds if old is None else (
+                (1 - _STEP_TIME_SMOOTHING) * old + _STEP_TIME_SMOOTHING * seconds)
+
+    @staticmethod
+    def _decode_latents(vae, pipe, latents) -> list:
+        """Decode with the job's VAE in its own dtype (the pipeline decodes only in its dtype)."""
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, config.latent_channels, 1, 1)
+            mean_t = torch.tensor(mean).view(shape).to(latents)
+            std_t = torch.tensor(std).view(shape).to(latents)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor
+        decoded = vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(decoded.float(), output_type="pil")
+
+    # --- after the pipeline ------------------------------------------------------------------
+    def _finish(self, job: Job, images: list, seeds: list[int], inputs: dict, model_info: dict,
+                state: _JobState) -> list[dict]:
+        from PIL import Image
+
+        generated = []
+        for index, (image, seed) in enumerate(zip(images, seeds)):
+            if inputs["mask"] is not None:
+                # A1111-style: outside the mask the result is the original pixels
+                image = Image.composite(image, inputs["init"], inputs["mask"])
+            if job.postprocess.auto_contrast:
+                image = postprocess.auto_contrast(image)
+                state.feature("auto_contrast")
+            factor = job.postprocess.upscale_factor
+            if factor and factor != 1:
+                image = postprocess.upscale(image, factor, job.postprocess.upscale_method, self.upscaler_model_path)
+                state.feature(f"upscale_{job.postprocess.upscale_method.lower()}")
+            parameters = postprocess.a1111_parameters(
+                prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
+                scheduler=job.scheduler, use_karras_sigmas=job.use_karras_sigmas,
+                guidance_scale=job.guidance_scale, seed=seed, width=image.width, height=image.height,
+                model=job.models.base,
+                extra={"Clip skip": job.clip_skip, "Denoising strength": job.strength if inputs["init"] else None,
+                       "Refiner": job.models.refiner, "VAE": job.models.vae,
+                       "Lora hashes": ", ".join(f"{l['name']}:{l['weight']:g}" for l in model_info["loras"]),
+                       "Version": "sdxl-broker"})
+            saved = postprocess.finish_image(
+                image, output_dir=self.output_dir, save_path=job.output.save_path, fmt=job.output.format,
+                quality=job.output.quality, stem=postprocess.file_stem(job.request_id, index, seed),
+                parameters=parameters)
+            entry = {"index": index, "seed": seed, "width": saved.width, "height": saved.height,
+                     "format": saved.format, "path": saved.path, "sha256": saved.sha256}
+            if job.output.return_images:
+                entry["image"] = saved.data
+            generated.append(entry)
+        if len(seeds) > 1:
+            state.feature("batch")
+        return generated
+
+    # --- memory -------------------------------------------------------------------------------
+    def _is_cuda(self) -> bool:
+        return self.device_type == "cuda" and torch.cuda.is_available()
+
+    def _reset_peak_memory(self) -> None:
+        if self._is_cuda():
+            torch.cuda.reset_peak_memory_stats(self._torch_device)
+
+    def _current_memory_mb(self) -> float:
+        """Accelerators: what torch holds on the device; CPU: this process's resident memory."""
+        if self._is_cuda():
+            return torch.cuda.memory_allocated(self._torch_device) / 2**20
+        return psutil.Process().memory_info().rss / 2**20
+
+    def _peak_memory_mb(self) -> float:
+        if self._is_cuda():
+            return torch.cuda.max_memory_allocated(self._torch_device) / 2**20
+        return self._current_memory_mb()

@@ -1,0 +1,78 @@
+"""A job's LoRAs and textual inversions: attached to the shared cached modules for one job,
+taken off again after it, so one request's style never leaks into the next.
+
+LoRAs go in as named peft adapters (`load_lora_weights(adapter_name=...)`, `set_adapters` with
+the weights) and come out with `unload_lora_weights`, which restores the UNet exactly
+(DIFFUSERS-FACTS.md). An SDXL embedding holds `clip_l` and `clip_g`: each goes into its own
+encoder and tokenizer, and both are unloaded after the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from gpu_worker.pipeline_cache import LORA, TEXTUAL_INVERSION
+from protocol import constants as C
+from protocol.errors import JobError
+from protocol.job import Job
+
+# load_cached(key, name, kind, load) -> the cached value (pinned for the job)
+LoadCached = Callable[[tuple, str, str, Callable[[], Any]], Any]
+
+
+def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info: dict) -> None:
+    """Attach the job's LoRAs and embeddings. `state` gets features, warnings and `ti_tokens`
+    (appended before loading, so a half-done load is still undone by `detach`)."""
+    from safetensors.torch import load_file
+
+    if job.loras:
+        names, weights = [], []
+        for index, spec in enumerate(job.loras):
+            resolved = resolver.lora(spec.name, spec.path)
+            if resolved.path.endswith(".safetensors"):
+                tensors = load_cached((LORA, resolved.path), spec.name, LORA,
+                                      lambda path=resolved.path: load_file(path))
+                source = dict(tensors)  # diffusers pops keys from the dict it is given
+            else:  # a pickle format the operator allowed: diffusers reads it (weights only)
+                source = resolved.path
+            adapter = f"job_lora_{index}"
+            pipe.load_lora_weights(source, adapter_name=adapter)
+            names.append(adapter)
+            weights.append(float(spec.weight))
+            model_info["loras"].append({"name": spec.name, "weight": float(spec.weight)})
+        pipe.set_adapters(names, adapter_weights=weights)
+        state.feature("lora" if len(names) == 1 else "multi_lora")
+
+    prompts = " ".join(p or "" for p in (job.prompt, job.prompt_2, job.negative_prompt, job.negative_prompt_2))
+    for index, spec in enumerate(job.textual_inversions):
+        resolved = resolver.textual_inversion(spec.name, spec.path)
+        if not resolved.path.endswith(".safetensors"):
+            raise JobError(C.UNSUPPORTED_FEATURE,
+                           f"textual_inversions[{index}]: only .safetensors embeddings are supported")
+        tensors = load_cached((TEXTUAL_INVERSION, resolved.path), spec.name, TEXTUAL_INVERSION,
+                              lambda path=resolved.path: load_file(path))
+        if "clip_l" not in tensors or "clip_g" not in tensors:
+            raise JobError(C.VALIDATION_ERROR,
+                           f"textual inversion {spec.name} has keys {sorted(tensors)}; an SDXL embedding "
+                           "needs clip_l and clip_g", {"field": f"textual_inversions[{index}]"})
+        token = spec.token or f"<{spec.name}>"
+        state.ti_tokens.append(token)
+        # each tensor into its own encoder (passing the two-key file raises in diffusers)
+        pipe.load_textual_inversion(tensors["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(tensors["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+        model_info["textual_inversions"].append({"name": spec.name, "token": token})
+        if token not in prompts:
+            state.warnings.append(f"textual inversion token {token} does not appear in any prompt")
+        state.feature("textual_inversion")
+
+
+def detach(job: Job, pipe, ti_tokens: list[str]) -> None:
+    """Undo `attach`. Raises when the modules could not be restored (the caller evicts them)."""
+    if job.loras:
+        pipe.unload_lora_weights()
+    for token in ti_tokens:
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            if token in tokenizer.get_vocab():
+                pipe.unload_textual_inversion(token, tokenizer=tokenizer, text_encoder=encoder)

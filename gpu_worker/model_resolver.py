@@ -1,0 +1,394 @@
+"""Model names -> files under the model root, refusing everything a request must not reach.
+
+A request names models (`tiny-sdxl`, `tiny-lora-a`, `canny`, ...); this module finds them under
+`--models-dir` in the layouts users really have:
+
+  base / refiner      NAME/ with model_index.json, or NAME.safetensors (one original-layout file,
+                      loaded with config=<a diffusers folder of the same architecture>)
+  vae                 NAME/ or vae/NAME/ with config.json, or NAME.safetensors
+  controlnet          controlnet/NAME/ (or NAME/) with config.json; a type such as "canny"
+                      picks the first controlnet/*canny* folder
+  lora                loras/NAME.safetensors, or an explicit path inside the model root
+  textual inversion   embeddings/NAME.safetensors, or an explicit path inside the model root
+
+Refused, each with a message saying what was looked for where:
+  - paths that leave the model root ('..', absolute paths elsewhere, symlinks pointing out)
+    -> validation_error
+  - pickle checkpoints (.ckpt .bin .pt .pth), unless the operator allows them -> validation_error
+  - hub ids ("org/model") not present locally -> model_not_found (no hub is reachable); a
+    local copy is found at NAME/ as a path, or in a Hugging Face cache layout under the root
+    (models--org--model/snapshots/<rev>/)
+  - anything else missing -> model_not_found, listing the names that do exist
+Nothing here imports torch: resolution runs before any load and costs microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+from protocol import constants as C
+from protocol.errors import JobError
+
+log = logging.getLogger(__name__)
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# kind -> the diffusers pipeline class a folder of that kind declares in model_index.json
+_PIPELINE_CLASSES = {
+    "base": ("StableDiffusionXLPipeline",),
+    "refiner": ("StableDiffusionXLImg2ImgPipeline",),
+}
+KINDS = ("base", "refiner", "vae", "controlnet", "lora", "textual_inversion")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str          # the name the model is known by (cache keys, model_info)
+    path: str          # real absolute path: a folder, or a file when single_file
+    kind: str          # one of KINDS
+    single_file: bool  # True for one-file checkpoints (base/refiner/vae) and LoRA/TI files
+    config_path: str | None = None  # single-file base/refiner: the diffusers folder for config=
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _read_safetensors_shapes(path: str) -> dict[str, list[int]]:
+    """Tensor shapes from a .safetensors header, without reading the weights (or torch)."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > 100 * 1024 * 1024:
+            raise ValueError("header too large")
+        header = json.loads(fh.read(header_len))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+class ModelResolver:
+    """Resolves names for one model root. Cheap; make one per worker and reuse it."""
+
+    def __init__(self, models_dir: str, allow_pickle: bool = False, *,
+                 single_file_config: str | None = None):
+        """single_file_config: a diffusers folder used as config= for single-file checkpoints
+        that have no sibling folder (operator setting); must also lie inside models_dir."""
+        self.models_dir = _real(models_dir)
+        self.allow_pickle = allow_pickle
+        self.single_file_config = single_file_config
+
+    # ---- public: one method per kind ---------------------------------------------------
+
+    def base(self, name: str) -> ResolvedModel:
+        return self._pipeline(name, "base")
+
+    def refiner(self, name: str) -> ResolvedModel:
+        return self._pipeline(name, "refiner")
+
+    def vae(self, name: str) -> ResolvedModel:
+        name = self._check_name(name, "vae")
+        candidates = [name, f"vae/{name}"]
+        if not _has_suffix(name):
+            candidates += [f"{name}{s}" for s in self._suffixes()] + [f"vae/{name}{s}" for s in self._suffixes()]
+        path = self._first_existing(name, "vae", candidates, marker="config.json")
+        return self._resolved(name, path, "vae")
+
+    def controlnet(self, name_or_type: str) -> ResolvedModel:
+        name = self._check_name(name_or_type, "controlnet")
+        candidates = [f"controlnet/{name}", name]
+        try:
+            path = self._first_existing(name, "controlnet", candidates, marker="config.json", refuse_files=True)
+        except JobError as exc:
+            if exc.code != C.MODEL_NOT_FOUND or "/" in name:
+                raise
+            path = self._controlnet_by_type(name)
+            if path is None:
+                raise
+        # known by its folder name, so "canny" and "tiny-canny" share one cache entry
+        return self._resolved(os.path.basename(path), path, "controlnet")
+
+    def lora(self, name: str, path: str | None = None) -> ResolvedModel:
+        return self._weights_file(name, path, "lora", "loras")
+
+    def textual_inversion(self, name: str, path: str | None = None) -> ResolvedModel:
+        return self._weights_file(name, path, "textual_inversion", "embeddings")
+
+    def available(self) -> dict[str, list[str]]:
+        """What a request can name, per kind (for initialize replies and error messages)."""
+        root = self.models_dir
+        found: dict[str, list[str]] = {kind: [] for kind in KINDS}
+        for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            full = os.path.join(root, entry)
+            if os.path.isdir(full):
+                index = os.path.join(full, "model_index.json")
+                if os.path.isfile(index):
+                    kind = "refiner" if self._declared_class(full) in _PIPELINE_CLASSES["refiner"] else "base"
+                    found[kind].append(entry)
+                elif _component_class(full) == "AutoencoderKL":
+                    found["vae"].append(entry)
+            elif entry.endswith(SAFE_SUFFIXES):
+                found["base"].append(entry)  # single files are named with their suffix
+        for kind, folder in (("controlnet", "controlnet"), ("lora", "loras"), ("textual_inversion", "embeddings")):
+            sub = os.path.join(root, folder)
+            if os.path.isdir(sub):
+                for entry in sorted(os.listdir(sub)):
+                    stem, suffix = os.path.splitext(entry)
+                    if kind == "controlnet" and os.path.isdir(os.path.join(sub, entry)):
+                        found[kind].append(entry)
+                    elif suffix in SAFE_SUFFIXES or (self.allow_pickle and suffix in PICKLE_SUFFIXES):
+                        found[kind].append(stem)
+        return found
+
+    # ---- kinds ---------------------------------------------------------------------------
+
+    def _pipeline(self, name: str, kind: str) -> ResolvedModel:
+        name = self._check_name(name, kind)
+        candidates = [name]
+        if not _has_suffix(name):
+            candidates += [f"{name}{s}" for s in self._suffixes()]
+        path = self._first_existing(name, kind, candidates, marker="model_index.json")
+        if os.path.isdir(path):
+            declared = self._declared_class(path)
+            # any SDXL pipeline folder serves as either (a base is a usable refiner)
+            if declared and not declared.startswith("StableDiffusionXL"):
+                raise JobError(C.VALIDATION_ERROR,
+                               f"{kind} model {name!r} at {path} is a {declared}, not an SDXL {kind} pipeline")
+            self._refuse_pickle_weights(name, path)
+            return ResolvedModel(name, path, kind, single_file=False)
+        return ResolvedModel(name, path, kind, single_file=True,
+                             config_path=self._single_file_config(name, path, kind))
+
+    def _weights_file(self, name: str, path: str | None, kind: str, folder: str) -> ResolvedModel:
+        label = kind.replace("_", " ")
+        if path:
+            full = self._inside_root(path, f"{label} path")
+            if not os.path.isfile(full):
+                raise JobError(C.MODEL_NOT_FOUND, f"{label} file {path!r} not found (looked at {full})")
+            self._check_suffix(full, label)
+            return ResolvedModel(name or _stem(full), full, kind, single_file=True)
+        name = self._check_name(name, kind)
+        candidates = [f"{folder}/{name}"]
+        if not _has_suffix(name):
+            candidates = [f"{folder}/{name}{s}" for s in self._suffixes()] + [f"{folder}/{name}"]
+        full = self._first_existing(name, kind, candidates, files_only=True)
+        return ResolvedModel(_stem(name), full, kind, single_file=True)
+
+    def _controlnet_by_type(self, control_type: str) -> str | None:
+        folder = os.path.join(self.models_dir, "controlnet")
+        if not os.path.isdir(folder):
+            return None
+        for entry in sorted(os.listdir(folder)):
+            full = os.path.join(folder, entry)
+            if control_type.lower() in entry.lower() and os.path.isfile(os.path.join(full, "config.json")):
+                real = _real(full)
+                if _is_within(real, self.models_dir):
+                    self._refuse_pickle_weights(entry, real)
+                    return real
+        return None
+
+    # ---- shared checks -----------------------------------------------------------------
+
+    def _suffixes(self) -> tuple[str, ...]:
+        return WEIGHT_SUFFIXES if self.allow_pickle else SAFE_SUFFIXES
+
+    def _check_name(self, name: str, kind: str) -> str:
+        if not isinstance(name, str) or not name.strip():
+            raise JobError(C.VALIDATION_ERROR, f"{kind.replace('_', ' ')} name is empty")
+        if "\x00" in name:
+            raise JobError(C.VALIDATION_ERROR, f"{kind.replace('_', ' ')} name contains a NUL byte")
+        return name.strip()
+
+    def _inside_root(self, path: str, what: str) -> str:
+        """Absolute real path of `path` (relative ones are taken from the model root), or a
+        validation_error when it leaves the root, directly or through a symlink."""
+        if "\x00" in path:
+            raise JobError(C.VALIDATION_ERROR, f"{what} contains a NUL byte")
+        joined = path if os.path.isabs(path) else os.path.join(self.models_dir, path)
+        real = _real(joined)
+        if not _is_within(real, self.models_dir):
+            raise JobError(C.VALIDATION_ERROR,
+                           f"{what} {path!r} is outside the model root {self.models_dir}")
+        return real
+
+    def _check_suffix(self, path: str, label: str) -> None:
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix in PICKLE_SUFFIXES and not self.allow_pickle:
+            raise JobError(C.VALIDATION_ERROR,
+                           f"{label} {path} is a pickle checkpoint ({suffix}); refused because pickle "
+                           f"files can run code (the operator can allow them with --allow-pickle)")
+
+    def _first_existing(self, name: str, kind: str, candidates: list[str], *, marker: str | None = None,
+                        files_only: bool = False, refuse_files: bool = False) -> str:
+        """The first candidate (relative to the root, or `name` itself if absolute) that exists."""
+        label = kind.replace("_", " ")
+        if os.path.isabs(name):
+            candidates = [name]
+        elif _HUB_ID.match(name) and not files_only:
+            candidates = candidates + self._hub_cache_candidates(name)
+        looked: list[str] = []
+        pickle_seen: str | None = None
+        for candidate in candidates:
+            full = self._inside_root(candidate, label)
+            looked.append(full)
+            if os.path.isdir(full) and not files_only:
+                if marker and not os.path.isfile(os.path.join(full, marker)):
+                    raise JobError(C.MODEL_NOT_FOUND, f"{label} folder {full} has no {marker}")
+                return full
+            if os.path.isfile(full) and not refuse_files:
+                self._check_suffix(full, label)
+                return full
+        # a refused pickle next to the name is worth telling apart from "not there"
+        if not self.allow_pickle and not _has_suffix(name) and not os.path.isabs(name):
+            for candidate in candidates:
+                base = self._inside_root(candidate, label)
+                for suffix in PICKLE_SUFFIXES:
+                    if os.path.isfile(base + suffix):
+                        pickle_seen = base + suffix
+                        break
+                if pickle_seen:
+                    break
+        if pickle_seen:
+            self._check_suffix(pickle_seen, label)
+        where = ", ".join(looked)
+        known = self.available().get(kind, [])
+        known_text = f"; available: {', '.join(known)}" if known else ""
+        if _HUB_ID.match(name) and not os.path.isabs(name):
+            raise JobError(C.MODEL_NOT_FOUND,
+                           f"{label} {name!r} not found under {self.models_dir} (looked for {where}); "
+                           f"no model hub is reachable{known_text}")
+        raise JobError(C.MODEL_NOT_FOUND,
+                       f"{label} {name!r} not found under {self.models_dir} (looked for {where}){known_text}")
+
+    def _hub_cache_candidates(self, hub_id: str) -> list[str]:
+        """A model root may be (or hold) a Hugging Face cache: org/name is then found offline at
+        models--org--name/snapshots/<the revision refs/main names, else the newest>."""
+        repo = "models--" + hub_id.replace("/", "--")
+        out = []
+        for cache in (repo, f"hub/{repo}"):
+            snapshots = os.path.join(self.models_dir, cache, "snapshots")
+            if not os.path.isdir(snapshots):
+                continue
+            try:
+                with open(os.path.join(self.models_dir, cache, "refs", "main"), encoding="utf-8") as fh:
+                    revision = fh.read().strip()
+            except OSError:
+                revision = ""
+            if not revision or not os.path.isdir(os.path.join(snapshots, revision)):
+                entries = sorted(os.listdir(snapshots), key=lambda e: os.path.getmtime(os.path.join(snapshots, e)))
+                revision = entries[-1] if entries else ""
+            if revision:
+                out.append(os.path.join(cache, "snapshots", revision))
+        return out
+
+    def _resolved(self, name: str, path: str, kind: str) -> ResolvedModel:
+        if os.path.isdir(path):
+            self._refuse_pickle_weights(name, path)
+            return ResolvedModel(name, path, kind, single_file=False)
+        return ResolvedModel(name, path, kind, single_file=True)
+
+    def _refuse_pickle_weights(self, name: str, folder: str) -> None:
+        """A diffusers folder whose weights exist only as .bin/.pt would be loaded with pickle."""
+        if self.allow_pickle:
+            return
+        for directory in [folder] + [os.path.join(folder, d) for d in sorted(os.listdir(folder))]:
+            if not os.path.isdir(directory):
+                continue
+            files = os.listdir(directory)
+            has_safe = any(f.endswith(SAFE_SUFFIXES) for f in files)
+            pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+            if pickles and not has_safe:
+                raise JobError(C.VALIDATION_ERROR,
+                               f"model {name!r}: {os.path.join(directory, pickles[0])} holds pickle weights and no "
+                               f".safetensors; refused (the operator can allow pickle with --allow-pickle)")
+
+    def _declared_class(self, folder: str) -> str | None:
+        try:
+            with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as fh:
+                return json.load(fh).get("_class_name")
+        except (OSError, ValueError):
+            return None
+
+    # ---- single-file configs ------------------------------------------------------------
+
+    def _single_file_config(self, name: str, path: str, kind: str) -> str:
+        """A diffusers folder with the same architecture as a single-file checkpoint: the
+        configured one, a sibling folder with the same stem, or the only matching folder."""
+        looked: list[str] = []
+        options: list[str] = []
+        if self.single_file_config:
+            options.append(self._inside_root(self.single_file_config, "single-file config folder"))
+        stem = _stem(path)
+        directory = os.path.dirname(path)
+        options.append(os.path.join(directory, stem))
+        for entry in sorted(os.listdir(directory)):
+            full = os.path.join(directory, entry)
+            if full not in options and os.path.isfile(os.path.join(full, "model_index.json")):
+                options.append(full)
+        try:
+            shapes = _read_safetensors_shapes(path) if path.endswith(".safetensors") else None
+        except (OSError, ValueError, struct.error) as exc:
+            raise JobError(C.VALIDATION_ERROR, f"{kind} file {path} is not a readable .safetensors file: {exc}")
+        for option in options:
+            looked.append(option)
+            if not os.path.isfile(os.path.join(option, "model_index.json")):
+                continue
+            if not (self._declared_class(option) or "").startswith("StableDiffusionXL"):
+                continue
+            if shapes is None or _unet_matches(shapes, option):
+                log.debug("single file %s uses config %s", path, option)
+                return _real(option)
+        raise JobError(
+            C.MODEL_NOT_FOUND,
+            f"{kind} single file {path} needs a diffusers folder of the same architecture for its "
+            f"config (no hub is reachable); looked at {', '.join(looked) or 'nothing'}: none has an SDXL "
+            f"model_index.json and a UNet config matching the file. Put the "
+            f"model's diffusers folder next to it as {os.path.join(directory, stem)}/")
+
+
+def _has_suffix(name: str) -> bool:
+    return name.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path.rstrip("/"))
+    for suffix in WEIGHT_SUFFIXES:
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _component_class(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def _unet_matches(shapes: dict[str, list[int]], folder: str) -> bool:
+    """Cheap architecture check of an original-layout checkpoint against a diffusers UNet
+    config: first conv width and the text-time embedding input size."""
+    try:
+        with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    label_emb = shapes.get("model.diffusion_model.label_emb.0.0.weight")
+    if conv_in is None:
+        return False
+    if conv_in[0] != config.get("block_out_channels", [None])[0]:
+        return False
+    if label_emb is not None and label_emb[1] != config.get("projection_class_embeddings_input_dim"):
+        return False
+    return True

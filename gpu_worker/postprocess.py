@@ -1,0 +1,178 @@
+"""After the pipeline: auto-contrast, upscaling, encoding, saving, hashing.
+
+Files go under the output root only (`save_path` is relative to it; anything that would leave it
+is a validation_error), each under a name no other job or worker can take (created with O_EXCL).
+PNGs carry the generation parameters as the `parameters` text chunk that A1111-style tools read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, PngImagePlugin
+
+from protocol import constants as C
+from protocol.errors import JobError
+
+log = logging.getLogger(__name__)
+
+_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+_EXTENSION = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_UPSCALE_FACTOR = 4.0
+
+# A1111 "Sampler" names for the diffusers classes, so tools that parse `parameters` recognise them
+SAMPLER_NAMES = {
+    "DPMSolverMultistepScheduler": "DPM++ 2M", "DDIMScheduler": "DDIM",
+    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE", "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a", "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS", "UniPCMultistepScheduler": "UniPC",
+}
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    path: str
+    sha256: str
+    data: bytes
+    width: int
+    height: int
+    format: str
+
+
+def auto_contrast(image: Image.Image, cutoff_percent: float = 0.5) -> Image.Image:
+    """Stretch each channel's histogram, ignoring the darkest/brightest `cutoff_percent`."""
+    return ImageOps.autocontrast(image.convert("RGB"), cutoff=cutoff_percent)
+
+
+def upscale(image: Image.Image, factor: float, method: str = "lanczos",
+            upscaler_model_path: str | None = None) -> Image.Image:
+    """Lanczos is built in; Real-ESRGAN (any spandrel-loadable model) only when configured."""
+    if not (1.0 <= factor <= MAX_UPSCALE_FACTOR):
+        raise JobError(C.VALIDATION_ERROR, f"upscale_factor {factor} is outside 1..{MAX_UPSCALE_FACTOR:g}",
+                       {"field": "upscale_factor"})
+    method = (method or "lanczos").lower()
+    if factor == 1.0:
+        return image
+    if method == "lanczos":
+        size = (round(image.width * factor), round(image.height * factor))
+        return image.resize(size, Image.Resampling.LANCZOS)
+    if method in ("realesrgan", "real-esrgan", "esrgan"):
+        if not upscaler_model_path:
+            raise JobError(C.UNSUPPORTED_FEATURE,
+                           f"upscale_method {method!r} needs an upscaler model file, and this worker "
+                           "has none configured; use upscale_method 'lanczos'")
+        return _upscale_with_spandrel(image, factor, upscaler_model_path)
+    raise JobError(C.UNSUPPORTED_FEATURE, f"unknown upscale_method {method!r}; supported: lanczos, realesrgan")
+
+
+def _upscale_with_spandrel(image: Image.Image, factor: float, model_path: str) -> Image.Image:
+    try:
+        import spandrel  # optional extra: pip install sdxl-broker[upscale]
+    except ImportError:
+        raise JobError(C.UNSUPPORTED_FEATURE, "Real-ESRGAN upscaling needs the 'spandrel' package, "
+                                              "which is not installed on this worker") from None
+    import numpy as np
+    import torch
+
+    if not model_path.endswith(".safetensors"):
+        raise JobError(C.VALIDATION_ERROR, f"upscaler model {model_path} is not a .safetensors file")
+    model = spandrel.ModelLoader().load_from_file(model_path).eval()
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    with torch.inference_mode():
+        out = model(pixels.permute(2, 0, 1).unsqueeze(0)).clamp(0, 1)[0]
+    result = Image.fromarray((out.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    wanted = (round(image.width * factor), round(image.height * factor))
+    # the network has a fixed scale (usually 4x): bring it to the requested factor
+    return result if result.size == wanted else result.resize(wanted, Image.Resampling.LANCZOS)
+
+
+def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, scheduler: str,
+                     use_karras_sigmas: bool, guidance_scale: float, seed: int, width: int,
+                     height: int, model: str, extra: dict | None = None) -> str:
+    """The `parameters` text A1111 writes: prompt, `Negative prompt:` line, then key: value pairs."""
+    sampler = SAMPLER_NAMES.get(scheduler, scheduler) + (" Karras" if use_karras_sigmas else "")
+    pairs = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{guidance_scale:g}", "Seed": seed,
+             "Size": f"{width}x{height}", "Model": model}
+    for key, value in (extra or {}).items():
+        if value not in (None, "", [], ()):
+            pairs[key] = value
+    tail = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in pairs.items())
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(tail)
+    return "\n".join(lines)
+
+
+def _a1111_value(value) -> str:
+    text = str(value)
+    # A1111 quotes values holding its separators so parsers keep them whole
+    return f'"{text}"' if ("," in text or ":" in text) and not text.startswith('"') else text
+
+
+def output_folder(output_dir: str, save_path: str) -> str:
+    """The folder for `save_path` under the output root, created; leaving the root is refused."""
+    root = os.path.realpath(output_dir)
+    relative = (save_path or "").strip() or "."
+    candidate = relative if os.path.isabs(relative) else os.path.join(root, relative)
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([root, real]) != root:
+        raise JobError(C.VALIDATION_ERROR,
+                       f"save_path {save_path!r} leaves the output root {root}", {"field": "save_path"})
+    os.makedirs(real, exist_ok=True)
+    return real
+
+
+def encode_image(image: Image.Image, fmt: str, quality: int, parameters: str | None) -> bytes:
+    if fmt not in _PIL_FORMAT:
+        raise JobError(C.VALIDATION_ERROR, f"output_format {fmt!r}; expected one of {', '.join(_PIL_FORMAT)}",
+                       {"field": "output_format"})
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        if parameters:
+            info.add_text("parameters", parameters)
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        quality = max(C.MIN_QUALITY, min(C.MAX_QUALITY, int(quality)))
+        image.convert("RGB").save(buffer, format=_PIL_FORMAT[fmt], quality=quality)
+    return buffer.getvalue()
+
+
+def save_image(data: bytes, folder: str, *, stem: str, fmt: str) -> str:
+    """Write `data` under a new unique name in `folder`; never overwrites."""
+    safe_stem = _UNSAFE_NAME_CHARS.sub("_", stem).strip("._")[:120] or "image"
+    extension = _EXTENSION[fmt]
+    for attempt in range(1000):
+        name = f"{safe_stem}.{extension}" if attempt == 0 else f"{safe_stem}-{attempt}.{extension}"
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return path
+    raise JobError(C.INTERNAL_ERROR, f"cannot find a free file name for {safe_stem} in {folder}")
+
+
+def finish_image(image: Image.Image, *, output_dir: str, save_path: str, fmt: str, quality: int,
+                 stem: str, parameters: str | None) -> SavedImage:
+    """Encode, save under a unique name and hash one final image."""
+    data = encode_image(image, fmt, quality, parameters)
+    path = save_image(data, output_folder(output_dir, save_path), stem=stem, fmt=fmt)
+    log.debug("saved %s (%d bytes)", path, len(data))
+    return SavedImage(path=path, sha256=hashlib.sha256(data).hexdigest(), data=data,
+                      width=image.width, height=image.height, format=fmt)
+
+
+def file_stem(request_id: str, index: int, seed: int) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}_{request_id}_{index}_{seed}"

@@ -1,0 +1,216 @@
+"""SimulatedExecutor: a SIMULATION of a worker's executor for routing tests and benchmarks.
+
+No diffusers, no torch, no image: it sleeps for a configurable model load time and per-step
+time, keeps an LRU cache of "loaded" models against a memory budget like the real executor,
+and reports the same telemetry. Every describe(), reply and log line says it is simulated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+
+from protocol import constants as C
+from protocol.errors import JobError
+from protocol.job import Job
+
+log = logging.getLogger(__name__)
+
+ALL_FEATURES = ("txt2img", "img2img", "inpaint", "lora", "controlnet", "textual_inversion",
+                "refiner", "custom_vae", "upscale")
+_SLEEP_SLICE_S = 0.01  # abort is noticed within this long
+_EWMA_ALPHA = 0.3      # weight of the newest measurement in the step-time moving average
+
+
+def _job_models(job: Job) -> list[str]:
+    names = [job.models.base]
+    if job.models.refiner:
+        names.append(job.models.refiner)
+    if job.models.vae:
+        names.append(job.models.vae)
+    names += [cn.model or f"controlnet-{cn.type}" for cn in job.controlnets]
+    return names
+
+
+class SimulatedExecutor:
+    def __init__(self, device: str = "cpu", *, load_s: float = 0.5, step_s: float = 0.02,
+                 memory_mb: float = 8000.0, model_mb: float = 2000.0,
+                 model_sizes_mb: dict[str, float] | None = None,
+                 capabilities: tuple[str, ...] = ALL_FEATURES,
+                 worker_types: tuple[str, ...] = (C.WORKER_BASIC, C.WORKER_ENHANCED),
+                 worker_id: str = ""):
+        self.device = device
+        self.load_s = load_s
+        self.step_s = step_s
+        self.memory_mb = memory_mb
+        self.model_mb = model_mb
+        self.model_sizes_mb = dict(model_sizes_mb or {})
+        self.capabilities = tuple(capabilities)
+        self.worker_types = tuple(worker_types)
+        self.worker_id = worker_id
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, float] = OrderedDict()  # name -> size_mb, LRU first
+        self._loading: list[str] = []
+        self._step_time_s: dict[str, float] = {}
+        self._load_time_s: dict[str, float] = {}
+        self._activation_mb = 0.0
+        log.info("SIMULATED executor on %s: load %.3f s, step %.4f s, budget %.0f MB, model %.0f MB",
+                 device, load_s, step_s, memory_mb, model_mb)
+
+    # --- Executor protocol ----------------------------------------------------------------
+    def describe(self) -> dict:
+        return {
+            "device": self.device,
+            "device_type": self.device.split(":")[0],
+            "device_name": f"simulated {self.device}",
+            "memory_total_mb": self.memory_mb,
+            "capabilities": list(self.capabilities),
+            "worker_types": list(self.worker_types),
+            "simulated": True,
+        }
+
+    def telemetry(self) -> dict:
+        with self._lock:
+            used = sum(self._cache.values()) + self._activation_mb
+            return {
+                "memory": {"total_mb": self.memory_mb, "used_mb": used,
+                           "free_mb": max(self.memory_mb - used, 0.0)},
+                "rss_mb": _rss_mb(),
+                "cache_budget_mb": self.memory_mb,
+                "models_loaded": [{"name": n, "kind": "simulated", "size_mb": mb}
+                                  for n, mb in self._cache.items()],
+                "models_loading": list(self._loading),
+                "step_time_s": dict(self._step_time_s),
+                "load_time_s": dict(self._load_time_s),
+                "model_sizes_mb": dict(self.model_sizes_mb),
+                "simulated": True,
+            }
+
+    def run(self, job: Job, progress, should_abort) -> dict:
+        started = time.perf_counter()
+        missing = sorted(job.features - set(self.capabilities))
+        if missing:
+            raise JobError(C.UNSUPPORTED_FEATURE, f"simulated worker does not offer {', '.join(missing)}")
+        for name in _job_models(job):
+            if name not in self._cache:
+                progress("loading", 0, job.steps)
+            self._ensure_loaded(name, should_abort)
+        load_done = time.perf_counter()
+        pixels_mb = 2048.0 * job.width * job.height / 1e6 * job.batch_size  # routing's estimate
+        with self._lock:
+            self._activation_mb = pixels_mb
+        try:
+            key = f"{job.models.base}@{job.width}x{job.height}"
+            base_steps = job.steps
+            if job.models.refiner:
+                base_steps = max(1, int(round(job.steps * job.refiner_switch)))
+            for step in range(1, job.steps + 1):
+                step_start = time.perf_counter()
+                self._sleep(self.step_s, should_abort)
+                stage = "denoising" if step <= base_steps else "refining"
+                progress(stage, step, job.steps)
+                self._record_step(key, time.perf_counter() - step_start)
+            progress("postprocessing", job.steps, job.steps)
+        finally:
+            with self._lock:
+                self._activation_mb = 0.0
+        done = time.perf_counter()
+        seed = job.seed if job.seed != -1 else random.randrange(2**32)
+        images = []
+        for index in range(job.batch_size):
+            digest = hashlib.sha256(f"sim:{job.request_id}:{seed + index}".encode()).hexdigest()
+            images.append({"index": index, "seed": seed + index, "width": job.width,
+                           "height": job.height, "format": job.output.format, "path": None,
+                           "sha256": digest})
+        return {
+            "generated_images": images,
+            "processing_metrics": {
+                "total_time": done - started, "queue_time": 0.0, "inference_time": done - load_done,
+                "preprocessing_time": load_done - started, "postprocessing_time": 0.0,
+                "device_name": f"simulated {self.device}", "worker_id": self.worker_id,
+                "memory_used_mb": sum(self._cache.values()) + pixels_mb,
+                "model_info": {"base": job.models.base, "simulated": True},
+            },
+            "features_used": sorted(job.features),
+            "simulated": True,
+            "warnings": [],
+        }
+
+    def load_model(self, name: str) -> dict:
+        took = self._ensure_loaded(name, lambda: False)
+        return {"model": name, "load_time_s": took, "simulated": True}
+
+    def cleanup(self, models: list[str] | None = None) -> dict:
+        with self._lock:
+            names = list(self._cache) if models is None else [m for m in models if m in self._cache]
+            for name in names:
+                self._cache.pop(name, None)
+        return {"unloaded": names, "memory": self.telemetry()["memory"], "simulated": True}
+
+    # --- the simulated cache -----------------------------------------------------------------
+    def _size_of(self, name: str) -> float:
+        return float(self.model_sizes_mb.get(name, self.model_mb))
+
+    def _ensure_loaded(self, name: str, should_abort) -> float:
+        size = self._size_of(name)
+        with self._lock:
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                return 0.0
+            if size > self.memory_mb:
+                raise JobError(C.OUT_OF_MEMORY, f"simulated model {name} needs {size:.0f} MB, "
+                                                f"budget is {self.memory_mb:.0f} MB")
+            self._loading.append(name)
+        started = time.perf_counter()
+        try:
+            self._sleep(self.load_s, should_abort)
+        finally:
+            with self._lock:
+                self._loading.remove(name)
+        took = time.perf_counter() - started
+        with self._lock:
+            while self._cache and sum(self._cache.values()) + size > self.memory_mb:
+                evicted, _ = self._cache.popitem(last=False)
+                log.info("simulated cache: evicted %s to make room for %s", evicted, name)
+            self._cache[name] = size
+            self._load_time_s[name] = took
+        log.info("simulated load of %s took %.3f s", name, took)
+        return took
+
+    def _record_step(self, key: str, seconds: float) -> None:
+        with self._lock:
+            old = self._step_time_s.get(key)
+            self._step_time_s[key] = seconds if old is None else (
+                _EWMA_ALPHA * seconds + (1 - _EWMA_ALPHA) * old)
+
+    @staticmethod
+    def _sleep(seconds: float, should_abort) -> None:
+        if should_abort():
+            raise JobError(C.CANCELLED, "aborted")
+        deadline = time.perf_counter() + seconds
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            time.sleep(min(remaining, _SLEEP_SLICE_S))
+            if should_abort():
+                raise JobError(C.CANCELLED, "aborted")
+
+
+_process = None
+
+
+def _rss_mb() -> float | None:
+    global _process
+    try:
+        if _process is None:
+            import psutil
+            _process = psutil.Process(os.getpid())
+        return _process.memory_info().rss / 2**20
+    except Exception:  # telemetry is best effort
+        return None

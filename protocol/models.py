@@ -1,0 +1,482 @@
+"""pydantic v2 models of what clients send: the three generation forms and the management
+messages. They check types and bounds field by field (every problem, with its path); rules that
+span fields (parallel arrays, a base model somewhere) live in protocol.translate, which also
+turns a validated model into the canonical Job. The JSON Schemas in protocol/schemas/ come from
+these classes (protocol.schema_gen).
+
+Optional fields default to None so the translation can tell "sent" from "not sent" (the legacy
+view reproduces only what was sent) and so C# nulls mean "use the default".
+Unknown fields are kept (extra="allow") and reported as warnings, never errors.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator,
+                      StringConstraints, ValidationInfo, WithJsonSchema)
+
+from protocol import constants as C
+from protocol import normalize
+
+
+class Edge(BaseModel):
+    """Base of every request model."""
+
+    # strict: an integer field takes JSON integers only (not "512", 512.0 or true), a number
+    # field takes integers and floats, a boolean only true/false; what the schemas promise
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), allow_inf_nan=False,
+                              frozen=True, strict=True)
+
+
+# --- field types ----------------------------------------------------------------------------
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is required and cannot be empty")
+    return value
+
+
+def _no_pickle(value: str, info: ValidationInfo) -> str:
+    if normalize.has_pickle_suffix(value) and not (info.context or {}).get("allow_pickle"):
+        raise ValueError("pickle checkpoints are refused unless the operator allows them "
+                         "(use .safetensors or a diffusers folder)")
+    return value
+
+
+def _scheduler(value: str) -> str:
+    normalize.resolve_scheduler(value)  # raises ValueError naming the valid ones
+    return value
+
+
+def _controlnet_type(value: str) -> str:
+    return normalize.controlnet_type(value, None)
+
+
+def _save_path(value: str) -> str:
+    problem = normalize.save_path_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _choice(options: tuple[str, ...], aliases: dict[str, str] | None = None):
+    def check(value: str) -> str:
+        low = value.strip().lower()
+        low = (aliases or {}).get(low, low)
+        if low not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return low
+    return check
+
+
+def _image(value: Any) -> Union[bytes, str]:
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    if not isinstance(value, (bytes, str)):
+        raise ValueError("must be a path, a base64 string / data URI, or binary image data")
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+Text = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS)]
+Prompt = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_ID_CHARS)]
+ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS),
+                     AfterValidator(_not_blank), AfterValidator(_no_pickle)]
+Image = Annotated[Union[bytes, str], PlainValidator(_image),
+                  WithJsonSchema({"type": "string", "minLength": 1,
+                                  "description": "path under the input root, base64 or data URI "
+                                                 "(msgpack: binary)"})]
+Size = Annotated[int, Field(ge=C.MIN_SIZE, le=C.MAX_SIZE, multiple_of=C.SIZE_MULTIPLE)]
+Steps = Annotated[int, Field(ge=C.MIN_STEPS, le=C.MAX_STEPS)]
+Guidance = Annotated[float, Field(ge=C.MIN_GUIDANCE, le=C.MAX_GUIDANCE)]
+Seed = Annotated[int, Field(ge=-1, le=C.MAX_SEED)]
+Strength = Annotated[float, Field(ge=0.0, le=1.0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+ClipSkip = Annotated[int, Field(ge=0, le=C.MAX_CLIP_SKIP)]
+LoraWeight = Annotated[float, Field(ge=C.MIN_LORA_WEIGHT, le=C.MAX_LORA_WEIGHT)]
+ControlScale = Annotated[float, Field(ge=C.MIN_CONTROLNET_SCALE, le=C.MAX_CONTROLNET_SCALE)]
+Batch = Annotated[int, Field(ge=C.MIN_BATCH, le=C.MAX_BATCH)]
+Quality = Annotated[int, Field(ge=C.MIN_QUALITY, le=C.MAX_QUALITY)]
+UpscaleFactor = Annotated[float, Field(ge=1.0, le=C.MAX_UPSCALE_FACTOR)]
+Resolution = Annotated[int, Field(ge=64, le=C.MAX_SIZE)]
+TimeoutS = Annotated[float, Field(gt=0.0, le=C.MAX_TIMEOUT_S)]
+SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_scheduler)]
+ControlNetType = Annotated[str, StringConstraints(max_length=100), AfterValidator(_controlnet_type)]
+SavePath = Annotated[str, StringConstraints(max_length=C.MAX_NAME_CHARS), AfterValidator(_save_path)]
+OutputFormat = Annotated[str, StringConstraints(max_length=20),
+                         AfterValidator(_choice(C.OUTPUT_FORMATS, {"jpg": "jpeg"})),
+                         WithJsonSchema({"type": "string", "enum": ["png", "jpeg", "jpg", "webp"]})]
+Dtype = Annotated[str, StringConstraints(max_length=20),
+                  AfterValidator(_choice(C.DTYPES, {"fp16": "float16", "half": "float16",
+                                                    "fp32": "float32", "float": "float32",
+                                                    "bf16": "bfloat16"})),
+                  WithJsonSchema({"type": "string", "enum": list(C.DTYPES)})]
+Priority = Annotated[str, StringConstraints(max_length=20), AfterValidator(_choice(C.PRIORITIES)),
+                     WithJsonSchema({"type": "string", "enum": list(C.PRIORITIES)})]
+WorkerType = Annotated[str, StringConstraints(max_length=100),
+                       AfterValidator(_choice((C.WORKER_BASIC, C.WORKER_ENHANCED))),
+                       WithJsonSchema({"type": "string",
+                                       "enum": [C.WORKER_BASIC, C.WORKER_ENHANCED]})]
+Tags = Annotated[list[Annotated[str, StringConstraints(max_length=200)]],
+                 Field(max_length=C.MAX_TAGS)]
+
+
+def _items(item_type):
+    return Annotated[list[item_type], Field(max_length=C.MAX_LIST_ITEMS)]
+
+
+# --- flat: generate_sdxl_enhanced -------------------------------------------------------------
+
+class FlatGenerateRequest(Edge):
+    """The flat C# form: every field at the top level (CONTRACT.md)."""
+
+    message_type: Literal["generate_sdxl_enhanced"] = C.GENERATE_FLAT
+    session_id: Optional[Id] = None
+    request_id: Optional[Id] = None
+    prompt: Prompt
+    prompt_2: Optional[Text] = None
+    negative_prompt: Optional[Text] = None
+    negative_prompt_2: Optional[Text] = None
+    width: Optional[Size] = None
+    height: Optional[Size] = None
+    steps: Optional[Steps] = None
+    guidance_scale: Optional[Guidance] = None
+    seed: Optional[Seed] = None
+    scheduler: Optional[SchedulerName] = None
+    use_karras_sigmas: Optional[bool] = None
+    clip_skip: Optional[ClipSkip] = None
+    model_base: Optional[ModelRef] = None
+    model_refiner: Optional[ModelRef] = None
+    model_vae: Optional[ModelRef] = None
+    refiner_switch: Optional[Fraction] = None
+    lora_names: Optional[_items(Optional[Name])] = None  # null item: the path's stem
+    lora_paths: Optional[_items(Optional[ModelRef])] = None  # null item: resolve the name
+    lora_weights: Optional[_items(LoraWeight)] = None
+    controlnet_types: Optional[_items(Optional[ControlNetType])] = None
+    controlnet_images: Optional[_items(Image)] = None
+    controlnet_weights: Optional[_items(ControlScale)] = None
+    controlnet_models: Optional[_items(Optional[ModelRef])] = None
+    textual_inversion_names: Optional[_items(Optional[Name])] = None
+    textual_inversion_paths: Optional[_items(Optional[ModelRef])] = None
+    textual_inversion_tokens: Optional[_items(Optional[Name])] = None
+    init_image: Optional[Image] = None
+    strength: Optional[Strength] = None
+    mask_image: Optional[Image] = None
+    batch_size: Optional[Batch] = None
+    output_format: Optional[OutputFormat] = None
+    output_quality: Optional[Quality] = None
+    save_path: Optional[SavePath] = None
+    return_images: Optional[bool] = None
+    upscale_factor: Optional[UpscaleFactor] = None
+    upscale_method: Optional[Name] = None
+    auto_contrast: Optional[bool] = None
+    dtype: Optional[Dtype] = None
+    vae_dtype: Optional[Dtype] = None
+    attention_slicing: Optional[bool] = None
+    vae_slicing: Optional[bool] = None
+    vae_tiling: Optional[bool] = None
+    cpu_offload: Optional[bool] = None
+    device: Optional[Name] = None
+    priority: Optional[Priority] = None
+    timeout: Optional[TimeoutS] = None
+    tags: Optional[Tags] = None
+    stream: Optional[bool] = None
+
+
+# --- nested: inference_request (the Phase 6 seed's EnhancedRequestTransformer) ----------------
+
+class NestedHyperparameters(Edge):
+    num_inference_steps: Optional[Steps] = None
+    guidance_scale: Optional[Guidance] = None
+    seed: Optional[Seed] = None
+    strength: Optional[Strength] = None
+    clip_skip: Optional[ClipSkip] = None  # extension
+    refiner_switch: Optional[Fraction] = None  # extension
+
+
+class NestedDimensions(Edge):
+    width: Optional[Size] = None
+    height: Optional[Size] = None
+
+
+class NestedModels(Edge):
+    base: Optional[ModelRef] = None
+    refiner: Optional[ModelRef] = None
+    vae: Optional[ModelRef] = None
+
+
+class NestedLoraModel(Edge):
+    name: Name
+    path: Optional[ModelRef] = None  # extension: a file instead of a name under the models dir
+    weight: Optional[LoraWeight] = None
+
+
+class NestedLora(Edge):
+    enabled: Optional[bool] = None  # missing: enabled when models are given
+    models: Optional[_items(NestedLoraModel)] = None
+
+
+class NestedPreprocessor(Edge):
+    enabled: Optional[bool] = None
+    resolution: Optional[Resolution] = None
+
+
+class NestedControlNet(Edge):
+    enabled: Optional[bool] = None
+    type: Optional[ControlNetType] = None
+    conditioning_scale: Optional[ControlScale] = None
+    control_image: Optional[Image] = None
+    model: Optional[ModelRef] = None  # extension: a ControlNet model instead of one per type
+    preprocessor: Optional[NestedPreprocessor] = None
+
+
+class NestedUpscale(Edge):
+    enabled: Optional[bool] = None
+    factor: Optional[UpscaleFactor] = None
+    method: Optional[Name] = None
+
+
+class NestedOutput(Edge):
+    format: Optional[OutputFormat] = None
+    quality: Optional[Quality] = None
+    save_path: Optional[SavePath] = None
+    upscale: Optional[NestedUpscale] = None
+    return_images: Optional[bool] = None  # extension
+
+
+class NestedBatch(Edge):
+    size: Optional[Batch] = None
+    parallel: Optional[bool] = None  # accepted; images of a batch run as one pipeline call
+
+
+class NestedPrecision(Edge):
+    dtype: Optional[Dtype] = None
+    vae_dtype: Optional[Dtype] = None
+    cpu_offload: Optional[bool] = None
+    attention_slicing: Optional[bool] = None
+    vae_slicing: Optional[bool] = None
+    vae_tiling: Optional[bool] = None  # extension
+
+
+class NestedMetadata(Edge):
+    request_id: Optional[Id] = None
+    priority: Optional[Priority] = None
+    timeout: Optional[TimeoutS] = None
+    tags: Optional[Tags] = None
+    stream: Optional[bool] = None  # extension: progress messages wanted
+
+
+class TextualInversionItem(Edge):
+    name: Name
+    path: Optional[ModelRef] = None
+    token: Optional[Name] = None
+
+
+class NestedPostprocessing(Edge):
+    auto_contrast: Optional[bool] = None
+    upscale: Optional[NestedUpscale] = None
+
+
+class NestedData(Edge):
+    worker_type: Optional[WorkerType] = None
+    prompt: Prompt
+    negative_prompt: Optional[Text] = None
+    prompt_2: Optional[Text] = None  # extension
+    negative_prompt_2: Optional[Text] = None  # extension
+    model_name: Optional[ModelRef] = None
+    hyperparameters: Optional[NestedHyperparameters] = None
+    dimensions: Optional[NestedDimensions] = None
+    scheduler: Optional[SchedulerName] = None
+    use_karras_sigmas: Optional[bool] = None  # extension
+    models: Optional[NestedModels] = None
+    lora: Optional[NestedLora] = None
+    controlnet: Optional[NestedControlNet] = None
+    output: Optional[NestedOutput] = None
+    batch: Optional[NestedBatch] = None
+    precision: Optional[NestedPrecision] = None
+    metadata: Optional[NestedMetadata] = None
+    # the contract's extensions
+    init_image: Optional[Image] = None
+    mask_image: Optional[Image] = None
+    textual_inversions: Optional[_items(TextualInversionItem)] = None
+    controlnets: Optional[_items(NestedControlNet)] = None
+    postprocessing: Optional[NestedPostprocessing] = None
+    device: Optional[Name] = None
+    # legacy flat fields, moved into their sections as the seed's _normalize_request_format does
+    num_inference_steps: Optional[Steps] = None
+    guidance_scale: Optional[Guidance] = None
+    seed: Optional[Seed] = None
+    strength: Optional[Strength] = None
+    width: Optional[Size] = None
+    height: Optional[Size] = None
+
+
+class NestedGenerateRequest(Edge):
+    message_type: Literal["inference_request"] = C.GENERATE_NESTED
+    request_id: Optional[Id] = None
+    stream: Optional[bool] = None  # progress wanted (or data.metadata.stream)
+    data: NestedData
+
+
+# --- legacy: action "generate" with prompt_submission ----------------------------------------
+
+class LegacyModel(Edge):
+    base: Optional[ModelRef] = None
+    refiner: Optional[ModelRef] = None
+    vae: Optional[ModelRef] = None
+
+
+class LegacyLora(Edge):
+    name: Optional[Name] = None  # missing: the path's file stem
+    path: Optional[ModelRef] = None
+    weight: Optional[LoraWeight] = None
+
+
+class LegacyControlNet(Edge):
+    type: Optional[ControlNetType] = None
+    image: Image
+    weight: Optional[ControlScale] = None
+    model: Optional[ModelRef] = None
+
+
+class LegacyConditioning(Edge):
+    prompt: Prompt
+    negative_prompt: Optional[Text] = None
+    prompt_2: Optional[Text] = None
+    negative_prompt_2: Optional[Text] = None
+    loras: Optional[_items(LegacyLora)] = None
+    controlnets: Optional[_items(LegacyControlNet)] = None
+    textual_inversions: Optional[_items(TextualInversionItem)] = None
+    init_image: Optional[Image] = None
+    mask_image: Optional[Image] = None
+
+
+class LegacyHyperparameters(Edge):
+    width: Optional[Size] = None
+    height: Optional[Size] = None
+    steps: Optional[Steps] = None
+    num_inference_steps: Optional[Steps] = None  # the nested form's name, accepted too
+    guidance_scale: Optional[Guidance] = None
+    seed: Optional[Seed] = None
+    strength: Optional[Strength] = None
+    scheduler: Optional[SchedulerName] = None
+    use_karras_sigmas: Optional[bool] = None
+    clip_skip: Optional[ClipSkip] = None
+    refiner_switch: Optional[Fraction] = None
+    batch_size: Optional[Batch] = None
+
+
+class LegacyOutput(Edge):
+    format: Optional[OutputFormat] = None
+    quality: Optional[Quality] = None
+    save_path: Optional[SavePath] = None
+    return_images: Optional[bool] = None
+
+
+class LegacyPostprocessing(Edge):
+    auto_contrast: Optional[bool] = None
+    upscale_factor: Optional[UpscaleFactor] = None
+    upscale_method: Optional[Name] = None
+
+
+class LegacyMetadata(Edge):
+    priority: Optional[Priority] = None
+    timeout: Optional[TimeoutS] = None
+    tags: Optional[Tags] = None
+    stream: Optional[bool] = None
+    device: Optional[Name] = None
+
+
+class PromptSubmission(Edge):
+    model: Optional[LegacyModel] = None
+    conditioning: LegacyConditioning
+    hyperparameters: Optional[LegacyHyperparameters] = None
+    # extensions so nothing a job holds is lost in the legacy view
+    output: Optional[LegacyOutput] = None
+    postprocessing: Optional[LegacyPostprocessing] = None
+    precision: Optional[NestedPrecision] = None
+    metadata: Optional[LegacyMetadata] = None
+
+
+class LegacyGenerateRequest(Edge):
+    action: Literal["generate"] = C.GENERATE_LEGACY_ACTION
+    message_type: Optional[Literal["generate"]] = None
+    session_id: Optional[Id] = None
+    request_id: Optional[Id] = None
+    stream: Optional[bool] = None  # progress wanted
+    prompt_submission: PromptSubmission
+
+
+# --- management messages ---------------------------------------------------------------------
+
+class _Management(Edge):
+    request_id: Optional[Id] = None
+    session_id: Optional[Id] = None
+    action: Optional[str] = None
+
+
+class ModelLoadData(Edge):
+    model_name: Optional[ModelRef] = None
+    device: Optional[Name] = None
+
+
+class ModelLoadRequest(_Management):
+    """`data.model_name` (required) and optional `data.device`; the legacy `load_model` action
+    may put them at the top level."""
+
+    message_type: Optional[Literal["model_load_request", "load_model"]] = None
+    data: Optional[ModelLoadData] = None
+    model_name: Optional[ModelRef] = None
+    device: Optional[Name] = None
+
+
+class StatusRequest(_Management):
+    message_type: Optional[Literal["status_request", "get_status"]] = None
+    data: Optional[dict[str, Any]] = None
+
+
+class InitializeRequest(_Management):
+    message_type: Optional[Literal["initialize"]] = None
+    data: Optional[dict[str, Any]] = None
+
+
+class CleanupData(Edge):
+    workers: Optional[_items(Name)] = None  # None: every worker
+    models: Optional[_items(Name)] = None  # None: every model
+
+
+class CleanupRequest(_Management):
+    message_type: Optional[Literal["cleanup"]] = None
+    data: Optional[CleanupData] = None
+    workers: Optional[_items(Name)] = None
+    models: Optional[_items(Name)] = None
+
+
+class CancelData(Edge):
+    request_id: Optional[Id] = None
+
+
+class CancelRequest(_Management):
+    """The id of the job to cancel: `data.request_id`, else the top-level `request_id`."""
+
+    message_type: Optional[Literal["cancel_request"]] = None
+    data: Optional[CancelData] = None
+
+
+# request message type -> model (legacy `action` values included)
+REQUEST_MODELS: dict[str, type[Edge]] = {
+    C.GENERATE_FLAT: FlatGenerateRequest,
+    C.GENERATE_NESTED: NestedGenerateRequest,
+    C.GENERATE_LEGACY_ACTION: LegacyGenerateRequest,
+    C.MODEL_LOAD: ModelLoadRequest,
+    C.MODEL_LOAD_LEGACY: ModelLoadRequest,
+    C.STATUS: StatusRequest,
+    C.STATUS_LEGACY: StatusRequest,
+    C.INITIALIZE: InitializeRequest,
+    C.CLEANUP: CleanupRequest,
+    C.CANCEL: CancelRequest,
+}

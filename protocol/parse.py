@@ -1,0 +1,261 @@
+"""The broker's one entry point for a decoded request body: which message it is, who to answer,
+and (for generation) the canonical Job. Validation reports every problem with the field path as
+the client wrote it; nothing but a ProtocolError ever leaves this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from protocol import constants as C
+from protocol import models as M
+from protocol import rules, translate
+from protocol.errors import FieldError, ProtocolError, ValidationFailed
+from protocol.job import Job
+
+log = logging.getLogger(__name__)
+
+ERROR_REPLY_TYPE = "error_response"  # the reply type for a body whose type is unknown
+_TRANSPORT_ONLY = ("stream",)  # fields that change delivery, not the job
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    message_type: str  # as received (legacy generate bodies -> "generate"; load_model as sent)
+    reply_type: str  # protocol.constants.REPLY_TYPE[message_type]
+    request_id: Optional[str]  # the id the client sent; None when it sent none (job has one)
+    job: Optional[Job]  # the three generation forms
+    params: dict = field(default_factory=dict)  # management messages' validated fields
+    warnings: list[str] = field(default_factory=list)
+
+
+def _message_type(body: dict) -> Any:
+    mt = body.get("message_type")
+    return mt if mt is not None else body.get("action")
+
+
+def _id(value: Any) -> Optional[str]:
+    if isinstance(value, str) and 0 < len(value) <= C.MAX_ID_CHARS:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**30:
+        return str(value)
+    return None
+
+
+def _request_id(body: dict, message_type: Any) -> Optional[str]:
+    """The id the client sent, looked up where the translation looks for it."""
+    if message_type == C.GENERATE_LEGACY_ACTION:  # the legacy form's id is its session_id
+        return _id(body.get("session_id")) or _id(body.get("request_id"))
+    rid = _id(body.get("request_id"))
+    if rid is None and message_type == C.GENERATE_NESTED:
+        data = body.get("data")
+        meta = data.get("metadata") if isinstance(data, dict) else None
+        return _id(meta.get("request_id")) if isinstance(meta, dict) else None
+    return rid if rid is not None else _id(body.get("session_id"))
+
+
+def peek(body: Any) -> tuple[str, Optional[str]]:
+    """(reply message_type, request_id) from any decoded body, never raises; used to address
+    error replies. Unknown types -> reply type "error_response"."""
+    try:
+        if not isinstance(body, dict):
+            return ERROR_REPLY_TYPE, None
+        mt = _message_type(body)
+        reply = C.REPLY_TYPE.get(mt, ERROR_REPLY_TYPE) if isinstance(mt, str) else ERROR_REPLY_TYPE
+        return reply, _request_id(body, mt)
+    except Exception:  # a body is data from anyone: addressing an error must not fail
+        return ERROR_REPLY_TYPE, None
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _message(err: dict) -> str:
+    kind = err.get("type", "")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be an object"
+    if kind == "missing":
+        return "is required"
+    msg = str(err.get("msg", "invalid"))
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def _field_errors(exc: ValidationError) -> list[FieldError]:
+    return [FieldError(_path(e["loc"]), _message(e)) for e in exc.errors(include_url=False,
+                                                                           include_input=False)]
+
+
+# per request model: its field names, and the fields that hold request models
+# ({name: (model class, holds a list of them)}); the unknown-field walk reads the raw body
+_SHAPES: dict[type, tuple[frozenset, dict[str, tuple[type, bool]]]] = {}
+
+
+def _edge_in(annotation: Any) -> tuple[Optional[type], bool]:
+    if isinstance(annotation, type) and issubclass(annotation, M.Edge):
+        return annotation, False
+    is_list = typing.get_origin(annotation) is list
+    for arg in typing.get_args(annotation):
+        cls, inner_list = _edge_in(arg)
+        if cls is not None:
+            return cls, is_list or inner_list
+    return None, False
+
+
+def _shape(cls: type) -> tuple[frozenset, dict[str, tuple[type, bool]]]:
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        children = {}
+        for name, info in cls.model_fields.items():
+            child, is_list = _edge_in(info.annotation)
+            if child is not None:
+                children[name] = (child, is_list)
+        shape = _SHAPES[cls] = (frozenset(cls.model_fields), children)
+    return shape
+
+
+def _unknown_fields(body: dict, cls: type, path: str, out: list[str]) -> None:
+    """Keys of a (validated) body that its model does not know, with their paths."""
+    known, children = _shape(cls)
+    if not known.issuperset(body):
+        extra = sorted(body.keys() - known, key=str)
+        out.extend(f"{path}.{k}" if path else str(k) for k in extra)
+    for name, (child, is_list) in children.items():  # in field order: stable warnings
+        value = body.get(name)
+        if value is None:
+            continue
+        where = f"{path}.{name}" if path else name
+        if is_list:
+            for i, item in enumerate(value):
+                _unknown_fields(item, child, f"{where}[{i}]", out)
+        else:
+            _unknown_fields(value, child, where, out)
+
+
+def _unknown_warnings(body: dict, cls: type) -> list[str]:
+    names: list[str] = []
+    _unknown_fields(body, cls, "", names)
+    if not names:
+        return []
+    if len(names) == 1:
+        return [f"unknown field '{names[0]}' ignored"]
+    return [f"unknown fields ignored: {', '.join(names)}"]
+
+
+def parse_request(body: dict, *, default_model_base: Optional[str] = None,
+                  allow_pickle: bool = False) -> ParsedRequest:
+    """Validate + translate. Raises protocol.errors.ValidationFailed (every problem, each with its
+    field path as the client wrote it) or ProtocolError(UNKNOWN_MESSAGE_TYPE / MALFORMED_MESSAGE).
+    Never any other exception, whatever the body."""
+    try:
+        return _parse(body, default_model_base, allow_pickle)
+    except ProtocolError:
+        raise
+    except RecursionError:
+        raise ProtocolError(C.MALFORMED_MESSAGE, "body nests too deeply") from None
+    except Exception as exc:  # a bug here must cost one request, never the broker
+        log.exception("parse_request failed unexpectedly")
+        raise ProtocolError(C.INTERNAL_ERROR, f"cannot parse request: {type(exc).__name__}") from None
+
+
+def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise ProtocolError(C.MALFORMED_MESSAGE, "body is not an object/map")
+    mt = _message_type(body)
+    if not isinstance(mt, str) or mt not in M.REQUEST_MODELS:
+        known = ", ".join(sorted(M.REQUEST_MODELS))
+        if mt is None:
+            raise ProtocolError(C.UNKNOWN_MESSAGE_TYPE,
+                                f"no message_type (or legacy action); known: {known}")
+        shown = mt[:100] if isinstance(mt, str) else type(mt).__name__
+        raise ProtocolError(C.UNKNOWN_MESSAGE_TYPE, f"unknown message_type {shown!r}; known: {known}")
+    if any(not isinstance(k, str) for k in body):
+        raise ProtocolError(C.MALFORMED_MESSAGE, "body keys must be strings")
+
+    errors: list[FieldError] = []
+    model = None
+    try:
+        model = M.REQUEST_MODELS[mt].model_validate(body, context={"allow_pickle": allow_pickle})
+    except ValidationError as exc:
+        errors.extend(_field_errors(exc))
+    errors.extend(rules.cross_field_errors(mt, body, default_model_base))
+    if errors:
+        raise ValidationFailed(_dedupe(errors))
+
+    warnings = _unknown_warnings(body, type(model))
+    reply_type = C.REPLY_TYPE[mt]
+    request_id = _request_id(body, mt)
+    job = None
+    params: dict = {}
+    if mt == C.GENERATE_FLAT:
+        job = translate.flat_to_job(model, default_model_base=default_model_base)
+    elif mt == C.GENERATE_NESTED:
+        job = translate.nested_to_job(model, default_model_base=default_model_base,
+                                      warnings=warnings)
+    elif mt == C.GENERATE_LEGACY_ACTION:
+        job = translate.legacy_to_job(model, default_model_base=default_model_base)
+    elif mt in (C.MODEL_LOAD, C.MODEL_LOAD_LEGACY):
+        data = model.data or M.ModelLoadData()
+        params = {"model_name": data.model_name or model.model_name,
+                  "device": data.device or model.device}
+    elif mt == C.CLEANUP:
+        data = model.data or M.CleanupData()
+        workers = data.workers if data.workers is not None else model.workers
+        models = data.models if data.models is not None else model.models
+        params = {"workers": list(workers) if workers is not None else None,
+                  "models": list(models) if models is not None else None}
+    elif mt == C.CANCEL:
+        target = model.data.request_id if model.data and model.data.request_id else model.request_id
+        params = {"request_id": target}
+    return ParsedRequest(message_type=mt, reply_type=reply_type, request_id=request_id, job=job,
+                         params=params, warnings=warnings)
+
+
+def _dedupe(errors: list[FieldError]) -> list[FieldError]:
+    seen: set[FieldError] = set()
+    out = []
+    for e in errors:
+        if e not in seen:
+            seen.add(e)
+            out.append(e)
+    return out
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"$bytes": hashlib.sha256(bytes(obj)).hexdigest()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def body_fingerprint(body: dict) -> str:
+    """Stable hash of a request body minus transport-only fields (stream), for the broker's
+    duplicate_request_id check (same id + different body)."""
+    trimmed = {k: v for k, v in body.items() if k not in _TRANSPORT_ONLY} \
+        if isinstance(body, dict) else body
+    data = trimmed.get("data") if isinstance(trimmed, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("metadata"), dict) \
+            and "stream" in data["metadata"]:
+        meta = {k: v for k, v in data["metadata"].items() if k != "stream"}
+        trimmed = {**trimmed, "data": {**data, "metadata": meta}}
+    text = json.dumps(_canonical(trimmed), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, default=repr)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

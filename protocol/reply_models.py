@@ -1,0 +1,128 @@
+"""pydantic models of what the broker sends back (CONTRACT.md "Replies"). The broker builds
+replies as plain dicts (protocol.replies, for speed); these classes exist to describe them:
+the JSON Schemas in protocol/schemas/ are generated from them, and tests validate real replies
+against them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, WithJsonSchema
+
+from protocol import constants as C
+
+ErrorCode = Literal[C.ERROR_CODES]  # type: ignore[valid-type]
+Stage = Literal[C.STAGES]  # type: ignore[valid-type]
+ImageData = Annotated[Union[bytes, str], WithJsonSchema(
+    {"type": "string", "description": "the encoded image: base64 in JSON, binary in msgpack"})]
+
+
+class Reply(BaseModel):
+    # replies may gain fields; clients should ignore what they do not know
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorItem(Reply):
+    field: str
+    message: str
+
+
+class GeneratedImage(Reply):
+    index: int
+    seed: int
+    width: int
+    height: int
+    format: str
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    image: Optional[ImageData] = None  # only when the request set return_images
+
+
+class ProcessingMetrics(Reply):
+    total_time: float
+    queue_time: float
+    inference_time: float
+    preprocessing_time: float
+    postprocessing_time: float
+    device_name: str
+    worker_id: str
+    memory_used_mb: float
+    model_info: dict[str, Any] = {}
+
+
+class GenerationData(Reply):
+    generated_images: list[GeneratedImage]
+    processing_metrics: ProcessingMetrics
+    features_used: list[str]
+
+
+class BrokerStatus(Reply):
+    uptime_s: float
+    queue_depth: int
+    inflight: int
+    completed: int
+    failed: int
+
+
+class WorkerMemory(Reply):
+    total_mb: float
+    used_mb: float
+    free_mb: float
+
+
+class WorkerStatus(Reply):
+    worker_id: str
+    host: str
+    pid: int
+    device: str
+    device_type: str
+    state: Literal["idle", "busy", "loading", "lost"]
+    memory: WorkerMemory
+    models_loaded: list[Union[str, dict[str, Any]]]
+    jobs_done: int
+    last_heartbeat_s: float
+
+
+class StatusData(Reply):
+    broker: BrokerStatus
+    workers: list[WorkerStatus]
+
+
+class FinalReply(Reply):
+    """Every request gets exactly one of these."""
+
+    message_type: str
+    request_id: Optional[str]
+    final: Literal[True]
+    success: bool
+    error: Optional[str]
+    error_code: Optional[ErrorCode]
+    errors: list[ErrorItem]
+    warnings: list[str]
+    execution_time: float
+    timestamp: float
+    data: Any = None
+
+
+class GenerationReply(FinalReply):
+    """generate_sdxl_enhanced_response / inference_response / generate_response."""
+
+    data: Optional[GenerationData] = None
+
+
+class StatusReply(FinalReply):
+    message_type: Literal["status_response"]
+    data: Optional[StatusData] = None
+
+
+class ProgressMessage(Reply):
+    """Opt-in (stream: true), DEALER peers only; never final."""
+
+    message_type: Literal["progress"]
+    request_id: str
+    final: Literal[False]
+    stage: Stage
+    step: int
+    total_steps: int
+    queue_position: Optional[int] = None
+    worker_id: Optional[str] = None

@@ -1,0 +1,123 @@
+"""Validation rules that span fields: parallel arrays of equal length, a base model somewhere,
+an image for every ControlNet, a factor for enabled upscaling, init_image under mask_image.
+
+They run on the raw body next to the pydantic field checks (protocol.models), so a request
+with a bad field still hears about its other problems: every problem, never just the first.
+Each check tolerates any type where it expects a list or a dict (pydantic reports those).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from protocol import constants as C
+from protocol.errors import FieldError
+
+
+def _at(i: int, items: Optional[list]):
+    return items[i] if items is not None and i < len(items) else None
+
+
+def _is_list(v) -> bool:
+    return isinstance(v, list)
+
+
+def _get(d: Any, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _parallel(body: dict, names: tuple[str, ...], errors: list[FieldError]) -> None:
+    lengths = {n: len(body[n]) for n in names if _is_list(body.get(n))}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{n} ({k})" for n, k in lengths.items())
+        errors.append(FieldError(",".join(lengths), f"parallel arrays differ in length: {shown}"))
+
+
+def _null_items(body: dict, key: str, fallback: str, errors: list[FieldError], what: str) -> None:
+    """Each item needs `key` or, when that item is null, `fallback` (e.g. a LoRA name or path)."""
+    a, b = body.get(key), body.get(fallback)
+    count = max(len(a) if _is_list(a) else 0, len(b) if _is_list(b) else 0)
+    for i in range(count):
+        if (_at(i, a) if _is_list(a) else None) is None and (_at(i, b) if _is_list(b) else None) is None:
+            errors.append(FieldError(f"{key}[{i}]", f"each {what} needs a name or a path"))
+
+
+def _mask_needs_init(mask, init, field: str, errors: list[FieldError]) -> None:
+    if mask is not None and init is None:
+        errors.append(FieldError(field, "mask_image needs init_image (inpainting edits an image)"))
+
+
+def cross_field_errors(message_type: str, body: dict, default_model_base: Optional[str]) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if message_type == C.GENERATE_FLAT:
+        if body.get("model_base") is None and not default_model_base:
+            errors.append(FieldError("model_base", "base model is required"))
+        _parallel(body, ("lora_names", "lora_paths", "lora_weights"), errors)
+        _parallel(body, ("controlnet_types", "controlnet_images", "controlnet_weights",
+                         "controlnet_models"), errors)
+        _parallel(body, ("textual_inversion_names", "textual_inversion_paths",
+                         "textual_inversion_tokens"), errors)
+        if _is_list(body.get("lora_weights")) and body["lora_weights"] and not (
+                _is_list(body.get("lora_names")) or _is_list(body.get("lora_paths"))):
+            errors.append(FieldError("lora_weights", "lora_weights given without lora_names or lora_paths"))
+        _null_items(body, "lora_names", "lora_paths", errors, "LoRA")
+        _null_items(body, "textual_inversion_names", "textual_inversion_paths", errors,
+                    "textual inversion")
+        cn_given = [n for n in ("controlnet_types", "controlnet_weights", "controlnet_models")
+                    if _is_list(body.get(n)) and body[n]]
+        if cn_given and not (_is_list(body.get("controlnet_images")) and body["controlnet_images"]):
+            errors.append(FieldError("controlnet_images", "each ControlNet needs an image"))
+        _mask_needs_init(body.get("mask_image"), body.get("init_image"), "mask_image", errors)
+    elif message_type == C.GENERATE_NESTED:
+        data = body.get("data")
+        if not isinstance(data, dict):
+            return errors
+        if _get(data, "models", "base") is None and data.get("model_name") is None \
+                and not default_model_base:
+            errors.append(FieldError("data.models.base", "base model is required "
+                                                         "(data.models.base or data.model_name)"))
+        single = data.get("controlnet")
+        if isinstance(single, dict) and single.get("enabled") is True \
+                and single.get("control_image") is None:
+            errors.append(FieldError("data.controlnet.control_image",
+                                     "required when the ControlNet is enabled"))
+        many = data.get("controlnets")
+        if _is_list(many):
+            for i, cn in enumerate(many):
+                if isinstance(cn, dict) and cn.get("enabled") is not False \
+                        and cn.get("control_image") is None:
+                    errors.append(FieldError(f"data.controlnets[{i}].control_image",
+                                             "each ControlNet needs an image"))
+        for where in (("output", "upscale"), ("postprocessing", "upscale")):
+            up = _get(data, *where)
+            if isinstance(up, dict) and up.get("enabled") is True and up.get("factor") is None:
+                errors.append(FieldError("data." + ".".join(where) + ".factor",
+                                         "required when upscaling is enabled"))
+        _mask_needs_init(data.get("mask_image"), data.get("init_image"), "data.mask_image", errors)
+    elif message_type == C.GENERATE_LEGACY_ACTION:
+        ps = body.get("prompt_submission")
+        if not isinstance(ps, dict):
+            return errors
+        if _get(ps, "model", "base") is None and not default_model_base:
+            errors.append(FieldError("prompt_submission.model.base", "base model is required"))
+        loras = _get(ps, "conditioning", "loras")
+        if _is_list(loras):
+            for i, lora in enumerate(loras):
+                if isinstance(lora, dict) and lora.get("name") is None and lora.get("path") is None:
+                    errors.append(FieldError(f"prompt_submission.conditioning.loras[{i}]",
+                                             "each LoRA needs a name or a path"))
+        cond = ps.get("conditioning")
+        if isinstance(cond, dict):
+            _mask_needs_init(cond.get("mask_image"), cond.get("init_image"),
+                             "prompt_submission.conditioning.mask_image", errors)
+    elif message_type in (C.MODEL_LOAD, C.MODEL_LOAD_LEGACY):
+        if _get(body, "data", "model_name") is None and body.get("model_name") is None:
+            errors.append(FieldError("data.model_name", "model_name is required"))
+    elif message_type == C.CANCEL:
+        if _get(body, "data", "request_id") is None and body.get("request_id") is None:
+            errors.append(FieldError("request_id", "the request_id of the job to cancel is required"))
+    return errors

@@ -1,0 +1,87 @@
+"""Queue order and limits, the SQLite journal, and heartbeat liveness with an injected clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.job_queue import JobQueue, QueueFull
+from broker.journal import Journal, MemoryJournal
+from broker.registry import WorkerRegistry
+
+
+def test_priorities_then_fifo_and_positions():
+    q = JobQueue(max_size=10)
+    for rid, prio in [("n1", "normal"), ("l1", "low"), ("h1", "high"), ("n2", "normal"), ("h2", "high")]:
+        q.push(rid, prio, None)
+    assert [rid for rid, _ in q] == ["h1", "h2", "n1", "n2", "l1"]
+    assert q.position("n2") == 3 and q.position("missing") is None
+    q.push_front("l0", "low", None)
+    assert [rid for rid, _ in q][-2:] == ["l0", "l1"]
+    assert q.remove("n1") is None and "n1" not in q and len(q) == 5
+
+
+def test_queue_full_but_requeue_is_never_refused():
+    q = JobQueue(max_size=2)
+    q.push("a", "normal", None)
+    q.push("b", "normal", None)
+    with pytest.raises(QueueFull):
+        q.push("c", "normal", None)
+    q.push("d", "normal", None, force=True)
+    assert len(q) == 3
+
+
+def test_journal_survives_reopen_and_expires(tmp_path):
+    wall = [1000.0]
+    j = Journal(str(tmp_path), reply_ttl_s=60.0, wall_clock=lambda: wall[0])
+    j.accept("a", b'{"x":1}', "fp-a")
+    j.accept("b", b'{"x":2}', "fp-b")
+    j.finish("a", "fp-a", "json", {"success": True, "data": {"image": b"\x00\x01"}})
+    j.close()
+
+    j = Journal(str(tmp_path), reply_ttl_s=60.0, wall_clock=lambda: wall[0])
+    assert [p.request_id for p in j.pending()] == ["b"]
+    stored = j.stored_reply("a")
+    assert stored.fingerprint == "fp-a" and stored.reply["data"]["image"] == b"\x00\x01"
+    wall[0] += 61.0
+    assert j.stored_reply("a") is None
+    assert j.expire() == 1 and j.counts() == {"jobs": 1, "replies": 0}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_journal_is_bounded_and_expires(kind):
+    wall = [0.0]
+    if kind == "sqlite":
+        j = Journal(None, reply_ttl_s=100.0, max_replies=5, wall_clock=lambda: wall[0])
+    else:
+        j = MemoryJournal(reply_ttl_s=100.0, max_replies=5, wall_clock=lambda: wall[0])
+    for i in range(12):
+        wall[0] += 1.0
+        j.finish(f"r{i}", "fp", "json", {"i": i})
+    j.expire()
+    assert j.counts()["replies"] == 5
+    assert j.stored_reply("r11").reply == {"i": 11} and j.stored_reply("r0") is None
+    j.accept("p", b"{}", "fp-p")
+    assert [p.request_id for p in j.pending()] == ["p"]
+    wall[0] += 96.5          # r7 finished at 8, now 108.5: older than the 100 s TTL
+    assert j.stored_reply("r7") is None and j.stored_reply("r8") is not None
+    assert j.expire() == 1 and j.counts() == {"jobs": 1, "replies": 4}
+
+
+def test_liveness_with_injected_clock():
+    now = [0.0]
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, heartbeat_liveness=3, clock=lambda: now[0])
+    a, _ = reg.register(b"id-a", {"worker_id": "a", "device": "cpu", "memory_total_mb": 100})
+    b, _ = reg.register(b"id-b", {"worker_id": "b"})
+    now[0] = 2.5
+    reg.touch(a)
+    now[0] = 3.1          # b silent for 3.1 s > 3 intervals; a heard 0.6 s ago
+    assert [w.worker_id for w in reg.expire()] == ["b"]
+    assert b.state == "lost" and reg.by_identity(b"id-b") is None
+    assert [w.worker_id for w in reg.live()] == ["a"]
+    assert reg.expire() == []
+    # the same worker id registering again replaces the lost record
+    b2, previous = reg.register(b"id-b2", {"worker_id": "b"})
+    assert previous is None and reg.by_identity(b"id-b2") is b2 and b2.state == "idle"
+    a.jobs["job"] = 1
+    a2, previous = reg.register(b"id-a2", {"worker_id": "a"})
+    assert previous is a  # its jobs must be re-queued by the broker
