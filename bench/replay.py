@@ -2,12 +2,16 @@
 
 It runs the broker's own policy code (broker.routing.choose_worker on broker.registry
 WorkerRecord objects) against simulated devices that follow bench.sim_worker's cost model,
-in simulated time (no sockets, no sleeping), and mirrors broker.server._dispatch: a FIFO queue
-scanned in order, each job sent to the policy's choice among workers holding fewer than
-MAX_JOBS_PER_WORKER jobs. Two things can be varied to find out why a policy loads what it loads:
+in simulated time (no sockets, no sleeping), and mirrors broker.server._dispatch: the first 64
+queued jobs scanned in order, each sent to the policy's choice (for "smart" the best worker by
+predicted finish, busy ones included; the job waits when that worker is full), the dispatch-time
+estimate recorded on the worker as its backlog. Two things can be varied to find out why a policy loads what it loads:
 
 - `fresh_telemetry`: the broker sees each device's models the instant they change, instead of
   at the next heartbeat (the real broker learns them only from heartbeats);
+- `running_by_remaining` (what-if): the running job counts as its remaining time in the
+  worker's backlog, instead of its whole dispatch-time estimate until it is answered (the
+  broker could derive it from the job's progress messages);
 - `max_jobs_per_worker`: how many jobs the broker may hand one worker (the real value is 2:
   one running and one prefetched; a large value is early binding, like the oracle's).
 
@@ -41,6 +45,8 @@ from bench import workload as W
 from bench.oracle import run_oracle
 from bench.routing import percentile
 
+DISPATCH_LOOKAHEAD = 64  # broker.server._DISPATCH_LOOKAHEAD: queued jobs scanned per dispatch
+
 
 def to_job(item: W.WorkItem) -> Job:
     return Job(request_id=item.request_id, prompt="replay", width=item.width, height=item.height,
@@ -72,7 +78,8 @@ class ReplayResult:
 
 def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel, policy: str,
            *, fresh_telemetry: bool = False, max_jobs_per_worker: int = 2,
-           heartbeat_s: float = 1.0, seed: int = 0, hold_patience_s: float = 0.0) -> ReplayResult:
+           heartbeat_s: float = 1.0, seed: int = 0, hold_patience_s: float = 0.0,
+           running_by_remaining: bool = False) -> ReplayResult:
     sizes = {m: cost.model_mb(m) for i in items for m in i.models}  # as the sim workers advertise
     devices = [_Device(s, WorkerRecord(worker_id=s.worker_id, identity=s.worker_id.encode(),
                                        memory_total_mb=s.memory_mb,
@@ -167,13 +174,23 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
             dispatch_hold(t)
             return
         live = [d.record for d in devices]
-        for rid in list(queue):
-            if not any(len(r.jobs) < max_jobs_per_worker for r in live):
+        sizes = routing.known_model_sizes(live)
+        if running_by_remaining:  # what-if: the running job's backlog is its remaining time
+            for d in devices:
+                if d.running is not None:
+                    d.record.estimates[d.running.request_id] = (
+                        max(running_until[d.spec.worker_id] - t, 0.0), tuple(d.running.models))
+        for considered, rid in enumerate(list(queue)):
+            if considered >= DISPATCH_LOOKAHEAD or not any(
+                    len(r.jobs) < max_jobs_per_worker for r in live):
                 return
-            chosen = routing.choose_worker(jobs[rid], live, policy, rr)
+            chosen = routing.choose_worker(jobs[rid], live, policy, rr, sizes)
             if chosen is None:
                 continue
             queue.remove(rid)
+            # as broker.server._dispatch: the estimate routing counts as backlog until done
+            chosen.estimates = {r: e for r, e in chosen.estimates.items() if r in chosen.jobs}
+            chosen.estimates[rid] = routing.dispatch_estimate(jobs[rid], chosen)
             chosen.jobs[rid] = 1
             d = by_id[chosen.worker_id]
             d.inbox.append(item_by_id[rid])
@@ -242,11 +259,13 @@ def routing_features() -> tuple[str, ...]:
     return ALL_FEATURES
 
 
-# (label, policy, fresh telemetry, jobs per worker): the broker as it is, then one change each
+# (label, policy, fresh telemetry, jobs per worker, running job by remaining time): the broker
+# as it is, then one change each
 VARIANTS = (
-    ("as the broker runs it", None, False, 2),
-    ("fresh telemetry", None, True, 2),
-    ("early binding (no slot limit)", None, False, 10_000),
+    ("as the broker runs it", None, False, 2, False),
+    ("fresh telemetry", None, True, 2, False),
+    ("early binding (no slot limit)", None, False, 10_000, False),
+    ("running job by remaining time", None, False, 2, True),
 )
 WHAT_IFS = (("smart-hold what-if (see docs)", "smart-hold", False, 2, 0.0),
             ("smart-hold, 4 s patience", "smart-hold", False, 2, 4.0))
@@ -274,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:>7} {load:>5.0%} {'oracle':<13} {'clairvoyant (bench/oracle.py)':<32} "
                   f"{oracle.loads:>6} {percentile(oracle.latencies_s, 50):>7.1f} "
                   f"{percentile(oracle.latencies_s, 99):>7.1f}")
-            runs = [(label, p, fresh, jobs, 0.0) for p in args.policies.split(",")
-                    for label, _, fresh, jobs in VARIANTS] + list(WHAT_IFS)
-            for label, policy, fresh, max_jobs, patience_s in runs:
+            runs = [(label, p, fresh, jobs, 0.0, remaining) for p in args.policies.split(",")
+                    for label, _, fresh, jobs, remaining in VARIANTS]
+            runs += [(*what_if, False) for what_if in WHAT_IFS]
+            for label, policy, fresh, max_jobs, patience_s, remaining in runs:
                 r = replay(items, specs, cost, policy, fresh_telemetry=fresh,
-                           max_jobs_per_worker=max_jobs, hold_patience_s=patience_s)
+                           max_jobs_per_worker=max_jobs, hold_patience_s=patience_s,
+                           running_by_remaining=remaining)
                 print(f"{n:>7} {load:>5.0%} {policy:<13} {label:<32} {r.loads:>6} "
                       f"{percentile(r.latencies_s, 50):>7.1f} {percentile(r.latencies_s, 99):>7.1f}",
                       flush=True)

@@ -5,7 +5,8 @@ policy, with SIMULATED workers, compared with a clairvoyant oracle computed offl
     python -m bench.routing --quick    # 70% load only, 150 jobs: about 1-2 minutes
 
 Every run starts a real `sdxl-broker broker` process and one `python -m bench.sim_worker`
-process per simulated device (real ZeroMQ sockets over ipc://), replays the workload from a
+process per simulated device (`sdxl-broker worker --sim --sim-cost-model scaled` plus a counters
+file; real ZeroMQ sockets over ipc://), replays the workload from a
 DEALER client with Poisson arrivals, and reads the workers' counters when they stop. All
 times in the workload (4 s loads, 40 ms steps, 1 s heartbeats) are divided by --time-scale
 before anything sleeps; every figure printed is converted back to real-world seconds.

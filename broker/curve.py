@@ -11,8 +11,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 log = logging.getLogger(__name__)
+_WARN_EVERY_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +53,114 @@ def client_keys(server_public_file: str, client_secret_file: str) -> tuple[bytes
     if secret is None:
         raise ValueError(f"{client_secret_file} holds no secret key (use the .key_secret file)")
     return server_public, (public, secret)
+
+
+def load_secret_pair(secret_file: str) -> tuple[bytes, bytes]:
+    """(public, secret) z85 keys from a `.key_secret` file; ValueError if it holds no secret."""
+    import zmq.auth
+
+    if not os.path.isfile(secret_file):
+        raise ValueError(f"CURVE secret key file {secret_file} does not exist")
+    public, secret = zmq.auth.load_certificate(secret_file)
+    if secret is None:
+        raise ValueError(f"{secret_file} holds no secret key (use the .key_secret file)")
+    return public, secret
+
+
+def make_curve_server(sock, secret_file: str) -> None:
+    """Turn a not-yet-bound socket into a CURVE server with the key pair in secret_file."""
+    public, secret = load_secret_pair(secret_file)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+
+
+def make_curve_client(sock, server_public_file: str, client_secret_file: str) -> None:
+    """Set a not-yet-connected socket to talk CURVE to the server whose public key is given."""
+    server_public, (public, secret) = client_keys(server_public_file, client_secret_file)
+    sock.curve_serverkey = server_public
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+
+
+class AllowedKeys:
+    """ZAP credentials provider: a key is allowed when its public `.key` file is in the
+    directory. The directory is read again on an unknown key, so a key copied in later is
+    accepted without a restart; a refusal is logged at WARNING (pyzmq logs it at DEBUG only)."""
+
+    def __init__(self, directory: str, extra_key_files: tuple[str, ...] = ()):
+        import zmq.auth
+
+        if not os.path.isdir(directory):
+            raise ValueError(f"CURVE allowed-keys directory {directory} does not exist")
+        self.directory = directory
+        self._extra = {zmq.auth.load_certificate(f)[0] for f in extra_key_files}
+        self._keys: set[bytes] = set()
+        self._reloaded_at = 0.0
+        self._warned_at: dict[bytes, float] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        import zmq.auth
+
+        keys = set()
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(".key"):
+                continue
+            try:
+                public, _ = zmq.auth.load_certificate(os.path.join(self.directory, name))
+            except (ValueError, OSError) as exc:
+                log.warning("CURVE: cannot read key file %s: %s", name, exc)
+                continue
+            keys.add(public)
+        self._keys = keys | self._extra
+        self._reloaded_at = time.monotonic()
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        if z85_key in self._keys:
+            return True
+        now = time.monotonic()
+        # a refused peer retries every ~100 ms: re-read the dir at most once a second and
+        # warn about one key at most once a minute
+        if now - self._reloaded_at >= 1.0:
+            self._reload()
+            if z85_key in self._keys:
+                return True
+        if now - self._warned_at.get(z85_key, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            if len(self._warned_at) > 10_000:   # bounded memory under a key-spraying peer
+                self._warned_at.clear()
+            self._warned_at[z85_key] = now
+            log.warning("CURVE: refused client key %s... (not in %s)",
+                        z85_key[:8].decode("ascii", "replace"), self.directory)
+        return False
+
+
+def start_authenticator(context, allowed_dir: str, extra_key_files: tuple[str, ...] = ()):
+    """A running ZAP authenticator for every CURVE server socket of `context` (stop() it
+    before terminating the context). Only peers whose public key is in allowed_dir (or in
+    one of extra_key_files) pass."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    provider = AllowedKeys(allowed_dir, tuple(extra_key_files))
+    auth = ThreadAuthenticator(context, log=logging.getLogger("broker.curve.zap"))
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=provider)
+    log.info("CURVE: %d authorised key(s) in %s", len(provider._keys), allowed_dir)
+    return auth
+
+
+def local_worker_keys(server_secret_file: str, directory: str) -> tuple[str, str, str]:
+    """For `serve`: a fresh key pair for the workers it starts, plus a copy of the broker's
+    PUBLIC key (workers never see its secret), written to directory.
+    Returns (broker public .key, worker public .key, worker .key_secret)."""
+    server_public, _ = load_secret_pair(server_secret_file)
+    os.makedirs(directory, exist_ok=True)
+    pairs = make_keys(directory, ["serve-worker"], force=True)
+    worker_public, worker_secret = pairs["serve-worker"]
+    broker_public = os.path.join(directory, "broker.key")
+    with open(broker_public, "w", encoding="ascii") as out:   # zmq.auth certificate format
+        out.write('metadata\ncurve\n    public-key = "%s"\n' % server_public.decode("ascii"))
+    return broker_public, worker_public, worker_secret
 
 
 def run(args: argparse.Namespace) -> int:

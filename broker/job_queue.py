@@ -29,6 +29,10 @@ class JobQueue:
     def __bool__(self) -> bool:
         return any(self._lanes.values())
 
+    def depth_by_priority(self) -> dict[str, int]:
+        """Jobs waiting in each priority lane, every priority present (for status and metrics)."""
+        return {priority: len(lane) for priority, lane in self._lanes.items()}
+
     def __contains__(self, request_id: str) -> bool:
         return any(request_id in lane for lane in self._lanes.values())
 

@@ -134,6 +134,10 @@ class WorkerRecord:
             "cache_budget_mb": t.get("cache_budget_mb"),
             "loras_cached": list(t.get("loras_cached") or []),
             "controlnets_cached": list(t.get("controlnets_cached") or []),
+            # cumulative since the worker process started (a restart resets them)
+            "cache_hits": int(t.get("cache_hits") or 0),
+            "cache_misses": int(t.get("cache_misses") or 0),
+            "cache_evictions": int(t.get("cache_evictions") or 0),
             "step_time_s": dict(t.get("step_time_s") or {}),
             "load_time_s": dict(t.get("load_time_s") or {}),
             "capabilities": sorted(self.capabilities),

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -291,6 +292,21 @@ def _broker_config(settings: dict):
     return BrokerConfig(**values)
 
 
+def _curve_for_workers(config, settings: dict) -> list[str]:
+    """With CURVE on, the workers serve starts get their own key pair (in <state-dir>/curve or
+    a temp dir), authorised for this broker only through config.curve_extra_keys."""
+    if not getattr(config, "curve_secret_key", None):
+        return []
+    from broker.curve import local_worker_keys
+
+    directory = (os.path.join(settings["state_dir"], "curve") if settings.get("state_dir")
+                 else tempfile.mkdtemp(prefix="sdxl-broker-curve-"))
+    broker_public, worker_public, worker_secret = local_worker_keys(config.curve_secret_key, directory)
+    config.curve_extra_keys = (worker_public,)
+    log.info("CURVE on; the local workers use the key pair in %s", directory)
+    return ["--curve-server-key", broker_public, "--curve-client-key", worker_secret]
+
+
 def _ipc_path(endpoint: str) -> str | None:
     return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
 
@@ -343,8 +359,10 @@ def run(args: argparse.Namespace) -> int:
     from broker.supervisor import ChildSpec, RestartPolicy, Supervisor
 
     try:
-        broker = Broker(_broker_config(settings))
-    except (TypeError, ValueError) as exc:
+        broker_config = _broker_config(settings)
+        worker_curve_argv = _curve_for_workers(broker_config, settings)
+        broker = Broker(broker_config)
+    except (TypeError, ValueError, OSError) as exc:
         log.error("bad broker settings: %s", exc)
         _restore(previous_handlers)
         return 2
@@ -375,14 +393,16 @@ def run(args: argparse.Namespace) -> int:
 
             try:
                 metrics_server, _ = start_metrics_server(settings["metrics_port"], broker.status,
-                                                         supervisor, addr=settings["metrics_addr"])
+                                                         supervisor, addr=settings["metrics_addr"],
+                                                         registry=broker.metrics.registry)
             except OSError as exc:
                 log.error("cannot serve metrics on %s:%s: %s", settings["metrics_addr"],
                           settings["metrics_port"], exc)
                 exit_code = 1
                 return exit_code
         for plan in plans:
-            supervisor.add(ChildSpec(name=plan.worker_id, argv=worker_argv(plan, backend, settings)))
+            supervisor.add(ChildSpec(name=plan.worker_id,
+                                     argv=worker_argv(plan, backend, settings) + worker_curve_argv))
         supervisor.start()
 
         expected = {p.worker_id for p in plans}

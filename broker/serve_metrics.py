@@ -1,10 +1,11 @@
-"""Prometheus metrics for `serve --metrics-port`, read from Broker.status() at scrape time.
+"""Prometheus metrics for `--metrics-port` (serve and broker), read from Broker.status() at
+scrape time.
 
-A custom collector rather than counters updated in the hot path: the broker loop stays
-untouched, and every scrape shows exactly what `sdxl-broker status` would. Supervisor facts
-(worker restarts, workers given up) come from the Supervisor. Latency histograms, per-priority
-queue depth and cache hit/miss counters need counters inside the broker and workers; they are
-not exported here.
+A custom collector for state: every scrape shows exactly what `sdxl-broker status` would
+(queue depth per priority, per-worker memory, RSS, heartbeat age, cache hits/misses/evictions
+from worker telemetry). Supervisor facts (worker restarts, workers given up) come from the
+Supervisor. Events (replies by outcome and error code, latency histograms, missed heartbeats)
+are counted inside the broker by broker.metrics; pass its registry to serve both on one port.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger(__name__)
 
 _WORKER_LABELS = ["worker_id", "device"]
+# status-row keys (from worker telemetry; reset when the worker process restarts)
+_CACHE_COUNTERS = {
+    "cache_hits": "Model loads the worker answered from its cache",
+    "cache_misses": "Model loads the worker had to read from disk",
+    "cache_evictions": "Models the worker evicted from its cache to stay within budget",
+}
 
 
 class StatusCollector:
@@ -32,6 +39,12 @@ class StatusCollector:
                                 value=float(b.get("uptime_s") or 0.0))
         yield GaugeMetricFamily("sdxl_broker_queue_depth", "Jobs waiting for a worker",
                                 value=float(b.get("queue_depth") or 0))
+        by_priority = GaugeMetricFamily("sdxl_broker_queue_depth_by_priority",
+                                        "Jobs waiting for a worker, per priority",
+                                        labels=["priority"])
+        for priority, depth in (b.get("queue_depth_by_priority") or {}).items():
+            by_priority.add_metric([str(priority)], float(depth))
+        yield by_priority
         yield GaugeMetricFamily("sdxl_broker_jobs_inflight", "Jobs running on workers",
                                 value=float(b.get("inflight") or 0))
         jobs = CounterMetricFamily("sdxl_broker_jobs", "Generation jobs by outcome",
@@ -58,6 +71,8 @@ class StatusCollector:
                                    labels=_WORKER_LABELS + ["outcome"])
         state = GaugeMetricFamily("sdxl_worker_state", "1 for the worker's current state",
                                   labels=_WORKER_LABELS + ["state"])
+        cache = {key: CounterMetricFamily(f"sdxl_worker_{key}", help_text, labels=_WORKER_LABELS)
+                 for key, help_text in _CACHE_COUNTERS.items()}
         for w in workers:
             labels = [str(w.get("worker_id")), str(w.get("device"))]
             memory = w.get("memory") or {}
@@ -71,7 +86,10 @@ class StatusCollector:
             done.add_metric(labels + ["failed"], float(w.get("jobs_failed") or 0))
             for name in ("idle", "busy", "loading", "lost"):
                 state.add_metric(labels + [name], 1.0 if w.get("state") == name else 0.0)
+            for key, family in cache.items():
+                family.add_metric(labels, float(w.get(key) or 0))
         yield from gauges.values()
+        yield from cache.values()
         yield done
         yield state
 
@@ -88,9 +106,11 @@ class StatusCollector:
 
 
 def start_metrics_server(port: int, status: Callable[[], dict], supervisor=None,
-                         addr: str = "127.0.0.1"):
-    """Serve /metrics on addr:port in a daemon thread. Returns (server, thread)."""
-    registry = CollectorRegistry()
+                         addr: str = "127.0.0.1", registry: CollectorRegistry | None = None):
+    """Serve /metrics on addr:port in a daemon thread. Returns (server, thread).
+    `registry`: the broker's own (Broker.metrics.registry), to which the status collector is
+    added so one scrape returns both; a fresh one when None."""
+    registry = registry if registry is not None else CollectorRegistry()
     registry.register(StatusCollector(status, supervisor))
     server, thread = start_http_server(port, addr=addr, registry=registry)
     log.info("Prometheus metrics on http://%s:%d/metrics", addr, server.server_port)

@@ -32,6 +32,7 @@ from protocol.replies import error_reply, final_reply, progress_message
 
 from broker import management, routing
 from broker.job_queue import JobQueue
+from broker.metrics import BrokerMetrics
 from broker.jobs import QUEUED, RUNNING, JobState, Peer
 from broker.journal import open_journal
 from broker.registry import WorkerRegistry
@@ -76,6 +77,9 @@ class BrokerConfig:
     default_model_base: str | None = None
     allow_pickle: bool = False
     reply_ttl_s: float = 3600.0
+    curve_secret_key: str | None = None    # broker's .key_secret file: CURVE on both sockets
+    curve_allowed_keys: str | None = None  # dir of authorised peers' public .key files
+    curve_extra_keys: tuple = ()           # more authorised public .key files (serve's workers)
 
 
 class Broker(WorkerSide):
@@ -93,6 +97,7 @@ class Broker(WorkerSide):
         self.frontend_endpoint = ""
         self.backend_endpoint = ""
         self.counters = {"completed": 0, "failed": 0, "accepted": 0, "malformed": 0}
+        self.metrics = BrokerMetrics()   # Prometheus counters/histograms of this broker only
         self._deadlines: list[tuple[float, str]] = []   # heap of (deadline, request_id)
         self._lock = threading.RLock()   # held by the loop while it changes state; status() reads
         self._stopping = threading.Event()
@@ -110,12 +115,15 @@ class Broker(WorkerSide):
         """Bind both sockets, reload the journal, start the loop thread; return when accepting."""
         self._ctx = zmq.Context()
         try:
+            self._start_curve_auth()
             self.frontend = self._ctx.socket(zmq.ROUTER)
             self.frontend.setsockopt(zmq.LINGER, 0)
             self.frontend.setsockopt(zmq.MAXMSGSIZE, int(self.config.max_message_mb) * 2**20)
+            self._secure(self.frontend)
             self.frontend.bind(self.config.frontend)
             self.backend = self._ctx.socket(zmq.ROUTER)
             self.backend.setsockopt(zmq.LINGER, 0)
+            self._secure(self.backend)
             self.backend.bind(self.config.backend)
             self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
             self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -125,6 +133,7 @@ class Broker(WorkerSide):
             self._restore_from_journal()
         except Exception:
             # e.g. an endpoint already in use: release what was bound, leave nothing behind
+            self._stop_curve_auth()
             self._ctx.destroy(linger=0)
             self._ctx = None
             if self.journal is not None:
@@ -147,8 +156,35 @@ class Broker(WorkerSide):
         if self._thread is not None and self._thread.is_alive():
             log.error("broker loop did not stop in time; leaving its sockets to process exit")
         elif self._ctx is not None:
+            self._stop_curve_auth()
             self._ctx.term()
             self._ctx = None
+
+    # --- CURVE (broker.curve): same security on both sockets -----------------------------------
+    def _start_curve_auth(self) -> None:
+        self._curve_auth = None
+        if self.config.curve_allowed_keys and not self.config.curve_secret_key:
+            raise ValueError("curve_allowed_keys needs curve_secret_key (the broker's key pair)")
+        if not self.config.curve_secret_key:
+            return
+        from broker import curve
+        curve.load_secret_pair(self.config.curve_secret_key)   # fail early on a bad file
+        if self.config.curve_allowed_keys:
+            self._curve_auth = curve.start_authenticator(self._ctx, self.config.curve_allowed_keys,
+                                                         tuple(self.config.curve_extra_keys))
+        else:
+            log.warning("CURVE without --curve-allowed-keys: traffic is encrypted but any "
+                        "peer that knows the broker's public key may connect")
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if self.config.curve_secret_key:
+            from broker import curve
+            curve.make_curve_server(sock, self.config.curve_secret_key)
+
+    def _stop_curve_auth(self) -> None:
+        auth, self._curve_auth = getattr(self, "_curve_auth", None), None
+        if auth is not None:
+            auth.stop()
 
     def status(self) -> dict:
         """The status_response `data`: broker counters and one row per worker. Thread-safe."""
@@ -158,6 +194,7 @@ class Broker(WorkerSide):
                 "broker": {
                     "uptime_s": round(now - self._started_at, 3),
                     "queue_depth": len(self.queue),
+                    "queue_depth_by_priority": self.queue.depth_by_priority(),
                     "inflight": sum(1 for j in self.jobs.values() if j.state == RUNNING),
                     "completed": self.counters["completed"],
                     "failed": self.counters["failed"],
@@ -422,6 +459,8 @@ class Broker(WorkerSide):
             return
         self.queue.remove(state.request_id)
         self.counters["completed" if reply.get("success") else "failed"] += 1
+        self.metrics.job_finished(reply, total_s=self.clock() - state.accepted_at,
+                                  queue_s=state.dispatched_at - state.accepted_at if state.attempt else None)
         for peer in state.peers:
             self._send_to(peer, reply)
         codec_name = state.peers[0].codec if state.peers else C.CODEC_JSON
@@ -444,6 +483,7 @@ class Broker(WorkerSide):
             C.DUPLICATE_REQUEST_ID, f"request_id {rid!r} is already used by a different request"))
 
     def _send_error(self, peer: Peer, reply_type: str, rid, exc: ProtocolError) -> None:
+        self.metrics.request_rejected(exc.code)   # every caller refuses a request outright
         self._send_to(peer, error_reply(reply_type, rid, exc))
 
     def send_to(self, peer: Peer, message: dict) -> None:
@@ -521,7 +561,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept pickle checkpoints (.ckpt/.bin/.pt): unsafe, off by default")
     parser.add_argument("--reply-ttl-s", type=float, default=d.reply_ttl_s,
                         help=f"how long finished replies are kept for resends (default {d.reply_ttl_s:g})")
+    parser.add_argument("--curve-secret-key", default=None, metavar="FILE",
+                        help="the broker's CURVE .key_secret file (from `sdxl-broker keys`): "
+                             "encrypt the frontend and backend (default: no CURVE)")
+    parser.add_argument("--curve-allowed-keys", default=None, metavar="DIR",
+                        help="directory of public .key files of the clients and workers "
+                             "allowed to connect (needs --curve-secret-key)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text, or json: one JSON object per line (default text)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port at /metrics (default: off)")
+    parser.add_argument("--metrics-addr", default="127.0.0.1",
+                        help="address the metrics server listens on (default 127.0.0.1)")
 
 
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
@@ -530,20 +582,37 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from broker.serve import configure_logging   # the same text/json log lines as serve
+
+    level = str(args.log_level).upper()
+    configure_logging(level if level in logging.getLevelNamesMapping() else "INFO",
+                      getattr(args, "log_format", "text"))
     broker = Broker(config_from_args(args))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         broker.start()
-    except zmq.ZMQError as exc:
+    except (zmq.ZMQError, ValueError) as exc:
         log.error("cannot start the broker: %s (frontend %s, backend %s)", exc,
                   broker.config.frontend, broker.config.backend)
         return 1
+    metrics_server = None
+    if getattr(args, "metrics_port", None) is not None:
+        from broker.serve_metrics import start_metrics_server
+
+        try:
+            metrics_server, _ = start_metrics_server(args.metrics_port, broker.status,
+                                                     addr=args.metrics_addr,
+                                                     registry=broker.metrics.registry)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%s: %s", args.metrics_addr, args.metrics_port, exc)
+            broker.stop()
+            return 1
     print(f"ready {broker.frontend_endpoint}", flush=True)
     while not stop.is_set() and broker._thread.is_alive():
         stop.wait(0.5)
     broker.stop(drain_timeout_s=10.0)
+    if metrics_server is not None:
+        metrics_server.shutdown()
     return 0

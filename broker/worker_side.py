@@ -80,8 +80,11 @@ class WorkerSide:
                 reason=f"protocol version {version} not supported; broker speaks {W.PROTOCOL_VERSION}")])
             return
         worker, previous = self.registry.register(identity, msg)
-        if previous is not None and previous.jobs:
+        if previous is not None:
+            # a fresh READY for a registered id: the old process (or the old transport) holds
+            # nothing any more; its jobs and pending management ops are handled as lost
             self._requeue_jobs_of(previous, "re-registered")
+            management.on_worker_lost(self, previous)
         self.backend.send_multipart([identity, W.pack(W.HEARTBEAT, registered=True)])
         log.info("worker %s registered: %s %s, %.0f MB, pid %d on %s%s", worker.worker_id,
                  worker.device, worker.device_name, worker.memory_total_mb, worker.pid, worker.host,
@@ -135,7 +138,28 @@ class WorkerSide:
         for worker in self.registry.expire():
             log.warning("worker %s lost: no heartbeat for %.1f s", worker.worker_id,
                         self.registry.expiry_s)
-            self._worker_lost(worker, "stopped heart-beating")
+            try:   # a failure for one lost worker must not skip the others' jobs
+                self.metrics.heartbeat_missed(worker.worker_id)
+                self._worker_lost(worker, "stopped heart-beating")
+            except Exception:
+                log.exception("error while handling lost worker %s; the orphan sweep re-queues "
+                              "its jobs", worker.worker_id)
+        self._requeue_orphans()
+
+    def _requeue_orphans(self) -> None:
+        """Safety net for "never lost silently": a running job whose dispatch no live worker
+        record holds any more (its worker is lost, forgotten or re-registered and a path above
+        failed to move it) is re-queued or failed here, once per liveness pass at most."""
+        for state in list(self.jobs.values()):
+            if state.state != RUNNING:
+                continue
+            worker = self.registry.get(state.worker_id or "")
+            if (worker is not None and not worker.lost
+                    and worker.jobs.get(state.request_id) == state.dispatch_id):
+                continue
+            log.error("job %s was running on worker %s (dispatch %s) which no longer holds it; "
+                      "treating it as lost", state.request_id, state.worker_id, state.dispatch_id)
+            self._job_lost(state, state.worker_id or "?", "no longer holds it")
 
     def _worker_lost(self, worker: WorkerRecord, why: str) -> None:
         if not worker.lost:
@@ -147,17 +171,24 @@ class WorkerSide:
         for rid, dispatch_id in list(worker.jobs.items()):
             del worker.jobs[rid]
             state = self.jobs.get(rid)
-            if state is None or state.worker_id != worker.worker_id or state.dispatch_id != dispatch_id:
+            if (state is None or state.state != RUNNING or state.worker_id != worker.worker_id
+                    or state.dispatch_id != dispatch_id):
                 continue
-            state.lost_workers.append(worker.worker_id)
-            if state.attempt >= self.config.max_attempts:
-                log.warning("job %s: worker %s %s; %d attempt(s) used, giving up", rid,
-                            worker.worker_id, why, state.attempt)
-                self._finish(state, error_reply(state.reply_type, rid, ProtocolError(
-                    C.WORKER_LOST, f"worker(s) {', '.join(state.lost_workers)} lost while running "
-                                   f"the job ({state.attempt} of {self.config.max_attempts} attempts)"),
-                    warnings=state.warnings, execution_time=self.clock() - state.accepted_at))
-            else:
-                log.warning("job %s: worker %s %s; re-queued (attempt %d of %d used)", rid,
-                            worker.worker_id, why, state.attempt, self.config.max_attempts)
-                self._enqueue(state, front=True)
+            self._job_lost(state, worker.worker_id, why)
+
+    def _job_lost(self, state: JobState, worker_id: str, why: str) -> None:
+        """The worker running `state` is gone: re-queue it, or fail it with worker_lost once
+        max_attempts dispatches were used."""
+        rid = state.request_id
+        state.lost_workers.append(worker_id)
+        if state.attempt >= self.config.max_attempts:
+            log.warning("job %s: worker %s %s; %d attempt(s) used, giving up", rid,
+                        worker_id, why, state.attempt)
+            self._finish(state, error_reply(state.reply_type, rid, ProtocolError(
+                C.WORKER_LOST, f"worker(s) {', '.join(state.lost_workers)} lost while running "
+                               f"the job ({state.attempt} of {self.config.max_attempts} attempts)"),
+                warnings=state.warnings, execution_time=self.clock() - state.accepted_at))
+        else:
+            log.warning("job %s: worker %s %s; re-queued (attempt %d of %d used)", rid,
+                        worker_id, why, state.attempt, self.config.max_attempts)
+            self._enqueue(state, front=True)

@@ -168,7 +168,9 @@ class DiffusersExecutor:
                 "rss_mb": psutil.Process().memory_info().rss / 2**20,
                 "cache_budget_mb": cache["cache_budget_mb"], "cache_used_mb": cache["cache_used_mb"],
                 "models_loaded": cache["models_loaded"], "models_loading": cache["models_loading"],
-                "step_time_s": step_times, "load_time_s": cache["load_time_s"]}
+                "step_time_s": step_times, "load_time_s": cache["load_time_s"],
+                "cache_hits": cache["cache_hits"], "cache_misses": cache["cache_misses"],
+                "cache_evictions": cache["cache_evictions"]}
 
     def load_model(self, name: str) -> dict:
         dtype, _ = self._dtype("float16" if self.device_type != "cpu" else "float32", [])

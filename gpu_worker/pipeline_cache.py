@@ -113,6 +113,8 @@ class PipelineCache:
         self._lock = threading.RLock()       # guards _entries/_loading (heartbeat thread reads)
         self.load_time_s: dict[str, float] = {}
         self.evictions = 0
+        self.hits = 0      # get_or_load answered from the cache
+        self.misses = 0    # get_or_load had to load
 
     # --- lookup and load ------------------------------------------------------------------
     def get_or_load(self, key: tuple, name: str, kind: str, load: Callable[[], Any],
@@ -128,7 +130,9 @@ class PipelineCache:
                 entry.last_used_s = self._clock()
                 if pin:
                     entry.pins += 1
+                self.hits += 1
                 return entry.value, True
+            self.misses += 1
             self._loading[key] = name
         started = time.perf_counter()
         try:
@@ -232,7 +236,8 @@ class PipelineCache:
         return {"models_loaded": loaded, "models_loading": loading,
                 "cache_used_mb": round(sum(item["size_mb"] for item in loaded), 2),
                 "cache_budget_mb": self.budget_mb, "load_time_s": load_times,
-                "evictions": self.evictions}
+                "evictions": self.evictions, "cache_hits": self.hits, "cache_misses": self.misses,
+                "cache_evictions": self.evictions}
 
 
 def compose_pipeline(base_pipe, pipeline_class, *, vae=None, controlnets: list | None = None,

@@ -3,6 +3,13 @@
 No diffusers, no torch, no image: it sleeps for a configurable model load time and per-step
 time, keeps an LRU cache of "loaded" models against a memory budget like the real executor,
 and reports the same telemetry. Every describe(), reply and log line says it is simulated.
+
+Cost model: a model's load time is `load_s` scaled by its size over `model_mb` (sizes from
+`model_sizes_mb`). With `cost_model="scaled"` (the routing benchmark's) the step time is
+`step_s` at 1024x1024 scaled by pixels, and the job's activations (ACTIVATION_MB_PER_MEGAPIXEL)
+count against the memory budget: they are kept free while loading, and a job whose models plus
+activations exceed the whole budget fails with out_of_memory, as it would on a device.
+Telemetry counts oom_events, models_loaded_total (loads), evictions_total, jobs_total, busy_s.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ ALL_FEATURES = ("txt2img", "img2img", "inpaint", "lora", "controlnet", "textual_
                 "refiner", "custom_vae", "upscale")
 _SLEEP_SLICE_S = 0.01  # abort is noticed within this long
 _EWMA_ALPHA = 0.3      # weight of the newest measurement in the step-time moving average
+COST_MODELS = ("flat", "scaled")
+REFERENCE_PIXELS = 1024 * 1024       # "scaled": step_s is the step time at this size
+ACTIVATION_MB_PER_MEGAPIXEL = 2048.0  # the same estimate routing uses for a job's activations
 
 
 def _job_models(job: Job) -> list[str]:
@@ -43,8 +53,11 @@ class SimulatedExecutor:
                  model_sizes_mb: dict[str, float] | None = None,
                  capabilities: tuple[str, ...] = ALL_FEATURES,
                  worker_types: tuple[str, ...] = (C.WORKER_BASIC, C.WORKER_ENHANCED),
-                 worker_id: str = ""):
+                 worker_id: str = "", cost_model: str = "flat"):
+        if cost_model not in COST_MODELS:
+            raise ValueError(f"cost_model must be one of {COST_MODELS}, not {cost_model!r}")
         self.device = device
+        self.cost_model = cost_model
         self.load_s = load_s
         self.step_s = step_s
         self.memory_mb = memory_mb
@@ -59,8 +72,13 @@ class SimulatedExecutor:
         self._step_time_s: dict[str, float] = {}
         self._load_time_s: dict[str, float] = {}
         self._activation_mb = 0.0
-        log.info("SIMULATED executor on %s: load %.3f s, step %.4f s, budget %.0f MB, model %.0f MB",
-                 device, load_s, step_s, memory_mb, model_mb)
+        self._reserved_mb = 0.0  # "scaled": activations of the job about to run, kept free
+        self._cache_hits = 0     # telemetry cache_hits / cache_misses, as the real cache counts
+        self._cache_misses = 0
+        self._counters = {"oom_events": 0, "models_loaded_total": 0, "evictions_total": 0,
+                          "jobs_total": 0, "busy_s": 0.0}
+        log.info("SIMULATED executor on %s (%s costs): load %.3f s, step %.4f s, budget %.0f MB, "
+                 "model %.0f MB", device, cost_model, load_s, step_s, memory_mb, model_mb)
 
     # --- Executor protocol ----------------------------------------------------------------
     def describe(self) -> dict:
@@ -88,20 +106,53 @@ class SimulatedExecutor:
                 "step_time_s": dict(self._step_time_s),
                 "load_time_s": dict(self._load_time_s),
                 "model_sizes_mb": dict(self.model_sizes_mb),
+                **self._counters,
+                "cache_hits": self._cache_hits, "cache_misses": self._cache_misses,
+                "cache_evictions": self._counters["evictions_total"],
                 "simulated": True,
             }
 
+    def counters(self) -> dict:
+        """oom_events, models_loaded_total, evictions_total, jobs_total, busy_s (a copy)."""
+        with self._lock:
+            return dict(self._counters)
+
+    def _count(self, name: str, amount: float = 1) -> None:
+        with self._lock:
+            self._counters[name] += amount
+
     def run(self, job: Job, progress, should_abort) -> dict:
         started = time.perf_counter()
+        try:
+            return self._run(job, progress, should_abort, started)
+        finally:
+            self._count("jobs_total")
+            self._count("busy_s", time.perf_counter() - started)
+
+    def _run(self, job: Job, progress, should_abort, started: float) -> dict:
         missing = sorted(job.features - set(self.capabilities))
         if missing:
             raise JobError(C.UNSUPPORTED_FEATURE, f"simulated worker does not offer {', '.join(missing)}")
-        for name in _job_models(job):
-            if name not in self._cache:
-                progress("loading", 0, job.steps)
-            self._ensure_loaded(name, should_abort)
+        pixels_mb = ACTIVATION_MB_PER_MEGAPIXEL * job.width * job.height / 1e6 * job.batch_size
+        step_s = self.step_s
+        if self.cost_model == "scaled":
+            step_s = self.step_s * job.width * job.height / REFERENCE_PIXELS
+            need_mb = sum(self._size_of(n) for n in _job_models(job)) + pixels_mb
+            if need_mb > self.memory_mb:
+                self._count("oom_events")
+                log.info("SIMULATED out of memory: job %s needs %.0f MB, budget %.0f MB",
+                         job.request_id, need_mb, self.memory_mb)
+                raise JobError(C.OUT_OF_MEMORY, f"simulated device out of memory: job needs "
+                                                f"{need_mb:.0f} MB, budget is {self.memory_mb:.0f} MB")
+            self._reserved_mb = pixels_mb
+        try:
+            for name in _job_models(job):
+                if name not in self._cache:
+                    progress("loading", 0, job.steps)
+                self._ensure_loaded(name, should_abort)
+        finally:
+            self._reserved_mb = 0.0
         load_done = time.perf_counter()
-        pixels_mb = 2048.0 * job.width * job.height / 1e6 * job.batch_size  # routing's estimate
         with self._lock:
             self._activation_mb = pixels_mb
         try:
@@ -111,7 +162,7 @@ class SimulatedExecutor:
                 base_steps = max(1, int(round(job.steps * job.refiner_switch)))
             for step in range(1, job.steps + 1):
                 step_start = time.perf_counter()
-                self._sleep(self.step_s, should_abort)
+                self._sleep(step_s, should_abort)
                 stage = "denoising" if step <= base_steps else "refining"
                 progress(stage, step, job.steps)
                 self._record_step(key, time.perf_counter() - step_start)
@@ -161,24 +212,30 @@ class SimulatedExecutor:
         with self._lock:
             if name in self._cache:
                 self._cache.move_to_end(name)
+                self._cache_hits += 1
                 return 0.0
+            self._cache_misses += 1
             if size > self.memory_mb:
+                self._counters["oom_events"] += 1
                 raise JobError(C.OUT_OF_MEMORY, f"simulated model {name} needs {size:.0f} MB, "
                                                 f"budget is {self.memory_mb:.0f} MB")
             self._loading.append(name)
         started = time.perf_counter()
         try:
-            self._sleep(self.load_s, should_abort)
+            self._sleep(self.load_s * size / self.model_mb if self.model_mb > 0 else self.load_s,
+                        should_abort)
         finally:
             with self._lock:
                 self._loading.remove(name)
         took = time.perf_counter() - started
         with self._lock:
-            while self._cache and sum(self._cache.values()) + size > self.memory_mb:
+            while self._cache and sum(self._cache.values()) + size + self._reserved_mb > self.memory_mb:
                 evicted, _ = self._cache.popitem(last=False)
+                self._counters["evictions_total"] += 1
                 log.info("simulated cache: evicted %s to make room for %s", evicted, name)
             self._cache[name] = size
             self._load_time_s[name] = took
+            self._counters["models_loaded_total"] += 1
         log.info("simulated load of %s took %.3f s", name, took)
         return took
 

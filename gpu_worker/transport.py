@@ -38,9 +38,14 @@ class BrokerRefused(RuntimeError):
 class WorkerTransport:
     def __init__(self, executor, connect: str, *, worker_id: str | None = None,
                  heartbeat_interval_s: float = 1.0, heartbeat_liveness: int = 3,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None,
+                 curve_server_key: str | None = None, curve_client_key: str | None = None):
         self.executor = executor
         self.connect = connect
+        # CURVE: the broker's public .key file and this worker's .key_secret file (both or none)
+        if (curve_server_key is None) != (curve_client_key is None):
+            raise ValueError("CURVE needs both curve_server_key and curve_client_key")
+        self.curve_files = (curve_server_key, curve_client_key) if curve_server_key else None
         self.worker_id = worker_id or f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_liveness = heartbeat_liveness
@@ -116,6 +121,9 @@ class WorkerTransport:
     def _connect(self) -> zmq.Socket:
         dealer = self.context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        if self.curve_files is not None:
+            from broker.curve import make_curve_client
+            make_curve_client(dealer, *self.curve_files)
         dealer.connect(self.connect)
         info = self.executor.describe()
         dealer.send(W.pack(

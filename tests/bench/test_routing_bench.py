@@ -62,3 +62,16 @@ def test_one_tiny_run_through_the_real_broker(tmp_path):
     assert set(figures.jobs_per_worker) <= {s.worker_id for s in specs}
     assert 0 < figures.busy_share <= 1.0
     assert figures.latency_p50_s >= min(i.compute_s(cost) for i in items)
+
+
+def test_replay_mirrors_the_broker_holding_jobs_for_the_best_worker():
+    # broker.routing's smart ranks busy workers too and holds a job for the best one, so in the
+    # deterministic replay it loads less than round-robin on the benchmark's own workload
+    cost = W.CostModel()
+    specs = W.worker_specs(4, cost)
+    items = W.make_workload(W.WorkloadConfig(n_jobs=120, n_workers=4, load=0.7, seed=8, cost=cost))
+    smart, rr = (replay(items, specs, cost, p) for p in ("smart", "round-robin"))
+    assert len(smart.latencies_s) == len(rr.latencies_s) == 120
+    assert smart.loads < rr.loads
+    remaining = replay(items, specs, cost, "smart", running_by_remaining=True)
+    assert len(remaining.latencies_s) == 120 and remaining.loads >= cold_start_floor(items)

@@ -1,0 +1,138 @@
+"""CURVE on the broker's frontend and backend: real sockets, real worker processes (SIMULATED
+executors, named as such). Authorised keys are served; unknown keys get nothing and are logged."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from broker.curve import make_keys
+from broker.server import Broker, BrokerConfig
+from clients.client import BrokerClient, BrokerUnavailable
+from tests.serve.conftest import ROOT, wait_for
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """server/client/worker/stranger pairs; client and worker are authorised, stranger is not."""
+    pairs = make_keys(str(tmp_path / "keys"), ["server", "client", "worker", "stranger"])
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("client", "worker"):
+        (allowed / f"{name}.key").write_text(open(pairs[name][0]).read())
+    return pairs, str(allowed)
+
+
+@pytest.fixture
+def curve_broker(tmp_path, keys):
+    pairs, allowed = keys
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
+                                 heartbeat_interval_s=0.2, curve_secret_key=pairs["server"][1],
+                                 curve_allowed_keys=allowed))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def spawn_worker():
+    procs: list[subprocess.Popen] = []
+
+    def spawn(backend: str, worker_id: str, *curve_args: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker.cli", "worker", "--connect", backend, "--sim",
+             "--worker-id", worker_id, "--sim-load-s", "0.01", "--sim-step-s", "0.01",
+             "--heartbeat-interval-s", "0.2", *curve_args],
+            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _worker_ids(broker: Broker) -> set[str]:
+    return {w["worker_id"] for w in broker.status()["workers"]}
+
+
+def test_authorised_client_is_served_and_a_stranger_is_refused_and_logged(curve_broker, keys, caplog):
+    pairs, _ = keys
+    with BrokerClient.with_curve(curve_broker.frontend_endpoint, pairs["server"][0], pairs["client"][1],
+                                 timeout_s=5.0) as client:
+        assert client.status()["workers"] == []
+    caplog.set_level(logging.WARNING, logger="broker.curve")
+    stranger_public = open(pairs["stranger"][0]).read().split('"')[1]
+    with BrokerClient.with_curve(curve_broker.frontend_endpoint, pairs["server"][0],
+                                 pairs["stranger"][1], timeout_s=0.5, retries=1) as stranger:
+        with pytest.raises(BrokerUnavailable):
+            stranger.status()
+    refusals = [r.getMessage() for r in caplog.records if "CURVE: refused client key" in r.getMessage()]
+    assert refusals and stranger_public[:8] in refusals[0]
+    # a plain (NULL security) client cannot talk to a CURVE broker either
+    with BrokerClient(curve_broker.frontend_endpoint, timeout_s=0.5, retries=1) as plain:
+        with pytest.raises(BrokerUnavailable):
+            plain.status()
+    assert curve_broker.status()["broker"]["accepted"] == 0
+
+
+@pytest.mark.slow
+def test_only_an_authorised_worker_registers_and_runs_jobs(curve_broker, keys, spawn_worker):
+    pairs, _ = keys
+    server_public = pairs["server"][0]
+    stranger = spawn_worker(curve_broker.backend_endpoint, "w-stranger",
+                            "--curve-server-key", server_public, "--curve-client-key", pairs["stranger"][1])
+    plain = spawn_worker(curve_broker.backend_endpoint, "w-plain")
+    good = spawn_worker(curve_broker.backend_endpoint, "w-good",
+                        "--curve-server-key", server_public, "--curve-client-key", pairs["worker"][1])
+    assert wait_for(lambda: "w-good" in _worker_ids(curve_broker), timeout_s=30), good.stderr
+    with BrokerClient.with_curve(curve_broker.frontend_endpoint, server_public, pairs["client"][1],
+                                 timeout_s=20.0) as client:
+        result = client.generate(prompt="a fox", model_base="tiny-sdxl", steps=2, width=256, height=256)
+    assert result.images
+    # the refused workers had the same seconds to register (and keep retrying): none did
+    assert _worker_ids(curve_broker) == {"w-good"}
+    assert stranger.poll() is None and plain.poll() is None
+
+
+def test_worker_refuses_half_a_curve_configuration(tmp_path, keys):
+    pairs, _ = keys
+    out = subprocess.run([sys.executable, "-m", "broker.cli", "worker", "--connect",
+                          f"ipc://{tmp_path}/none.sock", "--sim", "--curve-server-key", pairs["server"][0]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "needs both" in out.stderr
+
+
+def test_broker_rejects_allowed_keys_without_its_own_secret(tmp_path, keys):
+    _, allowed = keys
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
+                                 curve_allowed_keys=allowed))
+    with pytest.raises(ValueError, match="curve_secret_key"):
+        broker.start()
+
+
+@pytest.mark.slow
+def test_serve_with_curve_authorises_its_own_workers(start_serve, tmp_path, keys):
+    pairs, allowed = keys
+    sp = start_serve(["--frontend", f"ipc://{tmp_path}/sfe.sock", "--backend", f"ipc://{tmp_path}/sbe.sock",
+                      "--sim-workers", "1", "--sim-step-s", "0.01", "--state-dir", str(tmp_path / "state"),
+                      "--curve-secret-key", pairs["server"][1], "--curve-allowed-keys", allowed])
+    # `ready` is printed only once every worker registered, so the generated worker key worked
+    with BrokerClient.with_curve(sp.endpoint, pairs["server"][0], pairs["client"][1], timeout_s=10.0) as client:
+        assert [w["worker_id"] for w in client.status()["workers"]] == ["sim-0"]
+    worker_dir = tmp_path / "state" / "curve"
+    assert (worker_dir / "broker.key").exists() and (worker_dir / "serve-worker.key_secret").exists()
+    assert "secret" not in (worker_dir / "broker.key").read_text()   # workers get the public half only
+    assert not (tmp_path / "allowed" / "serve-worker.key").exists()  # the user's dir is untouched
