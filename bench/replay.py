@@ -9,9 +9,9 @@ estimate recorded on the worker as its backlog. Two things can be varied to find
 
 - `fresh_telemetry`: the broker sees each device's models the instant they change, instead of
   at the next heartbeat (the real broker learns them only from heartbeats);
-- `running_by_remaining` (what-if): the running job counts as its remaining time in the
-  worker's backlog, instead of its whole dispatch-time estimate until it is answered (the
-  broker could derive it from the job's progress messages);
+- `running_by_remaining` (what-if): the running job counts as its exact remaining time in the
+  worker's backlog (the broker itself estimates it from the step in the worker's last
+  heartbeat, which this replay mirrors);
 - `max_jobs_per_worker`: how many jobs the broker may hand one worker (the real value is 2:
   one running and one prefetched; a large value is early binding, like the oracle's).
 
@@ -64,6 +64,7 @@ class _Device:
     loading: list = field(default_factory=list)
     inbox: deque = field(default_factory=deque)               # items sent, not started
     running: W.WorkItem | None = None
+    compute_from_s: float | None = None   # when the running job's models were loaded
     load_times: dict = field(default_factory=dict)
     step_times: dict = field(default_factory=dict)
 
@@ -110,13 +111,14 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
 
     def changed(d: _Device) -> None:
         if fresh_telemetry:
-            d.record.telemetry = snapshot(d)
+            d.record.set_telemetry(snapshot(d))
 
     def start_next(d: _Device, t: float) -> None:
         nonlocal loads
         if d.running is not None or not d.inbox:
             return
         item = d.running = d.inbox.popleft()
+        d.compute_from_s = None
         missing = [m for m in item.models if m not in d.cache]
         load_s = sum(cost.model_load_s(m) for m in missing)
         loads += len(missing)
@@ -180,11 +182,13 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
                 if d.running is not None:
                     d.record.estimates[d.running.request_id] = (
                         max(running_until[d.spec.worker_id] - t, 0.0), tuple(d.running.models))
+        # as broker.server._dispatch: the models the jobs in the lookahead window need
+        wanted = frozenset(m for r in list(queue)[:DISPATCH_LOOKAHEAD] for m in routing.job_models(jobs[r]))
         for considered, rid in enumerate(list(queue)):
             if considered >= DISPATCH_LOOKAHEAD or not any(
                     len(r.jobs) < max_jobs_per_worker for r in live):
                 return
-            chosen = routing.choose_worker(jobs[rid], live, policy, rr, sizes)
+            chosen = routing.choose_worker(jobs[rid], live, policy, rr, sizes, waiting=len(queue), wanted=wanted)
             if chosen is None:
                 continue
             queue.remove(rid)
@@ -200,7 +204,7 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
     for item in items:
         push(item.arrival_s, "arrive", item)
     for d in devices:
-        d.record.telemetry = snapshot(d)
+        d.record.set_telemetry(snapshot(d))
         push(rng.uniform(0, heartbeat_s), "heartbeat", d)
     remaining = len(items)
     last_t = 0.0
@@ -214,7 +218,14 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
                 queue.append(args[0].request_id)
             elif kind == "heartbeat":
                 d = args[0]
-                d.record.telemetry = snapshot(d)
+                d.record.set_telemetry(snapshot(d))
+                # as the worker's heartbeat: the job it runs and the step it reached
+                d.record.current_job = d.running.request_id if d.running is not None else None
+                d.record.current_step = 0
+                if d.running is not None and d.compute_from_s is not None:
+                    steps = jobs[d.running.request_id].steps
+                    d.record.current_step = int(steps * (t - d.compute_from_s)
+                                                / max(d.running.compute_s(cost), 1e-9))
                 push(t + heartbeat_s, "heartbeat", d)
                 idle = all(x.running is None and not x.inbox for x in devices)
                 if idle and queue and not any(e[2] == "arrive" for e in events):
@@ -234,6 +245,7 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
                     d.cache[m] = size
                     d.load_times[m] = cost.model_load_s(m)
                 d.loading = []
+                d.compute_from_s = t
                 changed(d)
                 push(t + item.compute_s(cost), "done", d, item)
                 busy_s += item.compute_s(cost) + sum(cost.model_load_s(m) for m in missing)
@@ -265,7 +277,7 @@ VARIANTS = (
     ("as the broker runs it", None, False, 2, False),
     ("fresh telemetry", None, True, 2, False),
     ("early binding (no slot limit)", None, False, 10_000, False),
-    ("running job by remaining time", None, False, 2, True),
+    ("exact remaining time (what-if)", None, False, 2, True),
 )
 WHAT_IFS = (("smart-hold what-if (see docs)", "smart-hold", False, 2, 0.0),
             ("smart-hold, 4 s patience", "smart-hold", False, 2, 4.0))

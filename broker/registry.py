@@ -40,8 +40,10 @@ class WorkerRecord:
     jobs: dict[str, int] = field(default_factory=dict)  # request_id -> dispatch_id it runs
     # request_id -> (estimated seconds, models it brings), recorded at dispatch, so routing can
     # count a worker's backlog; entries for request_ids no longer in `jobs` are ignored
-    estimates: dict[str, tuple[float, tuple[str, ...]]] = field(default_factory=dict)
-    current_step: int = 0
+    # (routing.dispatch_estimate: also seconds of steps and total steps, for the remaining time)
+    estimates: dict[str, tuple] = field(default_factory=dict)
+    current_job: str | None = None   # request_id the worker said (last heartbeat) it runs
+    current_step: int = 0            # ... and the step it had reached
     jobs_done: int = 0
     jobs_failed: int = 0
     loading: bool = False            # a model_load_request is running on it

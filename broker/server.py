@@ -391,13 +391,17 @@ class Broker(WorkerSide):
         if not any(len(w.jobs) < W.MAX_JOBS_PER_WORKER for w in live):
             return
         sizes = routing.known_model_sizes(live)
+        # models the jobs about to be considered need: smart routing avoids evicting them
+        wanted = frozenset(m for (rid, _), _n in zip(self.queue, range(_DISPATCH_LOOKAHEAD))
+                           for m in routing.job_models(self.jobs[rid].job))
         considered = 0
         for rid, _ in self.queue:
             considered += 1
             if considered > _DISPATCH_LOOKAHEAD:
                 return
             state = self.jobs[rid]
-            worker = routing.choose_worker(state.job, live, self.config.routing, self.rr, sizes)
+            worker = routing.choose_worker(state.job, live, self.config.routing, self.rr, sizes,
+                                           waiting=len(self.queue), wanted=wanted)
             if worker is None:
                 continue
             self.queue.remove(rid)

@@ -51,6 +51,8 @@ class WorkerSide:
             return
         self.registry.touch(worker, msg.get("telemetry") if kind == W.HEARTBEAT else None)
         if kind == W.HEARTBEAT:
+            current = msg.get("current_job")
+            worker.current_job = str(current) if current is not None else None
             worker.current_step = int(msg.get("current_step") or 0)
             if self.queue:
                 self._dirty = True   # fresh telemetry can change what fits

@@ -158,7 +158,7 @@ def test_backlog_counts_models_its_queued_jobs_bring():
     idle = make_worker("idle", load_s=10.0)
     bringing = make_worker("bringing", load_s=10.0, jobs={"a": 1})
     bringing.estimates["a"] = routing.dispatch_estimate(make_job("a"), bringing)
-    assert bringing.estimates["a"] == (10.0 * 0.1 + 10.0, ("tiny-sdxl",))
+    assert bringing.estimates["a"] == (10.0 * 0.1 + 10.0, ("tiny-sdxl",), 10.0 * 0.1, 10)
     job = make_job("b")
     # idle: 1 s steps + 10 s load; bringing: 11 s backlog + 1 s steps, model already coming
     assert routing.predicted_finish_s(job, idle) == 11.0
@@ -168,3 +168,50 @@ def test_backlog_counts_models_its_queued_jobs_bring():
     fast.estimates["a"] = (0.5, ("tiny-sdxl",))
     assert routing.predicted_finish_s(job, fast) == 0.5 + 0.1
     assert routing.choose_worker(job, [idle, fast], "smart", routing.RoundRobin()) is fast
+
+
+def test_a_long_queue_makes_smart_wait_for_the_warm_worker_rather_than_load():
+    # warm worker: one job of 100 steps * 0.1 s ahead (10 s); cold one loads in 3 s.
+    # With nothing queued a 3 s load beats 10 s of waiting; with 8 jobs queued over 2 workers
+    # the load counts 1 + 4 = 5 times (15 s), so waiting for the warm worker wins.
+    warm = make_worker("warm", loaded={"tiny-sdxl": 2000.0}, jobs={"x": 1})
+    cold = make_worker("cold")
+    job = make_job(steps=100)
+    assert routing.load_weight_for(0, 2) == 1.0
+    assert routing.load_weight_for(8, 2) == 5.0
+    assert routing.choose_worker(job, [warm, cold], "smart", routing.RoundRobin(), waiting=0) is cold
+    assert routing.choose_worker(job, [warm, cold], "smart", routing.RoundRobin(), waiting=8) is warm
+
+
+def test_smart_avoids_evicting_a_model_that_queued_jobs_want():
+    # two idle workers, each full with two 3000 MB models (LRU first); the new job's model
+    # evicts "keep-me" on one and "spare" on the other. With nothing queued they tie on time
+    # (round-robin decides); with queued jobs wanting "keep-me", the other worker wins.
+    sizes = {"model_sizes_mb": {"new-model": 3000.0, "keep-me": 3000.0, "spare": 3000.0,
+                                "other": 3000.0}}
+
+    def full_worker(worker_id, lru_first):
+        w = make_worker(worker_id, total_mb=7000.0, used_mb=6000.0,
+                        loaded={lru_first: 3000.0, "other": 3000.0})
+        w.telemetry.update(sizes)
+        return w
+
+    a, b = full_worker("a", "keep-me"), full_worker("b", "spare")
+    job = make_job(base="new-model", width=256, height=256)
+    chosen = {routing.choose_worker(job, [a, b], "smart", routing.RoundRobin(),
+                                    wanted=frozenset({"keep-me"})).worker_id for _ in range(4)}
+    assert chosen == {"b"}
+    unaware = {routing.choose_worker(job, [a, b], "smart", rr).worker_id
+               for rr in [routing.RoundRobin()] for _ in range(4)}
+    assert unaware == {"a", "b"}
+
+
+def test_the_running_job_counts_only_its_remaining_steps_once_the_heartbeat_shows_progress():
+    worker = make_worker("w", loaded={"tiny-sdxl": 2000.0}, jobs={"a": 1})
+    worker.estimates["a"] = routing.dispatch_estimate(make_job("a", steps=100), worker)  # 10 s
+    job = make_job("b", steps=10)                                                      # 1 s
+    assert routing.predicted_finish_s(job, worker) == 10.0 + 1.0
+    worker.current_job, worker.current_step = "a", 75          # heartbeat: step 75 of 100
+    assert routing.predicted_finish_s(job, worker) == 2.5 + 1.0
+    worker.current_job = "other"                               # a job it does not hold
+    assert routing.predicted_finish_s(job, worker) == 10.0 + 1.0
