@@ -8,6 +8,7 @@ does not fit anywhere free) so it does not block the jobs behind it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 from typing import Iterator
 
 from protocol import constants as C
@@ -24,7 +25,8 @@ class JobQueue:
         self._lanes: dict[str, OrderedDict[str, object]] = {p: OrderedDict() for p in C.PRIORITIES}
 
     def __len__(self) -> int:
-        return sum(len(lane) for lane in self._lanes.values())
+        high, normal, low = self._lanes.values()   # hot: read once per dispatch pass
+        return len(high) + len(normal) + len(low)
 
     def __bool__(self) -> bool:
         return any(self._lanes.values())
@@ -60,6 +62,16 @@ class JobQueue:
         """(request_id, item) in serving order. Copy-safe: removal while iterating is fine."""
         for priority in C.PRIORITIES:
             yield from list(self._lanes[priority].items())
+
+    def head(self, count: int) -> list[tuple[str, object]]:
+        """The first `count` (request_id, item) in serving order, as a list (removal while
+        walking it is fine); copies only what the dispatcher will look at, not a long queue."""
+        out: list[tuple[str, object]] = []
+        for priority in C.PRIORITIES:
+            if len(out) >= count:
+                break
+            out.extend(islice(self._lanes[priority].items(), count - len(out)))
+        return out
 
     def position(self, request_id: str) -> int | None:
         """0-based place in serving order, or None when not queued."""

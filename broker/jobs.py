@@ -23,6 +23,7 @@ class Peer:
     envelope: tuple[bytes, ...]   # (identity,) or (identity, b"") as the request came
     codec: str
     is_req: bool = False          # REQ peers get the final reply only, never progress
+    local: bool = False           # came in on the NULL-security local frontend
 
     def frames(self, body: bytes) -> list[bytes]:
         return [*self.envelope, body]

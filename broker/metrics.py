@@ -50,12 +50,21 @@ class BrokerMetrics:
             "sdxl_broker_missed_heartbeats", "Workers declared lost because no heartbeat came "
             "within heartbeat_interval_s * heartbeat_liveness", ["worker_id"],
             registry=self.registry)
+        # labelled children, looked up once: .labels() takes a lock and validates every call
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels: str):
+        key = (id(metric), *labels)   # error codes are a closed set: this stays small
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def job_finished(self, reply: dict, *, total_s: float, queue_s: float | None) -> None:
         """The final reply of an accepted job (called once per job, from Broker._finish)."""
         outcome = outcome_of(reply)
-        self.replies.labels(outcome, str(reply.get("error_code") or "")).inc()
-        self.total_seconds.labels(outcome).observe(max(total_s, 0.0))
+        self._child(self.replies, outcome, str(reply.get("error_code") or "")).inc()
+        self._child(self.total_seconds, outcome).observe(max(total_s, 0.0))
         if queue_s is not None:
             self.queue_seconds.observe(max(queue_s, 0.0))
         data = reply.get("data")
@@ -67,7 +76,7 @@ class BrokerMetrics:
 
     def request_rejected(self, error_code: str) -> None:
         """A request answered with an error before it became a job (validation, queue full...)."""
-        self.replies.labels(REJECTED, str(error_code or "")).inc()
+        self._child(self.replies, REJECTED, str(error_code or "")).inc()
 
     def heartbeat_missed(self, worker_id: str) -> None:
         self.missed_heartbeats.labels(str(worker_id)).inc()

@@ -80,6 +80,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_pickle", _bool, False, "allow pickle checkpoints (.ckpt/.bin/.pt)"),
     Setting("curve_secret_key", str, None, "CURVE secret key file of the broker"),
     Setting("curve_allowed_keys", str, None, "directory of authorised CURVE public keys"),
+    Setting("local_frontend", str, None,
+            "a second client endpoint without CURVE, loopback only (ipc:// or tcp://127.0.0.1)"),
     Setting("sim_load_s", float, None, "simulated workers: model load time"),
     Setting("sim_step_s", float, None, "simulated workers: time per denoising step"),
     Setting("sim_memory_mb", float, None, "simulated workers: device memory"),
@@ -101,7 +103,7 @@ def _metavar(s: Setting) -> str:
     for suffix, metavar in (("_dir", "DIR"), ("_s", "SECONDS"), ("_mb", "MB"), ("_port", "PORT")):
         if s.name.endswith(suffix):
             return metavar
-    if s.name in ("frontend", "backend"):
+    if s.name in ("frontend", "backend", "local_frontend"):
         return "EP"
     return "N" if s.type is int else s.name.split("_")[-1].upper()
 

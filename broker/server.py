@@ -12,6 +12,7 @@ broker.management. `sdxl-broker broker` runs one from flags.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import heapq
 import itertools
 import logging
@@ -80,6 +81,7 @@ class BrokerConfig:
     curve_secret_key: str | None = None    # broker's .key_secret file: CURVE on both sockets
     curve_allowed_keys: str | None = None  # dir of authorised peers' public .key files
     curve_extra_keys: tuple = ()           # more authorised public .key files (serve's workers)
+    local_frontend: str | None = None      # a second, NULL-security client endpoint (loopback only)
 
 
 class Broker(WorkerSide):
@@ -95,6 +97,8 @@ class Broker(WorkerSide):
         self.manage_ops: dict[int, management.ManageOp] = {}
         self.journal = None   # broker.journal.Journal or MemoryJournal, opened by start()
         self.frontend_endpoint = ""
+        self.local_frontend = None        # zmq ROUTER for config.local_frontend, if any
+        self.local_frontend_endpoint = ""
         self.backend_endpoint = ""
         self.counters = {"completed": 0, "failed": 0, "accepted": 0, "malformed": 0}
         self.metrics = BrokerMetrics()   # Prometheus counters/histograms of this broker only
@@ -127,6 +131,8 @@ class Broker(WorkerSide):
             self.backend.bind(self.config.backend)
             self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
             self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.config.local_frontend:
+                self._bind_local_frontend(self.config.local_frontend)
             self.journal = open_journal(self.config.state_dir, self.config.reply_ttl_s)
             _parser()  # import the request parser now, not on the first request (~0.5 s)
             self._started_at = self.clock()
@@ -159,6 +165,19 @@ class Broker(WorkerSide):
             self._stop_curve_auth()
             self._ctx.term()
             self._ctx = None
+
+    def _bind_local_frontend(self, endpoint: str) -> None:
+        """A plain (NULL-security) client ROUTER beside a CURVE frontend, for tools on this
+        machine; refused unless it is loopback, so it never opens the broker to the network."""
+        if not is_loopback_endpoint(endpoint):
+            raise ValueError(f"--local-frontend {endpoint} is not a loopback endpoint "
+                             "(use ipc://, inproc:// or tcp://127.0.0.1:PORT)")
+        self.local_frontend = self._ctx.socket(zmq.ROUTER)
+        self.local_frontend.setsockopt(zmq.LINGER, 0)
+        self.local_frontend.setsockopt(zmq.MAXMSGSIZE, int(self.config.max_message_mb) * 2**20)
+        self.local_frontend.bind(endpoint)
+        self.local_frontend_endpoint = self.local_frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("local frontend (no CURVE, loopback only) on %s", self.local_frontend_endpoint)
 
     # --- CURVE (broker.curve): same security on both sockets -----------------------------------
     def _start_curve_auth(self) -> None:
@@ -210,6 +229,8 @@ class Broker(WorkerSide):
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        if self.local_frontend is not None:
+            poller.register(self.local_frontend, zmq.POLLIN)
         interval_s = self.config.heartbeat_interval_s
         next_heartbeat = self.clock() + interval_s
         next_expire = self.clock() + _JOURNAL_EXPIRE_EVERY_S
@@ -226,6 +247,8 @@ class Broker(WorkerSide):
                     if self.frontend in events:
                         # Frames (copy=False): a REQ peer is told by the frame's Socket-Type
                         self._drain(self.frontend, self._on_frontend, copy=False)
+                    if self.local_frontend is not None and self.local_frontend in events:
+                        self._drain(self.local_frontend, self._on_local_frontend, copy=False)
                     now = self.clock()
                     try:
                         if now >= next_heartbeat:
@@ -254,6 +277,8 @@ class Broker(WorkerSide):
         finally:
             self._answer_unfinished_on_stop()
             self.frontend.close(linger=500)   # let the last replies leave; bounded wait
+            if self.local_frontend is not None:
+                self.local_frontend.close(linger=500)
             self.backend.close(linger=0)
             if self.journal is not None:
                 self.journal.close()
@@ -298,7 +323,10 @@ class Broker(WorkerSide):
                 log.exception("error handling a message; continuing")
 
     # --- frontend ------------------------------------------------------------------------------
-    def _on_frontend(self, frames: list) -> None:
+    def _on_local_frontend(self, frames: list) -> None:
+        self._on_frontend(frames, local=True)
+
+    def _on_frontend(self, frames: list, local: bool = False) -> None:
         identity = frames[0].bytes
         if len(frames) >= 3 and len(frames[1]) == 0:
             envelope, parts = (identity, b""), frames[2:]
@@ -306,7 +334,7 @@ class Broker(WorkerSide):
             envelope, parts = (identity,), frames[1:]
         body = parts[-1].bytes if parts else b""
         request_codec = codec.sniff(body) or C.CODEC_JSON
-        peer = Peer(envelope, request_codec, is_req=False)
+        peer = Peer(envelope, request_codec, is_req=False, local=local)
         parse = _parser()
         if len(parts) != 1:
             self.counters["malformed"] += 1
@@ -391,20 +419,18 @@ class Broker(WorkerSide):
         if not any(len(w.jobs) < W.MAX_JOBS_PER_WORKER for w in live):
             return
         sizes = routing.known_model_sizes(live)
+        window = self.queue.head(_DISPATCH_LOOKAHEAD)
+        waiting = len(self.queue)
         # models the jobs about to be considered need: smart routing avoids evicting them
-        wanted = frozenset(m for (rid, _), _n in zip(self.queue, range(_DISPATCH_LOOKAHEAD))
-                           for m in routing.job_models(self.jobs[rid].job))
-        considered = 0
-        for rid, _ in self.queue:
-            considered += 1
-            if considered > _DISPATCH_LOOKAHEAD:
-                return
+        wanted = frozenset(m for rid, _ in window for m in routing.job_models(self.jobs[rid].job))
+        for rid, _ in window:
             state = self.jobs[rid]
             worker = routing.choose_worker(state.job, live, self.config.routing, self.rr, sizes,
-                                           waiting=len(self.queue), wanted=wanted)
+                                           waiting=waiting, wanted=wanted)
             if worker is None:
                 continue
             self.queue.remove(rid)
+            waiting -= 1
             state.state, state.worker_id = RUNNING, worker.worker_id
             state.attempt += 1
             state.dispatch_id = next(self._dispatch_ids)
@@ -503,7 +529,8 @@ class Broker(WorkerSide):
                                             error=f"reply could not be encoded: {exc}",
                                             error_code=C.INTERNAL_ERROR), C.CODEC_JSON)
         try:
-            self.frontend.send_multipart(peer.frames(body), zmq.NOBLOCK)
+            sock = self.local_frontend if peer.local else self.frontend
+            sock.send_multipart(peer.frames(body), zmq.NOBLOCK)
         except zmq.Again:
             log.warning("client %s is not reading; reply dropped", peer.envelope[0].hex())
 
@@ -541,6 +568,19 @@ def _is_req_peer(frame) -> bool:
 
 
 # --- `sdxl-broker broker` --------------------------------------------------------------------------
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """ipc:// and inproc:// are local by nature; tcp:// only on a loopback address."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BrokerConfig()
     parser.add_argument("--frontend", default=d.frontend, help=f"client endpoint to bind (default {d.frontend})")
@@ -571,6 +611,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-allowed-keys", default=None, metavar="DIR",
                         help="directory of public .key files of the clients and workers "
                              "allowed to connect (needs --curve-secret-key)")
+    parser.add_argument("--local-frontend", default=None, metavar="EP",
+                        help="a second client endpoint without CURVE for tools on this machine "
+                             "(ipc://, inproc:// or tcp://127.0.0.1:PORT only)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text, or json: one JSON object per line (default text)")

@@ -13,7 +13,7 @@ import pytest
 
 from broker.curve import make_keys
 from broker.server import Broker, BrokerConfig
-from clients.client import BrokerClient, BrokerUnavailable
+from clients.client import BrokerClient, BrokerUnavailable, RequestFailed
 from tests.serve.conftest import ROOT, wait_for
 
 
@@ -136,3 +136,39 @@ def test_serve_with_curve_authorises_its_own_workers(start_serve, tmp_path, keys
     assert (worker_dir / "broker.key").exists() and (worker_dir / "serve-worker.key_secret").exists()
     assert "secret" not in (worker_dir / "broker.key").read_text()   # workers get the public half only
     assert not (tmp_path / "allowed" / "serve-worker.key").exists()  # the user's dir is untouched
+
+
+def test_a_plain_local_frontend_beside_curve_serves_local_tools(tmp_path, keys):
+    pairs, allowed = keys
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
+                                 curve_secret_key=pairs["server"][1], curve_allowed_keys=allowed,
+                                 local_frontend=f"ipc://{tmp_path}/local.sock"))
+    broker.start()
+    try:
+        with BrokerClient(broker.local_frontend_endpoint, timeout_s=5.0) as local:
+            assert local.status()["workers"] == []
+            # a generation is accepted there and its final reply comes back on the same socket
+            # (no worker is registered, so that reply is the timeout saying why)
+            with pytest.raises(RequestFailed) as failed:
+                local.generate(prompt="a fox", model_base="tiny-sdxl", steps=2, width=256,
+                               height=256, timeout=1)
+            assert failed.value.reply["error_code"] == "timeout"
+            assert "no worker is registered" in failed.value.reply["error"]
+        with BrokerClient(broker.frontend_endpoint, timeout_s=0.5, retries=1) as plain:
+            with pytest.raises(BrokerUnavailable):   # the main frontend still needs CURVE
+                plain.status()
+    finally:
+        broker.stop()
+
+
+def test_a_local_frontend_must_be_loopback(tmp_path, keys):
+    from broker.server import is_loopback_endpoint
+
+    assert is_loopback_endpoint("ipc:///tmp/x.sock") and is_loopback_endpoint("tcp://127.0.0.1:5557")
+    assert is_loopback_endpoint("tcp://[::1]:5557") and is_loopback_endpoint("tcp://localhost:5557")
+    assert not is_loopback_endpoint("tcp://0.0.0.0:5557") and not is_loopback_endpoint("tcp://*:5557")
+    assert not is_loopback_endpoint("tcp://10.0.0.5:5557")
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
+                                 local_frontend="tcp://0.0.0.0:0"))
+    with pytest.raises(ValueError, match="not a loopback endpoint"):
+        broker.start()
