@@ -44,6 +44,11 @@ def _no_pickle(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _model_ref(value: str, info: ValidationInfo) -> str:
+    """_not_blank then _no_pickle, as one call: a request carries several model references."""
+    return _no_pickle(_not_blank(value), info)
+
+
 def _scheduler(value: str) -> str:
     normalize.resolve_scheduler(value)  # raises ValueError naming the valid ones
     return value
@@ -85,7 +90,7 @@ Prompt = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS), AfterV
 Name = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS)]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_ID_CHARS)]
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS),
-                     AfterValidator(_not_blank), AfterValidator(_no_pickle)]
+                     AfterValidator(_model_ref)]
 Image = Annotated[Union[bytes, str], PlainValidator(_image),
                   WithJsonSchema({"type": "string", "minLength": 1,
                                   "description": "path under the input root, base64 or data URI "

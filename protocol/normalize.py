@@ -12,9 +12,13 @@ from protocol import constants as C
 _SCHEDULER_ALIASES: dict[str, tuple[str, bool | None]] = {}
 
 
+# the same, keyed by the names exactly as registered (how clients usually spell them)
+_SCHEDULER_SPELLINGS: dict[str, tuple[str, bool | None]] = {}
+
+
 def _alias(cls: str, karras: bool | None, *names: str) -> None:
     for name in names:
-        _SCHEDULER_ALIASES[name.lower()] = (cls, karras)
+        _SCHEDULER_ALIASES[name.lower()] = _SCHEDULER_SPELLINGS[name] = (cls, karras)
 
 
 for _cls in C.SCHEDULERS:  # the class names themselves
@@ -52,6 +56,8 @@ def resolve_scheduler(name: str) -> tuple[str, bool | None]:
     """(diffusers class name, use_karras_sigmas or None) for a scheduler name, case-insensitive.
     Raises ValueError naming the valid names for an unknown one (the C# side silently falls back
     to DPMSolverMultistep; a broker that cannot tell a typo from a choice should not)."""
+    if isinstance(name, str) and name in _SCHEDULER_SPELLINGS:  # as registered: no re-spelling
+        return _SCHEDULER_SPELLINGS[name]
     key = " ".join(str(name).split()).lower()
     try:
         return _SCHEDULER_ALIASES[key]

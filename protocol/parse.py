@@ -14,6 +14,11 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
+try:  # only to tell, in C, whether a body's keys are all str (see _keys_all_str)
+    import orjson
+except ImportError:  # then every fingerprint takes the slower, same-result way
+    orjson = None
+
 from protocol import constants as C
 from protocol import models as M
 from protocol import rules, translate
@@ -24,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ERROR_REPLY_TYPE = "error_response"  # the reply type for a body whose type is unknown
 _TRANSPORT_ONLY = ("stream",)  # fields that change delivery, not the job
+_STR_ONLY = frozenset({str})
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,11 @@ def _field_errors(exc: ValidationError) -> list[FieldError]:
                                                                            include_input=False)]
 
 
-# per request model: its field names, and the fields that hold request models
-# ({name: (model class, holds a list of them)}); the unknown-field walk reads the raw body
-_SHAPES: dict[type, tuple[frozenset, dict[str, tuple[type, bool]]]] = {}
+# per request model: its field names, and the fields that hold request models as
+# (name, model class, holds a list of them, the class's field names when it holds no request
+# models itself, else None); the unknown-field walk reads the raw body
+_Shape = tuple[frozenset, tuple[tuple[str, type, bool, Optional[frozenset]], ...]]
+_SHAPES: dict[type, _Shape] = {}
 
 
 def _edge_in(annotation: Any) -> tuple[Optional[type], bool]:
@@ -115,34 +123,52 @@ def _edge_in(annotation: Any) -> tuple[Optional[type], bool]:
     return None, False
 
 
-def _shape(cls: type) -> tuple[frozenset, dict[str, tuple[type, bool]]]:
+def _children(cls: type) -> list[tuple[str, type, bool]]:
+    out = []
+    for name, info in cls.model_fields.items():
+        child, is_list = _edge_in(info.annotation)
+        if child is not None:
+            out.append((name, child, is_list))
+    return out
+
+
+def _shape(cls: type) -> _Shape:
     shape = _SHAPES.get(cls)
     if shape is None:
-        children = {}
-        for name, info in cls.model_fields.items():
-            child, is_list = _edge_in(info.annotation)
-            if child is not None:
-                children[name] = (child, is_list)
+        children = tuple((name, child, is_list,
+                          None if _children(child) else frozenset(child.model_fields))
+                         for name, child, is_list in _children(cls))
         shape = _SHAPES[cls] = (frozenset(cls.model_fields), children)
     return shape
 
 
+def _add_unknown(body: dict, known: frozenset, path: str, out: list[str]) -> None:
+    out.extend(f"{path}.{k}" if path else str(k) for k in sorted(body.keys() - known, key=str))
+
+
 def _unknown_fields(body: dict, cls: type, path: str, out: list[str]) -> None:
-    """Keys of a (validated) body that its model does not know, with their paths."""
-    known, children = _shape(cls)
+    """Keys of a (validated) body that its model does not know, with their paths, in field
+    order (stable warnings). A child model without request models of its own (most of them)
+    is checked here rather than by a call per child: this walk runs on every request."""
+    known, children = _SHAPES.get(cls) or _shape(cls)
     if not known.issuperset(body):
-        extra = sorted(body.keys() - known, key=str)
-        out.extend(f"{path}.{k}" if path else str(k) for k in extra)
-    for name, (child, is_list) in children.items():  # in field order: stable warnings
+        _add_unknown(body, known, path, out)
+    for name, child, is_list, leaf_known in children:
         value = body.get(name)
         if value is None:
             continue
-        where = f"{path}.{name}" if path else name
-        if is_list:
-            for i, item in enumerate(value):
-                _unknown_fields(item, child, f"{where}[{i}]", out)
-        else:
-            _unknown_fields(value, child, where, out)
+        if not is_list:
+            if leaf_known is None:
+                _unknown_fields(value, child, f"{path}.{name}" if path else name, out)
+            elif not leaf_known.issuperset(value):
+                _add_unknown(value, leaf_known, f"{path}.{name}" if path else name, out)
+            continue
+        for i, item in enumerate(value):
+            if leaf_known is None:
+                _unknown_fields(item, child, f"{path}.{name}[{i}]" if path else f"{name}[{i}]", out)
+            elif not leaf_known.issuperset(item):
+                _add_unknown(item, leaf_known, f"{path}.{name}[{i}]" if path else f"{name}[{i}]",
+                             out)
 
 
 def _unknown_warnings(body: dict, cls: type) -> list[str]:
@@ -182,7 +208,8 @@ def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> 
                                 f"no message_type (or legacy action); known: {known}")
         shown = mt[:100] if isinstance(mt, str) else type(mt).__name__
         raise ProtocolError(C.UNKNOWN_MESSAGE_TYPE, f"unknown message_type {shown!r}; known: {known}")
-    if any(not isinstance(k, str) for k in body):
+    # set(map(type, ...)) runs in C; only a body with other key types needs the exact check
+    if set(map(type, body)) != _STR_ONLY and any(not isinstance(k, str) for k in body):
         raise ProtocolError(C.MALFORMED_MESSAGE, "body keys must be strings")
 
     errors: list[FieldError] = []
@@ -256,6 +283,45 @@ def body_fingerprint(body: dict) -> str:
             and "stream" in data["metadata"]:
         meta = {k: v for k, v in data["metadata"].items() if k != "stream"}
         trimmed = {**trimmed, "data": {**data, "metadata": meta}}
-    text = json.dumps(_canonical(trimmed), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, default=repr)
+    if _keys_all_str(trimmed):  # what decoded JSON always is: no rebuilding needed
+        text = _FINGERPRINT_ENCODER.encode(trimmed)
+    else:
+        text = json.dumps(_canonical(trimmed), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, default=repr)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _fingerprint_default(obj: Any) -> Any:
+    """What _canonical makes of a value json cannot encode itself."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"$bytes": hashlib.sha256(bytes(obj)).hexdigest()}
+    return repr(obj)
+
+
+# Encodes a body whose dict keys are all str exactly as json.dumps(_canonical(body), ...) does:
+# json takes str/int/float/bool/None, dicts, lists and tuples as _canonical leaves them and
+# hands anything else to the default, which makes of it what _canonical would. Other keys
+# need _canonical: it sorts str(key) (json would sort 2 before 10; _canonical "10" first).
+_FINGERPRINT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                        default=_fingerprint_default)
+
+
+def _keys_all_str(body: dict) -> bool:
+    """Whether every dict in the body has str keys. orjson refuses any other key, in C, far
+    faster than a Python walk; anything else it refuses (a huge int, a lone surrogate) only
+    sends the body the slow, always-right way."""
+    if orjson is None:
+        return False
+    try:
+        orjson.dumps(body, default=_skip)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return False
+    return True
+
+
+def _skip(obj: Any) -> None:
+    """orjson's default: bytes, sets, ... hold no dicts json would sort. A tuple subclass
+    (a namedtuple) json walks but orjson does not, so it sends the body the slow way."""
+    if isinstance(obj, (dict, list, tuple)):
+        raise TypeError("json walks this; orjson did not")
+    return None

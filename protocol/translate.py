@@ -26,6 +26,10 @@ _PRECISION_FIELDS = ("dtype", "vae_dtype", "attention_slicing", "vae_slicing", "
                      "cpu_offload")
 
 _SECTIONS = ("output", "postprocess", "precision")
+# "section.field" as Job.explicit spells it, built once rather than per request
+_EXPLICIT_NAMES = {section: {name: f"{section}.{name}" for name in names} for section, names in (
+    ("output", _OUTPUT_FIELDS), ("postprocess", _POSTPROCESS_FIELDS),
+    ("precision", _PRECISION_FIELDS))}
 
 
 # absent sections read as empty ones; built once (frozen) because a model per request costs
@@ -43,7 +47,8 @@ class _JobBuilder:
 
     def __init__(self) -> None:
         self.fields: dict[str, Any] = {}
-        self.sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        self.sections: dict[str, dict[str, Any]] = {"output": {}, "postprocess": {},
+                                                    "precision": {}}  # _SECTIONS, as a literal
         self.explicit: set[str] = set()
 
     def set(self, name: str, value: Any) -> None:
@@ -51,22 +56,42 @@ class _JobBuilder:
             self.fields[name] = value
             self.explicit.add(name)
 
+    # plain loops rather than comprehensions here: on Python 3.11 a comprehension is a call,
+    # and these run several times per request
     def update(self, values: dict[str, Any]) -> None:
         """set() for many fields at once (one dict, fewer calls: this runs per request)."""
-        given = {k: v for k, v in values.items() if v is not None}
-        self.fields.update(given)
-        self.explicit.update(given)
+        fields, explicit = self.fields, self.explicit
+        for name, value in values.items():
+            if value is not None:
+                fields[name] = value
+                explicit.add(name)
 
     def update_in(self, section: str, values: dict[str, Any]) -> None:
-        given = {k: v for k, v in values.items() if v is not None}
-        if given:
-            self.sections[section].update(given)
-            self.explicit.update([f"{section}.{k}" for k in given])
+        target, spelled = self.sections[section], _EXPLICIT_NAMES[section]
+        for name, value in values.items():
+            if value is not None:
+                target[name] = value
+                self.explicit.add(spelled[name])
 
-    def set_in(self, section: str, name: str, value: Any) -> None:
-        if value is not None:
-            self.sections[section][name] = value
-            self.explicit.add(f"{section}.{name}")
+    def copy(self, values: dict[str, Any], names: tuple[str, ...]) -> None:
+        """update() for fields a request model names as the Job does; `values` is the model's
+        __dict__ (its validated fields), read in a plain loop."""
+        fields, explicit = self.fields, self.explicit
+        for name in names:
+            value = values[name]
+            if value is not None:
+                fields[name] = value
+                explicit.add(name)
+
+    def copy_in(self, section: str, values: dict[str, Any], names: tuple[str, ...]) -> None:
+        """update_in() for fields a request model names as the Job section does; `values` is
+        the model's __dict__ (its validated fields), read in a plain loop."""
+        target, spelled = self.sections[section], _EXPLICIT_NAMES[section]
+        for name in names:
+            value = values[name]
+            if value is not None:
+                target[name] = value
+                self.explicit.add(spelled[name])
 
     def set_scheduler(self, name: Optional[str], karras: Optional[bool]) -> None:
         if name is not None:
@@ -105,60 +130,70 @@ class _JobBuilder:
         return Job.model_validate(f)
 
 
-def _first(*values):
-    for v in values:
-        if v is not None:
-            return v
-    return None
-
-
-def _at(i: int, items: Optional[list]):
-    return items[i] if items is not None and i < len(items) else None
+def _padded(items, count: int):
+    """items with None appended up to count (a parallel array the client sent shorter or not
+    at all)."""
+    return items if len(items) >= count else [*items, *([None] * (count - len(items)))]
 
 
 # --- forms -> Job ------------------------------------------------------------------------------
 
+# flat fields that keep their name in the Job
+_FLAT_SAME_NAME = ("prompt_2", "negative_prompt", "negative_prompt_2", "width", "height", "steps",
+                   "guidance_scale", "seed", "strength", "clip_skip", "refiner_switch",
+                   "batch_size", "init_image", "mask_image", "device", "priority", "stream")
+# flat field -> (Job section, field in it)
+_FLAT_IN_SECTIONS = (("output_format", "output", "format"), ("output_quality", "output", "quality"),
+                     ("save_path", "output", "save_path"),
+                     ("return_images", "output", "return_images"),
+                     ("auto_contrast", "postprocess", "auto_contrast"),
+                     ("upscale_factor", "postprocess", "upscale_factor"),
+                     ("upscale_method", "postprocess", "upscale_method"),
+                     *((name, "precision", name) for name in _PRECISION_FIELDS))
+
+
 def flat_to_job(m: M.FlatGenerateRequest, *, default_model_base: Optional[str] = None) -> Job:
     b = _JobBuilder()
-    for name in ("prompt_2", "negative_prompt", "negative_prompt_2", "width", "height", "steps",
-                 "guidance_scale", "seed", "strength", "clip_skip", "refiner_switch",
-                 "batch_size", "init_image", "mask_image", "device", "priority", "stream"):
-        b.set(name, getattr(m, name))
+    fields, explicit, sections = b.fields, b.explicit, b.sections
+    given = m.__dict__  # the validated field values (pydantic keeps them in __dict__)
+    b.copy(given, _FLAT_SAME_NAME)
     b.set_scheduler(m.scheduler, m.use_karras_sigmas)
     b.set("timeout_s", m.timeout)
     b.set("tags", tuple(m.tags) if m.tags is not None else None)
 
-    count = max(len(m.lora_names or ()), len(m.lora_paths or ()))
+    # parallel arrays, read side by side (the rules made them equally long)
+    names, paths = m.lora_names or (), m.lora_paths or ()
+    count = max(len(names), len(paths))
     if count:
-        b.fields["loras"] = tuple(
-            {"name": _at(i, m.lora_names) or normalize.lora_name_from_path(_at(i, m.lora_paths)),
-             "path": _at(i, m.lora_paths), "weight": _first(_at(i, m.lora_weights), 1.0)}
-            for i in range(count))
-    count = len(m.controlnet_images or ())
+        names, paths = _padded(names, count), _padded(paths, count)
+        weights = _padded(m.lora_weights or (), count)
+        fields["loras"] = [
+            {"name": names[i] or normalize.lora_name_from_path(paths[i]), "path": paths[i],
+             "weight": 1.0 if weights[i] is None else weights[i]} for i in range(count)]
+    images = m.controlnet_images
+    if images:
+        count = len(images)
+        kinds = _padded(m.controlnet_types or (), count)
+        weights = _padded(m.controlnet_weights or (), count)
+        models = _padded(m.controlnet_models or (), count)
+        fields["controlnets"] = [
+            {"type": normalize.controlnet_type(kinds[i], models[i]), "image": images[i],
+             "weight": 1.0 if weights[i] is None else weights[i], "model": models[i]}
+            for i in range(count)]
+    names, paths = m.textual_inversion_names or (), m.textual_inversion_paths or ()
+    count = max(len(names), len(paths))
     if count:
-        b.fields["controlnets"] = tuple(
-            {"type": normalize.controlnet_type(_at(i, m.controlnet_types),
-                                               _at(i, m.controlnet_models)),
-             "image": m.controlnet_images[i], "weight": _first(_at(i, m.controlnet_weights), 1.0),
-             "model": _at(i, m.controlnet_models)}
-            for i in range(count))
-    count = max(len(m.textual_inversion_names or ()), len(m.textual_inversion_paths or ()))
-    if count:
-        b.fields["textual_inversions"] = tuple(
-            {"name": _at(i, m.textual_inversion_names)
-             or normalize.lora_name_from_path(_at(i, m.textual_inversion_paths)),
-             "path": _at(i, m.textual_inversion_paths), "token": _at(i, m.textual_inversion_tokens)}
-            for i in range(count))
+        names, paths = _padded(names, count), _padded(paths, count)
+        tokens = _padded(m.textual_inversion_tokens or (), count)
+        fields["textual_inversions"] = [
+            {"name": names[i] or normalize.lora_name_from_path(paths[i]), "path": paths[i],
+             "token": tokens[i]} for i in range(count)]
 
-    b.set_in("output", "format", m.output_format)
-    b.set_in("output", "quality", m.output_quality)
-    b.set_in("output", "save_path", m.save_path)
-    b.set_in("output", "return_images", m.return_images)
-    b.set_in("postprocess", "auto_contrast", m.auto_contrast)
-    b.set_in("postprocess", "upscale_factor", m.upscale_factor)
-    b.set_in("postprocess", "upscale_method", m.upscale_method)
-    for name in _PRECISION_FIELDS:
-        b.set_in("precision", name, getattr(m, name))
+    for flat_name, section, name in _FLAT_IN_SECTIONS:
+        value = given[flat_name]
+        if value is not None:
+            sections[section][name] = value
+            explicit.add(_EXPLICIT_NAMES[section][name])
     return b.build(form=C.FORM_FLAT, request_id=m.request_id or m.session_id, prompt=m.prompt,
                    base=m.model_base or default_model_base, refiner=m.model_refiner,
                    vae=m.model_vae)
@@ -166,11 +201,13 @@ def flat_to_job(m: M.FlatGenerateRequest, *, default_model_base: Optional[str] =
 
 def _nested_controlnet(cn: M.NestedControlNet) -> dict:
     pre = cn.preprocessor
+    enabled = pre.enabled if pre is not None else None
+    resolution = pre.resolution if pre is not None else None
     return {"type": cn.type or normalize.infer_controlnet_type(cn.model), "image": cn.control_image,
-            "weight": _first(cn.conditioning_scale, 1.0), "model": cn.model,
-            "preprocess": _first(pre.enabled if pre else None, True),
-            "preprocess_resolution": _first(pre.resolution if pre else None,
-                                            C.DEFAULT_CONTROLNET_RESOLUTION)}
+            "weight": 1.0 if cn.conditioning_scale is None else cn.conditioning_scale,
+            "model": cn.model, "preprocess": True if enabled is None else enabled,
+            "preprocess_resolution": (C.DEFAULT_CONTROLNET_RESOLUTION if resolution is None
+                                      else resolution)}
 
 
 def nested_to_job(m: M.NestedGenerateRequest, *, default_model_base: Optional[str] = None,
@@ -183,11 +220,16 @@ def nested_to_job(m: M.NestedGenerateRequest, *, default_model_base: Optional[st
     models = d.models or _EMPTY[M.NestedModels]
     meta = d.metadata or _EMPTY[M.NestedMetadata]
     # the seed's _normalize_request_format: legacy flat fields overwrite their nested places
+    # (inline `a if a is not None else b`: a call per field shows in the per-request cost)
     b.update({
-        "steps": _first(d.num_inference_steps, hyper.num_inference_steps),
-        "guidance_scale": _first(d.guidance_scale, hyper.guidance_scale),
-        "seed": _first(d.seed, hyper.seed), "strength": _first(d.strength, hyper.strength),
-        "width": _first(d.width, dims.width), "height": _first(d.height, dims.height),
+        "steps": (d.num_inference_steps if d.num_inference_steps is not None
+                  else hyper.num_inference_steps),
+        "guidance_scale": (d.guidance_scale if d.guidance_scale is not None
+                           else hyper.guidance_scale),
+        "seed": d.seed if d.seed is not None else hyper.seed,
+        "strength": d.strength if d.strength is not None else hyper.strength,
+        "width": d.width if d.width is not None else dims.width,
+        "height": d.height if d.height is not None else dims.height,
         "clip_skip": hyper.clip_skip, "refiner_switch": hyper.refiner_switch,
         "negative_prompt": d.negative_prompt, "prompt_2": d.prompt_2,
         "negative_prompt_2": d.negative_prompt_2, "init_image": d.init_image,
@@ -195,14 +237,15 @@ def nested_to_job(m: M.NestedGenerateRequest, *, default_model_base: Optional[st
         "batch_size": d.batch.size if d.batch is not None else None,
         "priority": meta.priority, "timeout_s": meta.timeout,
         "tags": tuple(meta.tags) if meta.tags is not None else None,
-        "stream": _first(m.stream, meta.stream)})
+        "stream": m.stream if m.stream is not None else meta.stream})
     b.set_scheduler(d.scheduler, d.use_karras_sigmas)
 
     if d.lora is not None and d.lora.models:
         if d.lora.enabled is False:
             warnings.append("data.lora.models ignored because data.lora.enabled is false")
         else:
-            b.fields["loras"] = [{"name": x.name, "path": x.path, "weight": _first(x.weight, 1.0)}
+            b.fields["loras"] = [{"name": x.name, "path": x.path,
+                                  "weight": 1.0 if x.weight is None else x.weight}
                                  for x in d.lora.models]
     controlnets = []
     single = d.controlnet
@@ -224,8 +267,7 @@ def nested_to_job(m: M.NestedGenerateRequest, *, default_model_base: Optional[st
                                           for t in d.textual_inversions]
 
     out = d.output or _EMPTY[M.NestedOutput]
-    b.update_in("output", {"format": out.format, "quality": out.quality,
-                           "save_path": out.save_path, "return_images": out.return_images})
+    b.copy_in("output", out.__dict__, _OUTPUT_FIELDS)
     post = d.postprocessing or _EMPTY[M.NestedPostprocessing]
     upscale = post.upscale or out.upscale  # the contract's postprocessing.upscale wins
     factor = method = None
@@ -236,7 +278,7 @@ def nested_to_job(m: M.NestedGenerateRequest, *, default_model_base: Optional[st
     b.update_in("postprocess", {"auto_contrast": post.auto_contrast, "upscale_factor": factor,
                                 "upscale_method": method})
     if d.precision is not None:
-        b.update_in("precision", {name: getattr(d.precision, name) for name in _PRECISION_FIELDS})
+        b.copy_in("precision", d.precision.__dict__, _PRECISION_FIELDS)
     return b.build(form=C.FORM_NESTED, request_id=m.request_id or meta.request_id,
                    prompt=d.prompt, base=models.base or d.model_name or default_model_base,
                    refiner=models.refiner, vae=models.vae, worker_type=d.worker_type)
@@ -248,38 +290,36 @@ def legacy_to_job(m: M.LegacyGenerateRequest, *, default_model_base: Optional[st
     model = ps.model or _EMPTY[M.LegacyModel]
     hyper = ps.hyperparameters or _EMPTY[M.LegacyHyperparameters]
     b = _JobBuilder()
-    for name in ("negative_prompt", "prompt_2", "negative_prompt_2", "init_image", "mask_image"):
-        b.set(name, getattr(cond, name))
-    b.set("steps", _first(hyper.steps, hyper.num_inference_steps))
-    for name in ("width", "height", "guidance_scale", "seed", "strength", "clip_skip",
-                 "refiner_switch", "batch_size"):
-        b.set(name, getattr(hyper, name))
+    b.copy(cond.__dict__, ("negative_prompt", "prompt_2", "negative_prompt_2", "init_image",
+                           "mask_image"))
+    b.set("steps", hyper.steps if hyper.steps is not None else hyper.num_inference_steps)
+    b.copy(hyper.__dict__, ("width", "height", "guidance_scale", "seed", "strength", "clip_skip",
+                            "refiner_switch", "batch_size"))
     b.set_scheduler(hyper.scheduler, hyper.use_karras_sigmas)
     if cond.loras:
         b.fields["loras"] = [{"name": x.name or normalize.lora_name_from_path(x.path),
-                              "path": x.path, "weight": _first(x.weight, 1.0)} for x in cond.loras]
+                              "path": x.path, "weight": 1.0 if x.weight is None else x.weight}
+                             for x in cond.loras]
     if cond.controlnets:
         b.fields["controlnets"] = [{"type": x.type or normalize.infer_controlnet_type(x.model),
-                                    "image": x.image, "weight": _first(x.weight, 1.0),
+                                    "image": x.image,
+                                    "weight": 1.0 if x.weight is None else x.weight,
                                     "model": x.model} for x in cond.controlnets]
     if cond.textual_inversions:
         b.fields["textual_inversions"] = [{"name": t.name, "path": t.path, "token": t.token}
                                           for t in cond.textual_inversions]
     if ps.output is not None:
-        for name in _OUTPUT_FIELDS:
-            b.set_in("output", name, getattr(ps.output, name))
+        b.copy_in("output", ps.output.__dict__, _OUTPUT_FIELDS)
     if ps.postprocessing is not None:
-        for name in _POSTPROCESS_FIELDS:
-            b.set_in("postprocess", name, getattr(ps.postprocessing, name))
+        b.copy_in("postprocess", ps.postprocessing.__dict__, _POSTPROCESS_FIELDS)
     if ps.precision is not None:
-        for name in _PRECISION_FIELDS:
-            b.set_in("precision", name, getattr(ps.precision, name))
+        b.copy_in("precision", ps.precision.__dict__, _PRECISION_FIELDS)
     meta = ps.metadata or _EMPTY[M.LegacyMetadata]
     b.set("priority", meta.priority)
     b.set("timeout_s", meta.timeout)
     b.set("tags", tuple(meta.tags) if meta.tags is not None else None)
     b.set("device", meta.device)
-    b.set("stream", _first(m.stream, meta.stream))
+    b.set("stream", m.stream if m.stream is not None else meta.stream)
     return b.build(form=C.FORM_LEGACY, request_id=m.session_id or m.request_id, prompt=cond.prompt,
                    base=model.base or default_model_base, refiner=model.refiner, vae=model.vae)
 
