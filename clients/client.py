@@ -215,6 +215,50 @@ def _with_stream(body: dict) -> dict:
     return {**body, "stream": True}
 
 
+def _is_final(message: dict) -> bool:
+    return message.get("final", True) and message.get("message_type") != C.PROGRESS
+
+
+class _Exchange:
+    """One request's Lazy Pirate bookkeeping, shared by the sync and asyncio clients: the
+    encoded frame, which replies belong to it, and the count of silent time-outs."""
+
+    def __init__(self, client: "BrokerClient", body: dict, timeout_s: float | None,
+                 retries: int | None):
+        body = _ensure_request_id(body)
+        self.endpoint = client.endpoint
+        self.request_id = _request_id_of(body)
+        self.frame = codec.encode(body, client.codec_name)
+        self.timeout_s = client.timeout_s if timeout_s is None else timeout_s
+        self.retries = client.retries if retries is None else retries
+        self.silent_timeouts = 0
+
+    def accept(self, payload: bytes) -> dict | None:
+        """The decoded reply if it answers this request, else None (a broken frame or another
+        request's late reply is logged or skipped, never raised)."""
+        try:
+            message, _ = codec.decode(payload)
+        except Exception as exc:  # a broken reply must not kill the caller's loop
+            log.warning("ignoring undecodable reply frame: %s", exc)
+            return None
+        if not _matches(message, self.request_id):
+            return None
+        self.silent_timeouts = 0
+        return message
+
+    def silence(self) -> None:
+        """No reply within timeout_s: raise BrokerUnavailable once the resends are used up;
+        else the caller opens a fresh socket (it may be stuck on a dead peer) and resends
+        the same frame, same request_id."""
+        self.silent_timeouts += 1
+        if self.silent_timeouts > self.retries:
+            raise BrokerUnavailable(
+                f"no reply from {self.endpoint} for request {self.request_id} after "
+                f"{self.retries} resends, {self.timeout_s:.1f}s apart")
+        log.warning("no reply from %s in %.1fs; resending request %s (%d/%d)", self.endpoint,
+                    self.timeout_s, self.request_id, self.silent_timeouts, self.retries)
+
+
 def _matches(message: dict, request_id: str | None) -> bool:
     # an attach to a job may echo the job's id; a reply without id is still for us (one
     # request per socket), e.g. malformed_message
@@ -271,49 +315,24 @@ class BrokerClient:
                retries: int | None = None) -> Iterator[dict]:
         """Send one request; yield every progress event, then the final reply (last item).
         Raises BrokerUnavailable after `retries` silent time-outs in a row."""
-        body = _ensure_request_id(body)
-        request_id = _request_id_of(body)
-        frame = codec.encode(body, self.codec_name)
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        retries = self.retries if retries is None else retries
-        silent_timeouts = 0
+        exchange = _Exchange(self, body, timeout_s, retries)
         sock = self._open()
         try:
-            sock.send_multipart([b"", frame])
+            sock.send_multipart([b"", exchange.frame])
             while True:
-                if sock.poll(timeout_s * 1000, zmq.POLLIN):
-                    message = self._receive(sock)
-                    if message is None or not _matches(message, request_id):
-                        continue
-                    silent_timeouts = 0
-                    yield message
-                    if message.get("final", True) and message.get("message_type") != C.PROGRESS:
-                        return
+                if sock.poll(exchange.timeout_s * 1000, zmq.POLLIN):
+                    message = exchange.accept(sock.recv_multipart()[-1])
+                    if message is not None:
+                        yield message
+                        if _is_final(message):
+                            return
                     continue
-                silent_timeouts += 1
-                if silent_timeouts > retries:
-                    raise BrokerUnavailable(
-                        f"no reply from {self.endpoint} for request {request_id} after "
-                        f"{retries} resends, {timeout_s:.1f}s apart")
-                # Lazy Pirate: the socket may be stuck on a dead peer; start afresh, same id
-                log.warning("no reply from %s in %.1fs; resending request %s (%d/%d)",
-                            self.endpoint, timeout_s, request_id, silent_timeouts, retries)
+                exchange.silence()   # raises BrokerUnavailable when the resends are used up
                 sock.close(linger=0)
                 sock = self._open()
-                sock.send_multipart([b"", frame])
+                sock.send_multipart([b"", exchange.frame])
         finally:
             sock.close(linger=0)
-
-    @staticmethod
-    def _receive(sock: zmq.Socket) -> dict | None:
-        frames = sock.recv_multipart()
-        payload = frames[-1]
-        try:
-            message, _ = codec.decode(payload)
-        except Exception as exc:  # a broken reply must not kill the caller's loop
-            log.warning("ignoring undecodable reply frame: %s", exc)
-            return None
-        return message
 
     def request(self, body: dict, *, on_progress: ProgressCallback | None = None,
                 timeout_s: float | None = None, retries: int | None = None) -> dict:
@@ -387,40 +406,22 @@ class AsyncBrokerClient(BrokerClient):
 
     async def stream(self, body: dict, *, timeout_s: float | None = None,  # type: ignore[override]
                      retries: int | None = None) -> AsyncIterator[dict]:
-        body = _ensure_request_id(body)
-        request_id = _request_id_of(body)
-        frame = codec.encode(body, self.codec_name)
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        retries = self.retries if retries is None else retries
-        silent_timeouts = 0
+        exchange = _Exchange(self, body, timeout_s, retries)
         sock = self._open()
         try:
-            await sock.send_multipart([b"", frame])
+            await sock.send_multipart([b"", exchange.frame])
             while True:
-                if await sock.poll(timeout_s * 1000, zmq.POLLIN):
-                    frames = await sock.recv_multipart()
-                    try:
-                        message, _ = codec.decode(frames[-1])
-                    except Exception as exc:
-                        log.warning("ignoring undecodable reply frame: %s", exc)
-                        continue
-                    if not _matches(message, request_id):
-                        continue
-                    silent_timeouts = 0
-                    yield message
-                    if message.get("final", True) and message.get("message_type") != C.PROGRESS:
-                        return
+                if await sock.poll(exchange.timeout_s * 1000, zmq.POLLIN):
+                    message = exchange.accept((await sock.recv_multipart())[-1])
+                    if message is not None:
+                        yield message
+                        if _is_final(message):
+                            return
                     continue
-                silent_timeouts += 1
-                if silent_timeouts > retries:
-                    raise BrokerUnavailable(
-                        f"no reply from {self.endpoint} for request {request_id} after "
-                        f"{retries} resends, {timeout_s:.1f}s apart")
-                log.warning("no reply from %s in %.1fs; resending request %s (%d/%d)",
-                            self.endpoint, timeout_s, request_id, silent_timeouts, retries)
+                exchange.silence()
                 sock.close(linger=0)
                 sock = self._open()
-                await sock.send_multipart([b"", frame])
+                await sock.send_multipart([b"", exchange.frame])
         finally:
             sock.close(linger=0)
 
