@@ -49,6 +49,8 @@ class WorkerRecord:
     loading: bool = False            # a model_load_request is running on it
     _memory: dict | None = field(default=None, repr=False)
     _models_loaded: dict | None = field(default=None, repr=False)
+    _loaded_total_mb: float = field(default=0.0, repr=False)
+    _warm: frozenset = field(default=frozenset(), repr=False)
 
     # --- views the routing policy reads -------------------------------------------------
     @property
@@ -79,12 +81,28 @@ class WorkerRecord:
             if isinstance(m, dict) and "name" in m:
                 models[str(m["name"])] = float(m.get("size_mb") or 0.0)
         self._models_loaded = models
+        self._loaded_total_mb = sum(models.values())
+        self._warm = frozenset(models) | frozenset(telemetry.get("models_loading") or ())
 
     @property
     def memory(self) -> dict:
         if self._memory is None:
             self._build_views()
         return self._memory
+
+    @property
+    def loaded_total_mb(self) -> float:
+        """Sum of the sizes in models_loaded (what the worker could evict)."""
+        if self._models_loaded is None:
+            self._build_views()
+        return self._loaded_total_mb
+
+    @property
+    def warm(self) -> frozenset[str]:
+        """Models loaded or being loaded: a job needing only these loads nothing."""
+        if self._models_loaded is None:
+            self._build_views()
+        return self._warm
 
     @property
     def models_loaded(self) -> dict[str, float]:

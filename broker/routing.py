@@ -127,9 +127,9 @@ def _fits_now(needs: JobNeeds, worker: WorkerRecord) -> bool:
     if memory["total_mb"] <= 0:
         return True
     loaded = worker.models_loaded
-    need = needs.need_mb - sum(loaded.get(n, 0.0) for n in needs.models)
-    evictable = sum(mb for name, mb in loaded.items() if name not in needs.models)
-    return need <= memory["free_mb"] + evictable
+    own_loaded_mb = sum(loaded.get(n, 0.0) for n in needs.models)
+    evictable = worker.loaded_total_mb - own_loaded_mb
+    return needs.need_mb - own_loaded_mb <= memory["free_mb"] + evictable
 
 
 def unroutable_reason(job: Job, workers: Sequence[WorkerRecord]) -> str | None:
@@ -218,7 +218,7 @@ def _finish_s(needs: JobNeeds, worker: WorkerRecord, load_weight: float = 1.0,
     """Backlog of the jobs the worker holds (their dispatch-time estimates; one without an
     estimate counts this job's steps) + this job's steps + loads of the models neither loaded,
     loading nor brought by the backlog."""
-    have = set(worker.models_loaded) | set(worker.telemetry.get("models_loading") or ())
+    have = set(worker.warm)
     backlog_s, unknown = 0.0, 0
     for rid in worker.jobs:
         estimate = worker.estimates.get(rid)
