@@ -407,8 +407,8 @@ def print_table(args, import_s: float, threads: tuple[int, int], local: dict, co
     _row("round trip / in-process", f"{ratio:.3f}x; goal <= {GOAL_RATIO:.2f}x: {verdict}")
     spread = max(trip["plain_s"]) / min(trip["plain_s"])
     if spread > 1.2:
-        print(f"  note: the in-process samples differ by up to {(spread - 1) * 100:.0f}% (other load on "
-              "this machine); the ratio of medians is that noisy, use more --repeats")
+        print(f"  note: the in-process samples differ by up to {(spread - 1) * 100:.0f}%; the ratio of "
+              "medians is about that noisy, use more --repeats for a steadier one")
     pairs = [b / p for b, p in zip(trip["broker_s"], trip["plain_s"])]
     _row("per pair; fastest / fastest",
          f"{', '.join(f'{r:.3f}x' for r in pairs)}; {min(trip['broker_s']) / min(trip['plain_s']):.3f}x")
