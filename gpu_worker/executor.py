@@ -141,6 +141,11 @@ class DiffusersExecutor:
         self._step_time_s: dict[str, float] = {}
         os.makedirs(output_dir, exist_ok=True)
         _quiet_library_progress_bars()
+        # import the pipeline classes now (diffusers loads them lazily, ~1-3 s on this CPU):
+        # READY then means ready, and the first job does not pay for the import
+        import diffusers
+
+        diffusers.StableDiffusionXLPipeline, diffusers.StableDiffusionXLImg2ImgPipeline  # noqa: B018
         log.info("diffusers executor on %s (%s), cache budget %.0f MB", device, self._device_name,
                  cache_budget_mb)
 
