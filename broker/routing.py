@@ -293,7 +293,8 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,
                   rr: RoundRobin, sizes: dict[str, float] | None = None,
-                  waiting: int = 0, wanted: frozenset[str] = frozenset()) -> WorkerRecord | None:
+                  waiting: int = 0, wanted: frozenset[str] = frozenset(),
+                  live_count: int | None = None) -> WorkerRecord | None:
     """The worker to run `job` now, or None (no worker has room now, or none ever can).
     `waiting`: jobs in the broker's queue, which makes "smart" weigh model loads by the
     queue they hold up (load_weight_for); `wanted`: models queued jobs need, which "smart"
@@ -321,6 +322,8 @@ def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,
     # smart: rank every worker that could take the job (full ones too) by predicted finish;
     # if the best one is full, the job waits for it rather than going to a worse free one
     # (taking whichever worker freed a slot made smart no better than round-robin under load)
-    load_weight = load_weight_for(waiting, sum(1 for w in workers if not w.lost))
+    if live_count is None:   # the broker passes it: counting 1,000 workers per job adds up
+        live_count = sum(1 for w in workers if not w.lost)
+    load_weight = load_weight_for(waiting, live_count)
     best = _best(candidates, lambda w: (round(_finish_s(needs, w, load_weight, wanted) / _TIE_S), len(w.models_loaded)), rr)
     return best if len(best.jobs) < MAX_JOBS_PER_WORKER else None

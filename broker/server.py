@@ -418,7 +418,7 @@ class Broker(WorkerSide):
         live = self.registry.live()
         if not any(len(w.jobs) < W.MAX_JOBS_PER_WORKER for w in live):
             return
-        sizes = routing.known_model_sizes(live)
+        sizes = self.registry.model_sizes
         window = self.queue.head(_DISPATCH_LOOKAHEAD)
         waiting = len(self.queue)
         # models the jobs about to be considered need: smart routing avoids evicting them
@@ -426,7 +426,7 @@ class Broker(WorkerSide):
         for rid, _ in window:
             state = self.jobs[rid]
             worker = routing.choose_worker(state.job, live, self.config.routing, self.rr, sizes,
-                                           waiting=waiting, wanted=wanted)
+                                           waiting=waiting, wanted=wanted, live_count=len(live))
             if worker is None:
                 continue
             self.queue.remove(rid)

@@ -85,3 +85,22 @@ def test_liveness_with_injected_clock():
     a.jobs["job"] = 1
     a2, previous = reg.register(b"id-a2", {"worker_id": "a"})
     assert previous is a  # its jobs must be re-queued by the broker
+
+
+def test_registry_keeps_model_sizes_and_views_current_across_heartbeats():
+    reg = WorkerRegistry()
+    rec, _ = reg.register(b"id", {"worker_id": "w", "telemetry": {
+        "model_sizes_mb": {"refiner": 3000.0},
+        "models_loaded": [{"name": "base", "size_mb": 6500.0}]}})
+    assert reg.model_sizes == {"refiner": 3000.0, "base": 6500.0}
+    assert rec.warm == {"base"} and rec.loaded_total_mb == 6500.0
+    # a heartbeat with the same model lists keeps the views; a new load updates views and sizes
+    reg.touch(rec, {"model_sizes_mb": {"refiner": 3000.0},
+                    "models_loaded": [{"name": "base", "size_mb": 6500.0}],
+                    "memory": {"total_mb": 24000.0, "used_mb": 7000.0}})
+    assert rec.memory["free_mb"] == 17000.0 and rec.warm == {"base"}
+    reg.touch(rec, {"model_sizes_mb": {"refiner": 3000.0}, "models_loading": ["vae"],
+                    "models_loaded": [{"name": "base", "size_mb": 6500.0},
+                                      {"name": "cn-canny", "size_mb": 2500.0}]})
+    assert rec.warm == {"base", "cn-canny", "vae"} and rec.loaded_total_mb == 9000.0
+    assert reg.model_sizes["cn-canny"] == 2500.0
