@@ -388,6 +388,8 @@ def run(args: argparse.Namespace) -> int:
             exit_code = 1
             return exit_code
         endpoints = [broker.frontend_endpoint, broker.backend_endpoint]
+        if broker.local_frontend_endpoint:
+            endpoints.append(broker.local_frontend_endpoint)
         backend = connectable(broker.backend_endpoint)
         log.info("broker accepting on %s; workers connect to %s", broker.frontend_endpoint, backend)
         if settings["metrics_port"] is not None:

@@ -26,7 +26,8 @@ def test_serve_starts_shows_every_worker_and_stops_leaving_nothing(start_serve, 
     backend = f"ipc://{tmp_path}/be.sock"
     metrics_port = free_port()
     sp = start_serve(["--frontend", frontend, "--backend", backend, "--sim-workers", "2",
-                      "--sim-step-s", "0.1", "--state-dir", str(tmp_path / "state"), "--metrics-port", str(metrics_port)])
+                      "--sim-step-s", "0.1", "--state-dir", str(tmp_path / "state"), "--metrics-port", str(metrics_port),
+                      "--local-frontend", f"ipc://{tmp_path}/local.sock"])
     assert sp.endpoint == frontend
     children = sp.children()
     assert len(children) == 2
@@ -46,6 +47,9 @@ def test_serve_starts_shows_every_worker_and_stops_leaving_nothing(start_serve, 
         async with AsyncBrokerClient(frontend, timeout_s=5.0) as client:
             return await client.status()
     assert sorted(w["worker_id"] for w in asyncio.run(async_status())["workers"]) == ["sim-0", "sim-1"]
+    # the plain local frontend answers too (it is meant for tools beside a CURVE frontend)
+    local = json.loads(cli("status", "--endpoint", f"ipc://{tmp_path}/local.sock", "--json").stdout)
+    assert sorted(w["worker_id"] for w in local["workers"]) == ["sim-0", "sim-1"]
 
     # a job moves the counters a Prometheus scrape sees
     def scrape() -> str:
@@ -104,6 +108,7 @@ def test_serve_starts_shows_every_worker_and_stops_leaving_nothing(start_serve, 
     assert sp.stop(signal.SIGTERM) == 0
     assert all(gone(pid) for pid in children)
     assert not os.path.exists(tmp_path / "fe.sock") and not os.path.exists(tmp_path / "be.sock")
+    assert not os.path.exists(tmp_path / "local.sock")
     assert sp.stdout_lines == [f"ready {frontend}\n"]  # exactly one line on stdout
 
 
