@@ -116,7 +116,14 @@ class WorkerSide:
             data = msg.get("data") or {}
             metrics = data.get("processing_metrics")
             if isinstance(metrics, dict):
-                metrics["queue_time"] = round(state.dispatched_at - state.accepted_at, 6)
+                # from acceptance until the worker started it: the broker's queue, plus the wait
+                # of a job prefetched behind another on the worker (so queue + total = elapsed)
+                worker_total_s = metrics.get("total_time")
+                if isinstance(worker_total_s, (int, float)):
+                    queue_s = self.clock() - state.accepted_at - worker_total_s
+                else:
+                    queue_s = state.dispatched_at - state.accepted_at
+                metrics["queue_time"] = round(max(queue_s, 0.0), 6)
                 metrics.setdefault("worker_id", worker.worker_id)
             self._finish(state, final_reply(
                 state.reply_type, rid, success=True, data=data,

@@ -323,3 +323,22 @@ def test_smart_routing_sends_jobs_to_the_warm_worker(cluster):
     c.send(flat_request("first-b", model_base="model-b"))
     # both idle: the cold one (fewer models) takes model-b, leaving model-a warm where it is
     assert c.recv_final(10)["data"]["processing_metrics"]["worker_id"] != warm_a
+
+
+def test_queue_time_counts_the_wait_behind_a_job_on_the_worker(cluster):
+    cluster.start_broker()
+    cluster.start_worker("w1", step_s=0.05)
+    cluster.wait_workers("w1")
+    c = cluster.client()
+    started = time.monotonic()
+    c.send(flat_request("first", steps=10))    # runs ~0.5 s
+    c.send(flat_request("second", steps=2))    # prefetched onto the same worker, waits for it
+    replies = {r["request_id"]: r for r in (c.recv_final(20), c.recv_final(20))}
+    elapsed_s = time.monotonic() - started
+    first = replies["first"]["data"]["processing_metrics"]
+    second = replies["second"]["data"]["processing_metrics"]
+    # the second job waited at least the first one's run, though it left the broker at once
+    assert second["queue_time"] >= first["total_time"] * 0.9
+    # queue + worker time adds up to what the caller saw (transport is milliseconds)
+    assert second["queue_time"] + second["total_time"] <= elapsed_s
+    assert second["queue_time"] + second["total_time"] >= elapsed_s - 0.5
