@@ -59,6 +59,16 @@ def _finals(client, count: int, window_s: float = 1.0, timeout_s: float = 8.0) -
     return finals
 
 
+def _answer_and_expect_one_success_each(worker, jobs: dict, client) -> dict[str, list[dict]]:
+    """The worker answers every job; "a" and "b" each get exactly one final reply, a success."""
+    for job in jobs.values():
+        _result(worker, job)
+    finals = _finals(client, 2)
+    assert sorted(finals) == ["a", "b"], finals
+    assert all(len(replies) == 1 and replies[0]["success"] for replies in finals.values()), finals
+    return finals
+
+
 def _submit(cluster, *rids: str):
     client = cluster.client()
     for rid in rids:
@@ -83,11 +93,7 @@ def test_ready_again_from_a_new_socket_requeues_running_and_prefetched_jobs(clus
         _result(old, job)
     time.sleep(0.3)
     assert client.drain(0.2) == []                  # its answers reached nobody
-    for job in second.values():
-        _result(new, job)
-    finals = _finals(client, 2)
-    assert sorted(finals) == ["a", "b"]
-    assert all(len(replies) == 1 and replies[0]["success"] for replies in finals.values()), finals
+    _answer_and_expect_one_success_each(new, second, client)
     status = cluster.broker.status()
     assert status["broker"]["inflight"] == 0 and status["broker"]["queue_depth"] == 0
     old.close(0)
@@ -107,11 +113,7 @@ def test_ready_again_from_the_same_socket_requeues_its_jobs(cluster):
     for job in first.values():
         _result(w, job)
     assert client.drain(0.4) == []
-    for job in second.values():
-        _result(w, job)
-    finals = _finals(client, 2)
-    assert sorted(finals) == ["a", "b"]
-    assert all(len(replies) == 1 and replies[0]["success"] for replies in finals.values()), finals
+    _answer_and_expect_one_success_each(w, second, client)
     w.close(0)
 
 
@@ -137,11 +139,7 @@ def test_silent_worker_lost_then_back_reruns_its_jobs_once(cluster):
     _ready(w, "sim-0")
     second = _take_jobs(w, 2)
     assert {j["attempt"] for j in second.values()} == {2}
-    for job in second.values():
-        _result(w, job)
-    finals = _finals(client, 2)
-    assert sorted(finals) == ["a", "b"]
-    assert all(len(replies) == 1 and replies[0]["success"] for replies in finals.values()), finals
+    _answer_and_expect_one_success_each(w, second, client)
     w.close(0)
 
 
@@ -153,11 +151,7 @@ def test_disconnect_with_jobs_requeues_them_to_another_worker(cluster):
     other = _worker(cluster, "other")
     leaving.send(W.pack(W.DISCONNECT, reason="worker stopping"))
     second = _take_jobs(other, 2)
-    for job in second.values():
-        _result(other, job)
-    finals = _finals(client, 2)
-    assert sorted(finals) == ["a", "b"]
-    assert all(len(replies) == 1 and replies[0]["success"] for replies in finals.values()), finals
+    _answer_and_expect_one_success_each(other, second, client)
     leaving.close(0)
     other.close(0)
 
@@ -220,10 +214,6 @@ def test_a_failure_while_handling_a_lost_worker_does_not_strand_its_jobs(cluster
     assert cluster.worker_state("silent") == "lost"
     assert cluster.broker.status()["broker"]["queue_depth"] == 2   # re-queued, not stranded
     helper = _worker(cluster, "helper")
-    for job in _take_jobs(helper, 2).values():
-        _result(helper, job)
-    finals = _finals(client, 2)
-    assert sorted(finals) == ["a", "b"], finals
-    assert all(len(replies) == 1 and replies[0]["success"] for replies in finals.values()), finals
+    _answer_and_expect_one_success_each(helper, _take_jobs(helper, 2), client)
     silent.close(0)
     helper.close(0)
