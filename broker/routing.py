@@ -234,6 +234,10 @@ def _finish_s(needs: JobNeeds, worker: WorkerRecord, load_weight: float = 1.0,
             if name in wanted:
                 measured = worker.load_time_s(name)
                 load_s += DEFAULT_LOAD_TIME_S if measured is None else measured
+    if not worker.jobs:
+        # an idle worker's time is free: no queued job waits on its load (without this, a
+        # worker restarted cold under a long queue never got work while a warm one did)
+        load_weight = 1.0
     return backlog_s + unknown * run_s + run_s + load_weight * load_s
 
 
@@ -261,8 +265,8 @@ def load_weight_for(waiting: int, live_workers: int) -> float:
     A load delays the job itself (weight 1) and also takes device time from every job queued
     behind it: with `waiting` jobs queued over `live_workers` workers, about waiting/workers of
     them wait on this device. Counting that externality makes smart routing wait for a warm
-    worker when the queue is long and load freely when it is short (bench/replay.py: with it,
-    4 workers at 70% load went from 172 to 100 model loads, the oracle needing 86)."""
+    worker when the queue is long and load freely when it is short (docs/benchmarks.md). A
+    load on an idle worker counts once (_finish_s)."""
     return 1.0 + waiting / max(live_workers, 1)
 
 

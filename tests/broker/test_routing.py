@@ -171,11 +171,12 @@ def test_backlog_counts_models_its_queued_jobs_bring():
 
 
 def test_a_long_queue_makes_smart_wait_for_the_warm_worker_rather_than_load():
-    # warm worker: one job of 100 steps * 0.1 s ahead (10 s); cold one loads in 3 s.
-    # With nothing queued a 3 s load beats 10 s of waiting; with 8 jobs queued over 2 workers
-    # the load counts 1 + 4 = 5 times (15 s), so waiting for the warm worker wins.
+    # warm: one job of 100 steps * 0.1 s ahead (10 s); cold: busy with a 1 s job, then a 3 s
+    # load. Job of 10 s: warm finishes at 20 s, cold at 1 + 10 + 3 = 14 s with nothing queued;
+    # with 8 jobs queued over 2 workers the load counts 1 + 4 = 5 times (26 s): warm wins.
     warm = make_worker("warm", loaded={"tiny-sdxl": 2000.0}, jobs={"x": 1})
-    cold = make_worker("cold")
+    cold = make_worker("cold", jobs={"y": 1})   # busy too: a queue would wait on its load
+    cold.estimates["y"] = (1.0, ("other-model",))
     job = make_job(steps=100)
     assert routing.load_weight_for(0, 2) == 1.0
     assert routing.load_weight_for(8, 2) == 5.0
@@ -215,3 +216,10 @@ def test_the_running_job_counts_only_its_remaining_steps_once_the_heartbeat_show
     assert routing.predicted_finish_s(job, worker) == 2.5 + 1.0
     worker.current_job = "other"                               # a job it does not hold
     assert routing.predicted_finish_s(job, worker) == 10.0 + 1.0
+
+
+def test_a_load_on_an_idle_worker_counts_once_however_long_the_queue():
+    warm = make_worker("warm", loaded={"tiny-sdxl": 2000.0}, jobs={"x": 1})   # 10 s ahead
+    idle = make_worker("idle")                                               # 3 s load
+    job = make_job(steps=100)
+    assert routing.choose_worker(job, [warm, idle], "smart", routing.RoundRobin(), waiting=50) is idle
