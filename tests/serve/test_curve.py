@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 from broker.curve import make_keys
 from broker.server import Broker, BrokerConfig
 from clients.client import BrokerClient, BrokerUnavailable, RequestFailed
-from tests.serve.conftest import ROOT, wait_for
+from tests.serve.conftest import ROOT, stop_processes, wait_for
 
 
 @pytest.fixture
@@ -54,14 +53,7 @@ def spawn_worker():
         return proc
 
     yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    stop_processes(procs)
 
 
 def _worker_ids(broker: Broker) -> set[str]:

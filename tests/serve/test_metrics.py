@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.server import Broker, BrokerConfig
 from clients.client import BrokerClient
 from protocol import worker_protocol as W
-from tests.serve.conftest import ROOT, free_port, wait_for
+from tests.serve.conftest import ROOT, free_port, stop_processes, wait_for
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -47,14 +47,7 @@ def _spawn(argv: list[str]) -> subprocess.Popen:
 def processes():
     started: list[subprocess.Popen] = []
     yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+    stop_processes(started, timeout_s=15)
 
 
 @pytest.mark.slow
