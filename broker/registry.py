@@ -100,6 +100,14 @@ class WorkerRecord:
             self._build_memory_view()
         return self._memory
 
+    def reported_model_sizes(self) -> dict[str, float]:
+        """What this worker says about model sizes: its catalogue (model_sizes_mb), then the
+        sizes it measured when loading, which win."""
+        sizes = {str(name): float(mb)
+                 for name, mb in (self.telemetry.get("model_sizes_mb") or {}).items()}
+        sizes.update((name, mb) for name, mb in self.models_loaded.items() if mb > 0)
+        return sizes
+
     @property
     def loaded_total_mb(self) -> float:
         """Sum of the sizes in models_loaded (what the worker could evict)."""
@@ -241,13 +249,7 @@ class WorkerRegistry:
             self._learn_sizes(rec)
 
     def _learn_sizes(self, rec: WorkerRecord) -> None:
-        """Merge what a worker reports about model sizes into `model_sizes`: a catalogue
-        (model_sizes_mb) first, then sizes it measured when loading, which win."""
-        for name, mb in (rec.telemetry.get("model_sizes_mb") or {}).items():
-            self.model_sizes[str(name)] = float(mb)
-        for name, mb in rec.models_loaded.items():
-            if mb > 0:
-                self.model_sizes[name] = mb
+        self.model_sizes.update(rec.reported_model_sizes())
 
     def remove(self, rec: WorkerRecord) -> None:
         self._by_id.pop(rec.worker_id, None)

@@ -62,11 +62,7 @@ def job_models(job: Job) -> list[str]:
 def known_model_sizes(workers: Iterable[WorkerRecord]) -> dict[str, float]:
     sizes: dict[str, float] = {}
     for w in workers:
-        for name, mb in (w.telemetry.get("model_sizes_mb") or {}).items():
-            sizes[str(name)] = float(mb)
-        for name, mb in w.models_loaded.items():
-            if mb > 0:
-                sizes[name] = mb
+        sizes.update(w.reported_model_sizes())
     return sizes
 
 
