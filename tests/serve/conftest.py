@@ -47,6 +47,24 @@ def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 10.0) -> No
                 proc.wait(timeout=10)
 
 
+def start_long_job(frontend: str, client_timeout_s: float, request_id: str = "to-cancel"):
+    """A 150-step generation in a thread; returns (thread, event set once it is denoising,
+    dict that gets its final reply under "reply"), so a test can cancel it while it runs."""
+    from clients.client import BrokerClient
+
+    running, outcome = threading.Event(), {}
+
+    def long_job():
+        with BrokerClient(frontend, timeout_s=client_timeout_s) as client:
+            outcome["reply"] = client.generate(
+                prompt="slow", model_base="tiny-sdxl", steps=150, width=256, height=256,
+                request_id=request_id, raise_on_error=False,
+                on_progress=lambda e: e.get("stage") == "denoising" and running.set()).reply
+    job = threading.Thread(target=long_job, daemon=True)
+    job.start()
+    return job, running, outcome
+
+
 def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

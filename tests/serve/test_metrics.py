@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import pytest
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.server import Broker, BrokerConfig
 from clients.client import BrokerClient
 from protocol import worker_protocol as W
-from tests.serve.conftest import ROOT, free_port, stop_processes, wait_for
+from tests.serve.conftest import ROOT, free_port, start_long_job, stop_processes, wait_for
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -78,16 +77,7 @@ def test_scrape_shows_outcomes_error_codes_latency_queue_and_cache(processes, tm
                                   raise_on_error=False, request_id="bad-1").reply
         assert invalid["error_code"] == "validation_error"
         # one cancelled while running
-        running, outcome = threading.Event(), {}
-
-        def long_job():
-            with BrokerClient(frontend, timeout_s=15.0) as other:
-                outcome["reply"] = other.generate(
-                    prompt="slow", model_base="tiny-sdxl", steps=150, width=256, height=256,
-                    request_id="to-cancel", raise_on_error=False,
-                    on_progress=lambda e: e.get("stage") == "denoising" and running.set()).reply
-        job = threading.Thread(target=long_job, daemon=True)
-        job.start()
+        job, running, outcome = start_long_job(frontend, client_timeout_s=15.0)
         assert running.wait(15), outcome
         assert client.cancel("to-cancel")["cancelled"] is True
         job.join(15)

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from clients.client import AsyncBrokerClient, BrokerClient
-from tests.serve.conftest import cli, free_port, gone, wait_for
+from tests.serve.conftest import cli, free_port, gone, start_long_job, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +70,7 @@ def test_serve_starts_shows_every_worker_and_stops_leaving_nothing(start_serve, 
     refused = cli("cancel", "no-such-job", "--endpoint", frontend)
     assert refused.returncode == 1 and "no-such-job" in refused.stderr
     # cancel a running job from the terminal: its caller gets `cancelled`
-    running, outcome = threading.Event(), {}
-
-    def long_job():
-        with BrokerClient(frontend, timeout_s=10.0) as client:
-            outcome["reply"] = client.generate(
-                prompt="slow", model_base="tiny-sdxl", steps=150, width=256, height=256,
-                request_id="to-cancel", raise_on_error=False,
-                on_progress=lambda e: e.get("stage") == "denoising" and running.set()).reply
-    job = threading.Thread(target=long_job, daemon=True)
-    job.start()
+    job, running, outcome = start_long_job(frontend, client_timeout_s=10.0)
     assert running.wait(20)
     cancelled = cli("cancel", "to-cancel", "--endpoint", frontend)
     assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["cancelled"] is True
