@@ -25,9 +25,6 @@ class Peer:
     is_req: bool = False          # REQ peers get the final reply only, never progress
     local: bool = False           # came in on the NULL-security local frontend
 
-    def frames(self, body: bytes) -> list[bytes]:
-        return [*self.envelope, body]
-
 
 @dataclass
 class JobState:
@@ -45,6 +42,10 @@ class JobState:
     worker_id: str | None = None
     dispatched_at: float = 0.0
     lost_workers: list[str] = field(default_factory=list)
+    # computed once, reused on every dispatch pass and attempt (the job never changes):
+    wire: dict | None = None          # job.to_wire()
+    needs: object = None              # routing.JobNeeds, valid for needs_sizes_version
+    needs_sizes_version: int = -1     # registry.model_sizes_version it was computed with
 
     @property
     def wants_progress(self) -> bool:

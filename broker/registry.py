@@ -195,6 +195,7 @@ class WorkerRegistry:
         # every model size a worker reported, kept up to date as heartbeats change it: routing
         # reads it per dispatch instead of walking every worker (1,000 workers: ~10 ms a pass)
         self.model_sizes: dict[str, float] = {}
+        self.model_sizes_version = 0   # bumped when model_sizes changes: cached estimates go stale
 
     @property
     def expiry_s(self) -> float:
@@ -249,7 +250,11 @@ class WorkerRegistry:
             self._learn_sizes(rec)
 
     def _learn_sizes(self, rec: WorkerRecord) -> None:
-        self.model_sizes.update(rec.reported_model_sizes())
+        sizes = self.model_sizes
+        for name, mb in rec.reported_model_sizes().items():
+            if sizes.get(name) != mb:
+                sizes[name] = mb
+                self.model_sizes_version += 1
 
     def remove(self, rec: WorkerRecord) -> None:
         self._by_id.pop(rec.worker_id, None)

@@ -237,10 +237,13 @@ def _finish_s(needs: JobNeeds, worker: WorkerRecord, load_weight: float = 1.0,
     return backlog_s + unknown * run_s + run_s + load_weight * load_s
 
 
-def dispatch_estimate(job: Job, worker: WorkerRecord) -> tuple[float, tuple[str, ...], float, int]:
+def dispatch_estimate(job: Job, worker: WorkerRecord,
+                      needs: JobNeeds | None = None) -> tuple[float, tuple[str, ...], float, int]:
     """What the broker records on a worker when it sends it `job` (see WorkerRecord.estimates):
-    (seconds of loads and steps, models it brings, seconds of steps, progress steps in total)."""
-    needs = JobNeeds.of(job, {})
+    (seconds of loads and steps, models it brings, seconds of steps, progress steps in total).
+    `needs`: the job's JobNeeds when the caller has it (its memory estimate is not used here)."""
+    if needs is None:
+        needs = JobNeeds.of(job, {})
     have = set(worker.models_loaded)
     for rid in worker.jobs:
         have.update(worker.estimates.get(rid, (0.0, ()))[1])
@@ -294,14 +297,15 @@ def _same(a: tuple, b: tuple) -> bool:
 def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,
                   rr: RoundRobin, sizes: dict[str, float] | None = None,
                   waiting: int = 0, wanted: frozenset[str] = frozenset(),
-                  live_count: int | None = None) -> WorkerRecord | None:
+                  live_count: int | None = None, needs: JobNeeds | None = None) -> WorkerRecord | None:
     """The worker to run `job` now, or None (no worker has room now, or none ever can).
     `waiting`: jobs in the broker's queue, which makes "smart" weigh model loads by the
     queue they hold up (load_weight_for); `wanted`: models queued jobs need, which "smart"
-    avoids evicting."""
-    if sizes is None:
-        sizes = known_model_sizes(w for w in workers if not w.lost)
-    needs = JobNeeds.of(job, sizes)
+    avoids evicting. `needs`: JobNeeds.of(job, sizes) when the caller keeps it per job."""
+    if needs is None:
+        if sizes is None:
+            sizes = known_model_sizes(w for w in workers if not w.lost)
+        needs = JobNeeds.of(job, sizes)
     if policy == "smart":
         candidates = [w for w in workers if not w.lost and _static_reason(needs, w) is None
                       and _fits_now(needs, w)]

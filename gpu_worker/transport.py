@@ -6,8 +6,14 @@ Two threads, one job each:
   what is loaded) when the broker stays silent for heartbeat_liveness intervals or says
   DISCONNECT.
 - the busy thread runs executor.run / load_model / cleanup, so a long job never stops the
-  heartbeat. It hands its messages to the IO thread over an inproc PUSH/PULL pair (each end
-  owned by one thread).
+  heartbeat. It sends its own PROGRESS / RESULT / ERROR on the DEALER, under a lock.
+Sharing the socket: ZeroMQ allows a socket to pass between threads behind a full memory barrier
+(the lock), but not a blocking zmq_poll in one thread while another sends. So the IO thread
+waits on the socket's ZMQ_FD (an OS file descriptor: waiting on it does not touch the socket)
+and reads under the lock. ZMQ_FD is edge-triggered and any socket call may consume its signal,
+so after each send the busy thread checks ZMQ_EVENTS and wakes the IO thread (a pipe) when a
+message is waiting. This replaced an inproc PUSH/PULL hop through the IO thread per message:
+one thread wake-up less per job (bench/broker_overhead.py).
 On reconnect every job the worker holds is aborted: the broker has re-routed them already.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import socket as pysocket
 import threading
 import time
@@ -58,9 +65,11 @@ class WorkerTransport:
         self._current_step = 0
         self._jobs_done = 0
         self._jobs_failed = 0
-        self._pipe_endpoint = f"inproc://worker-out-{uuid.uuid4().hex}"
-        self._pull = self.context.socket(zmq.PULL)   # IO thread's end, bound before the busy thread
-        self._pull.bind(self._pipe_endpoint)
+        self._dealer: zmq.Socket | None = None      # used by both threads, only under the lock
+        self._dealer_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()      # busy thread -> IO thread: "a message waits"
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._busy_thread = threading.Thread(target=self._busy_loop, name="worker-busy", daemon=True)
         self.fatal: str | None = None
         self.registered = threading.Event()
@@ -72,50 +81,83 @@ class WorkerTransport:
     def run(self) -> int:
         """The IO loop, in the calling thread, until stop() or a fatal refusal. Returns an exit code."""
         self._busy_thread.start()
-        dealer = self._connect()
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(self._pull, zmq.POLLIN)
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        dealer_fd = self._reconnect(poller, None)
         interval_s = self.heartbeat_interval_s
         next_heartbeat = time.monotonic() + interval_s
         broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
         try:
             while not self._stop.is_set():
                 timeout_ms = max(0.0, min(next_heartbeat - time.monotonic(), 0.1)) * 1000
-                events = dict(poller.poll(timeout_ms))
-                if self._pull in events:
-                    # forward everything the busy thread produced
-                    for frame in _readable(self._pull):
-                        dealer.send(frame)
+                if any(fd == self._wake_r for fd, _ in poller.poll(timeout_ms)):
+                    _drain_pipe(self._wake_r)
+                now = time.monotonic()
+                beat = None
+                if now >= next_heartbeat:   # telemetry is gathered outside the lock
+                    beat = W.pack(W.HEARTBEAT, **self._heartbeat_fields())
+                    next_heartbeat = now + interval_s
+                with self._dealer_lock:
+                    if beat is not None:
+                        self._dealer.send(beat)
+                    # last call on the socket before waiting: ZMQ_FD signals anything after it
+                    frames = _read_all(self._dealer)
                 reconnect = False
-                if dealer in events:
-                    for frame in _readable(dealer):
-                        broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
-                        if self._handle(frame) == "reconnect":
-                            reconnect = True
+                if frames:
+                    broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
+                for frame in frames:
+                    if self._handle(frame) == "reconnect":
+                        reconnect = True
                 if self.fatal:
                     return 1
-                now = time.monotonic()
-                if not reconnect and now > broker_deadline:
+                if not reconnect and time.monotonic() > broker_deadline:
                     log.warning("worker %s: broker silent for %.1f s, reconnecting",
                                 self.worker_id, interval_s * self.heartbeat_liveness)
                     reconnect = True
                 if reconnect:
-                    poller.unregister(dealer)
-                    dealer.close(linger=0)
                     self._abort_all()
-                    dealer = self._connect()
-                    poller.register(dealer, zmq.POLLIN)
+                    dealer_fd = self._reconnect(poller, dealer_fd)
                     broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
-                if now >= next_heartbeat:
-                    dealer.send(W.pack(W.HEARTBEAT, **self._heartbeat_fields()))
-                    next_heartbeat = now + interval_s
-            dealer.send(W.pack(W.DISCONNECT, reason="worker stopping"))
+            with self._dealer_lock:
+                self._dealer.send(W.pack(W.DISCONNECT, reason="worker stopping"))
             return 0
         finally:
             self._tasks.put(None)
-            dealer.close(linger=200)
-            self._pull.close(linger=0)
+            with self._dealer_lock:
+                if self._dealer is not None:
+                    self._dealer.close(linger=200)
+                    self._dealer = None
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _reconnect(self, poller, old_fd: int | None) -> int:
+        """A new DEALER (READY sent) in place of the old one; returns its ZMQ_FD, registered."""
+        with self._dealer_lock:
+            if self._dealer is not None:
+                self._dealer.close(linger=0)
+            self._dealer = self._connect()
+            fd = self._dealer.getsockopt(zmq.FD)
+        if old_fd is not None:
+            poller.unregister(old_fd)
+        poller.register(fd, select.POLLIN)
+        return fd
+
+    def _send(self, frame: bytes) -> None:
+        """Send from the busy thread; wake the IO thread if the call consumed a ZMQ_FD signal
+        for a message that is now waiting."""
+        with self._dealer_lock:
+            dealer = self._dealer
+            if dealer is None:   # stopping
+                return
+            try:
+                dealer.send(frame, _NOBLOCK)
+            except zmq.Again:   # the broker has not read for a long time; it re-runs the job
+                log.warning("worker %s: broker not reading; message dropped", self.worker_id)
+            if dealer.getsockopt(_EVENTS) & _POLLIN:
+                try:
+                    os.write(self._wake_w, b"!")
+                except BlockingIOError:   # the pipe is full of wake-ups already
+                    pass
 
     # --- IO thread ---------------------------------------------------------------------------
     def _connect(self) -> zmq.Socket:
@@ -195,22 +237,16 @@ class WorkerTransport:
 
     # --- busy thread -------------------------------------------------------------------------
     def _busy_loop(self) -> None:
-        push = self.context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(self._pipe_endpoint)
-        try:
-            while True:
-                task = self._tasks.get()
-                if task is None:
-                    return
-                if task[0] == "job":
-                    self._run_job(push, task[1], task[2])
-                else:
-                    self._run_manage(push, task[1], task[2])
-        finally:
-            push.close()
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            if task[0] == "job":
+                self._run_job(task[1], task[2])
+            else:
+                self._run_manage(task[1], task[2])
 
-    def _run_job(self, push: zmq.Socket, key: tuple[str, int], job_wire: dict) -> None:
+    def _run_job(self, key: tuple[str, int], job_wire: dict) -> None:
         request_id, dispatch_id = key
         started = time.perf_counter()
         self._current, self._current_step = key, 0
@@ -222,31 +258,31 @@ class WorkerTransport:
             def progress(stage: str, step: int, total_steps: int) -> None:
                 self._current_step = step
                 if job.stream:
-                    push.send(W.pack(W.PROGRESS, request_id=request_id, dispatch_id=dispatch_id,
+                    self._send(W.pack(W.PROGRESS, request_id=request_id, dispatch_id=dispatch_id,
                                      stage=stage, step=step, total_steps=total_steps))
 
             data = self.executor.run(job, progress, lambda: key in self._aborted)
             if key in self._aborted:  # finished anyway (e.g. a pipeline that decodes after interrupt)
                 raise JobError(C.CANCELLED, "aborted")
             warnings = list(data.pop("warnings", []) or [])
-            push.send(W.pack(W.RESULT, request_id=request_id, dispatch_id=dispatch_id, data=data,
+            self._send(W.pack(W.RESULT, request_id=request_id, dispatch_id=dispatch_id, data=data,
                              warnings=warnings, execution_time=time.perf_counter() - started))
             self._jobs_done += 1
         except JobError as exc:
             self._jobs_failed += 1
-            push.send(W.pack(W.ERROR, request_id=request_id, dispatch_id=dispatch_id, code=exc.code,
+            self._send(W.pack(W.ERROR, request_id=request_id, dispatch_id=dispatch_id, code=exc.code,
                              message=exc.message, details=exc.details))
         except Exception as exc:  # an executor bug fails this job, never the worker
             self._jobs_failed += 1
             log.exception("worker %s: job %s failed", self.worker_id, request_id)
-            push.send(W.pack(W.ERROR, request_id=request_id, dispatch_id=dispatch_id,
+            self._send(W.pack(W.ERROR, request_id=request_id, dispatch_id=dispatch_id,
                              code=C.INTERNAL_ERROR, message=f"{type(exc).__name__}: {exc}", details={}))
         finally:
             self._current, self._current_step = None, 0
             self._held.discard(key)
             self._aborted.discard(key)
 
-    def _run_manage(self, push: zmq.Socket, op_id, msg: dict) -> None:
+    def _run_manage(self, op_id, msg: dict) -> None:
         op, args = msg.get("op"), msg.get("args") or {}
         try:
             if op == W.MANAGE_LOAD_MODEL:
@@ -255,26 +291,34 @@ class WorkerTransport:
                 data = self.executor.cleanup(args.get("models"))
             else:
                 raise JobError(C.UNKNOWN_MESSAGE_TYPE, f"unknown management op {op!r}")
-            push.send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=True, data=data))
+            self._send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=True, data=data))
         except JobError as exc:
-            push.send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=False, code=exc.code,
+            self._send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=False, code=exc.code,
                              error=exc.message, data=None))
         except Exception as exc:
             log.exception("worker %s: %s failed", self.worker_id, op)
-            push.send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=False, code=C.INTERNAL_ERROR,
+            self._send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=False, code=C.INTERNAL_ERROR,
                              error=f"{type(exc).__name__}: {exc}", data=None))
 
 
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
-def _readable(sock: zmq.Socket):
-    """Every frame waiting on a socket the poller reported readable (asks EVENTS rather than
-    reading until zmq.Again: the exception costs more than the message)."""
-    first = True
-    while first or sock.getsockopt(_EVENTS) & _POLLIN:
-        first = False
+def _read_all(sock: zmq.Socket) -> list[bytes]:
+    """Every frame waiting on the socket; ends with a ZMQ_EVENTS check that says none waits
+    (asks EVENTS rather than reading until zmq.Again: the exception costs more than a message)."""
+    frames = []
+    while sock.getsockopt(_EVENTS) & _POLLIN:
         try:
-            yield sock.recv(_NOBLOCK)
+            frames.append(sock.recv(_NOBLOCK))
         except zmq.Again:
-            return
+            break
+    return frames
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

@@ -164,7 +164,8 @@ def test_wide_lists_and_deep_lists_in_msgpack():
      "b": b"\x00\x01\xff", 7: "int key"},
     {"nan": float("nan"), "inf": [float("inf")], "ok": 1.0},
 ])
-def test_json_replies_encode_as_json_dumps_did(obj):
+def test_json_replies_read_back_as_json_dumps_output_does(obj):
+    """orjson encodes replies; a JSON parser must read the same value json.dumps gave."""
     def default(o):
         if isinstance(o, bytes):
             return base64.b64encode(o).decode("ascii")
@@ -173,7 +174,11 @@ def test_json_replies_encode_as_json_dumps_did(obj):
         expected = json.dumps(obj, default=default, allow_nan=False, separators=(",", ":"))
     except ValueError:
         expected = json.dumps(codec._finite(obj), default=default, separators=(",", ":"))
-    assert codec.encode(obj, C.CODEC_JSON) == expected.encode()
+    assert json.loads(codec.encode(obj, C.CODEC_JSON)) == json.loads(expected)
+
+
+def test_json_reply_with_an_int_beyond_64_bits_still_encodes():
+    assert json.loads(codec.encode({"n": 2**70}, C.CODEC_JSON)) == {"n": 2**70}
 
 
 def test_unknown_fields_are_named_in_field_order_at_every_level():
