@@ -250,14 +250,15 @@ class Broker(WorkerSide):
                 wait_s = min(next_heartbeat - now, 0.05)
                 if self._deadlines:
                     wait_s = min(wait_s, self._deadlines[0][0] - now)
-                idle = not (self.jobs or self.manage_ops)
-                if idle:
-                    wait_s = min(wait_s, next_idle_batch - time.monotonic())
+                poller = poll_all
+                if not (self.jobs or self.manage_ops):   # idle: the backend has its turn
+                    until_batch_s = next_idle_batch - time.monotonic()
+                    if until_batch_s > 0:
+                        poller, wait_s = poll_clients, min(wait_s, until_batch_s)
+                    else:   # this poll includes the backend (and waits for it if it is quiet)
+                        next_idle_batch = time.monotonic() + _IDLE_BACKEND_BATCH_S
                 # whole milliseconds, rounded up: pyzmq truncates, and 0 would spin until the time
-                events = dict((poll_clients if idle else poll_all).poll(math.ceil(max(wait_s, 0.0) * 1000)))
-                if idle and time.monotonic() >= next_idle_batch:
-                    next_idle_batch = time.monotonic() + _IDLE_BACKEND_BATCH_S
-                    events[self.backend] = zmq.POLLIN   # read whatever waits (maybe nothing)
+                events = dict(poller.poll(math.ceil(max(wait_s, 0.0) * 1000)))
                 with self._lock:
                     if self.backend in events:
                         self._drain(self.backend, self._on_backend, copy=True)
@@ -328,8 +329,7 @@ class Broker(WorkerSide):
         # ask EVENTS instead of reading until zmq.Again: an exception per wake-up costs more
         # than the rest of handling a heartbeat (measured with 1,000 workers)
         for index in range(_BATCH):
-            # the poller said readable, so the first read needs no check (a zmq.Again when
-            # the idle batch read finds nothing)
+            # the poller said readable, so the first read needs no check
             if index and not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
             try:
