@@ -214,7 +214,7 @@ def _finish_s(needs: JobNeeds, worker: WorkerRecord, load_weight: float = 1.0,
     """Backlog of the jobs the worker holds (their dispatch-time estimates; one without an
     estimate counts this job's steps) + this job's steps + loads of the models neither loaded,
     loading nor brought by the backlog."""
-    have = set(worker.warm)
+    have = worker.warm   # copied below only when the backlog brings more models
     backlog_s, unknown = 0.0, 0
     for rid in worker.jobs:
         estimate = worker.estimates.get(rid)
@@ -222,7 +222,8 @@ def _finish_s(needs: JobNeeds, worker: WorkerRecord, load_weight: float = 1.0,
             unknown += 1
         else:
             backlog_s += _remaining_s(worker, rid, estimate)
-            have.update(estimate[1])
+            if not have.issuperset(estimate[1]):
+                have = have.union(estimate[1])
     run_s, load_s = _own_cost_s(needs, worker, have)
     if load_s and wanted:
         # evicting a model that queued jobs want costs one more load later
@@ -276,8 +277,11 @@ class RoundRobin:
     counts: dict[str, int] = field(default_factory=dict)
 
     def pick(self, tied: Sequence[WorkerRecord]) -> WorkerRecord:
-        ordered = sorted(tied, key=lambda w: w.worker_id)
-        chosen = next((w for w in ordered if w.worker_id > self.last_worker_id), ordered[0])
+        if len(tied) == 1:   # the usual case: no rotation to decide
+            chosen = tied[0]
+        else:
+            ordered = sorted(tied, key=lambda w: w.worker_id)
+            chosen = next((w for w in ordered if w.worker_id > self.last_worker_id), ordered[0])
         self.last_worker_id = chosen.worker_id
         self.counts[chosen.worker_id] = self.counts.get(chosen.worker_id, 0) + 1
         return chosen
