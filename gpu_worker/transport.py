@@ -12,7 +12,7 @@ Sharing the socket: ZeroMQ allows a socket to pass between threads behind a full
 waits on the socket's ZMQ_FD (an OS file descriptor: waiting on it does not touch the socket)
 and reads under the lock. ZMQ_FD is edge-triggered and any socket call may consume its signal,
 so after each send the busy thread checks ZMQ_EVENTS and wakes the IO thread (a pipe) when a
-message is waiting. This replaced an inproc PUSH/PULL hop through the IO thread per message:
+message is waiting, and the IO thread waits only after a ZMQ_EVENTS check found nothing. This replaced an inproc PUSH/PULL hop through the IO thread per message:
 one thread wake-up less per job (bench/broker_overhead.py).
 On reconnect every job the worker holds is aborted: the broker has re-routed them already.
 """
@@ -89,9 +89,6 @@ class WorkerTransport:
         broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
         try:
             while not self._stop.is_set():
-                timeout_ms = max(0.0, min(next_heartbeat - time.monotonic(), 0.1)) * 1000
-                if any(fd == self._wake_r for fd, _ in poller.poll(timeout_ms)):
-                    _drain_pipe(self._wake_r)
                 now = time.monotonic()
                 beat = None
                 if now >= next_heartbeat:   # telemetry is gathered outside the lock
@@ -118,6 +115,12 @@ class WorkerTransport:
                     self._abort_all()
                     dealer_fd = self._reconnect(poller, dealer_fd)
                     broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
+                    continue   # read (ZMQ_EVENTS) before the first wait on the new socket
+                # wait only after a ZMQ_EVENTS check found nothing: a new socket's ZMQ_FD does
+                # not signal its first message until one has (a 100 ms stall on the first job)
+                timeout_ms = max(0.0, min(next_heartbeat - time.monotonic(), 0.1)) * 1000
+                if any(fd == self._wake_r for fd, _ in poller.poll(timeout_ms)):
+                    _drain_pipe(self._wake_r)
             with self._dealer_lock:
                 self._dealer.send(W.pack(W.DISCONNECT, reason="worker stopping"))
             return 0
