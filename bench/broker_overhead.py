@@ -147,7 +147,8 @@ def measure(endpoint: str, inflight: int, seconds: float, flat: bool, tag: str,
     ctx.term()
     rtts.sort()
     return {"n": done, "p50_us": statistics.median(rtts) * 1e6,
-            "p99_us": rtts[int(len(rtts) * 0.99) - 1] * 1e6, "rps": done / elapsed,
+            "p99_us": rtts[int(len(rtts) * 0.99) - 1] * 1e6, "max_us": rtts[-1] * 1e6,
+            "rps": done / elapsed,
             "broker_cpu_us": broker_cpu / done * 1e6 if broker_pid else float("nan")}
 
 
@@ -225,11 +226,11 @@ def main() -> int:
         for p in procs:
             (p.join() if isinstance(p, mp.Process) else p.wait())
 
-    print(f"\n{'configuration':<24}{'inflight':>9}{'p50 us':>10}{'p99 us':>10}{'req/s':>10}{'n':>8}"
-          f"{'broker CPU us/req':>19}")
+    print(f"\n{'configuration':<24}{'inflight':>9}{'p50 us':>10}{'p99 us':>10}{'max us':>10}"
+          f"{'req/s':>10}{'n':>8}{'broker CPU us/req':>19}")
     for (name, n), r in results.items():
-        print(f"{name:<24}{n:>9}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}{r['rps']:>10.0f}{r['n']:>8}"
-              f"{r['broker_cpu_us']:>19.0f}")
+        print(f"{name:<24}{n:>9}{r['p50_us']:>10.0f}{r['p99_us']:>10.0f}{r['max_us']:>10.0f}"
+              f"{r['rps']:>10.0f}{r['n']:>8}{r['broker_cpu_us']:>19.0f}")
     print(f"(load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     for n in (1, 64):
         b, c = results[("b zguide lbbroker", n)], results[("c sdxl-broker + sim", n)]

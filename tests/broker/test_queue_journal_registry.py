@@ -104,3 +104,17 @@ def test_registry_keeps_model_sizes_and_views_current_across_heartbeats():
                                       {"name": "cn-canny", "size_mb": 2500.0}]})
     assert rec.warm == {"base", "cn-canny", "vae"} and rec.loaded_total_mb == 9000.0
     assert reg.model_sizes["cn-canny"] == 2500.0
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_stored_reply_is_a_serialized_copy_in_both_journals(kind):
+    """Both journals keep msgpack bytes, not the reply dict (a dict per stored reply made the
+    memory journal's garbage-collector pauses grow with traffic): a later change to the dict
+    does not reach the stored reply, image bytes stay bytes, tuples come back as lists."""
+    j = Journal(None) if kind == "sqlite" else MemoryJournal()
+    reply = {"success": True, "data": {"image": b"\x89PNG", "size": (8, 8)}}
+    j.finish("r", "fp", "msgpack", reply)
+    reply["data"]["image"] = b"changed"
+    stored = j.stored_reply("r")
+    assert stored.reply == {"success": True, "data": {"image": b"\x89PNG", "size": [8, 8]}}
+    assert (stored.fingerprint, stored.codec) == ("fp", "msgpack")
