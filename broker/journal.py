@@ -85,7 +85,7 @@ class Journal:
 
     def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict) -> None:
         """Store the final reply and drop the job row, in one transaction."""
-        blob = msgpack.packb(reply, use_bin_type=True, default=_msgpack_default)
+        blob = _pack_reply(reply)
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
@@ -100,8 +100,7 @@ class Journal:
             return None
         if self.wall_clock() - row[3] > self.reply_ttl_s:
             return None
-        reply = msgpack.unpackb(row[2], raw=False, strict_map_key=False)
-        return StoredReply(request_id, row[0], row[1], reply)
+        return StoredReply(request_id, row[0], row[1], _unpack_reply(row[2]))
 
     def pending(self) -> list[PendingJob]:
         """Accepted jobs without a final reply, oldest first (to re-queue after a restart)."""
@@ -125,6 +124,15 @@ class Journal:
         jobs = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
         replies = self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
         return {"jobs": jobs, "replies": replies}
+
+
+def _pack_reply(reply: dict) -> bytes:
+    """The stored form of a final reply, in both journals."""
+    return msgpack.packb(reply, use_bin_type=True, default=_msgpack_default)
+
+
+def _unpack_reply(blob: bytes) -> dict:
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
 
 def _msgpack_default(obj):
@@ -158,7 +166,7 @@ class MemoryJournal:
         self._jobs[request_id] = PendingJob(request_id, body, fingerprint, self.wall_clock())
 
     def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict) -> None:
-        blob = msgpack.packb(reply, use_bin_type=True, default=_msgpack_default)
+        blob = _pack_reply(reply)
         self._replies.pop(request_id, None)
         self._replies[request_id] = (fingerprint, codec, blob, self.wall_clock())
         self._jobs.pop(request_id, None)
@@ -170,8 +178,7 @@ class MemoryJournal:
         if entry is None or self.wall_clock() - entry[3] > self.reply_ttl_s:
             return None
         fingerprint, codec, blob, _ = entry
-        return StoredReply(request_id, fingerprint, codec,
-                           msgpack.unpackb(blob, raw=False, strict_map_key=False))
+        return StoredReply(request_id, fingerprint, codec, _unpack_reply(blob))
 
     def pending(self) -> list[PendingJob]:
         return sorted(self._jobs.values(), key=lambda p: p.accepted_at)
