@@ -42,15 +42,21 @@ def stdlib_decode(frame: bytes):
     return json.loads(frame.decode("utf-8-sig"), parse_constant=refuse)
 
 
+def with_and_without_orjson(request, monkeypatch, module) -> str:
+    """For a fixture parametrized ["orjson", other]: skip the orjson case when it is not
+    installed; in the other case hide orjson from `module`."""
+    if request.param == "orjson":
+        if module.orjson is None:
+            pytest.skip("orjson is not installed")
+    else:
+        monkeypatch.setattr(module, "orjson", None)
+    return request.param
+
+
 @pytest.fixture(params=["orjson", "stdlib"])
 def json_parser(request, monkeypatch):
     """Runs a test with orjson (when installed) and with the stdlib parser alone."""
-    if request.param == "orjson":
-        if codec.orjson is None:
-            pytest.skip("orjson is not installed")
-    else:
-        monkeypatch.setattr(codec, "orjson", None)
-    return request.param
+    return with_and_without_orjson(request, monkeypatch, codec)
 
 
 json_values = st.recursive(
@@ -254,12 +260,7 @@ def reference_fingerprint(body: dict) -> str:
 @pytest.fixture(params=["orjson", "plain"])
 def key_check(request, monkeypatch):
     """Runs a test with the orjson key check and without it (every body the slow way)."""
-    if request.param == "orjson":
-        if parse.orjson is None:
-            pytest.skip("orjson is not installed")
-    else:
-        monkeypatch.setattr(parse, "orjson", None)
-    return request.param
+    return with_and_without_orjson(request, monkeypatch, parse)
 
 
 def test_fingerprints_stay_what_the_journal_already_holds(key_check):
