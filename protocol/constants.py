@@ -126,3 +126,8 @@ MAX_TAGS = 64
 MAX_LIST_ITEMS = 32  # LoRAs, ControlNets, textual inversions, workers, models per request
 DEFAULT_UPSCALE_METHOD = "lanczos"
 DEFAULT_CONTROLNET_RESOLUTION = 512  # the seed's preprocessor.resolution
+
+# --- progress previews (preview: true, or stream: "preview") ------------------------------
+STREAM_PREVIEW = "preview"  # the `stream` value that asks for progress with previews
+DEFAULT_PREVIEW_SIZE = 256  # longest side of a preview image, pixels
+MIN_PREVIEW_SIZE, MAX_PREVIEW_SIZE = 32, 1024

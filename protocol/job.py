@@ -109,6 +109,8 @@ class Job(_Frozen):
     timeout_s: float = C.DEFAULT_TIMEOUT_S
     tags: tuple[str, ...] = ()
     stream: bool = False  # progress messages wanted
+    preview: bool = False  # progress events carry a preview image of the latents (implies stream)
+    preview_size: int = C.DEFAULT_PREVIEW_SIZE  # longest side of a preview, pixels
 
     # Field names the client set explicitly; lets the legacy view emit exactly what was sent
     # (the first seed's examples omit hyperparameters that were not given).

@@ -126,6 +126,16 @@ WorkerType = Annotated[str, StringConstraints(max_length=100),
                        AfterValidator(_choice((C.WORKER_BASIC, C.WORKER_ENHANCED))),
                        WithJsonSchema({"type": "string",
                                        "enum": [C.WORKER_BASIC, C.WORKER_ENHANCED]})]
+# progress wanted: true/false, or "preview" for progress with preview images
+def _stream(value: Any) -> Union[bool, str]:
+    if isinstance(value, bool) or value == C.STREAM_PREVIEW:
+        return value
+    raise ValueError('must be true, false or "preview"')
+
+
+Stream = Annotated[Union[bool, str], PlainValidator(_stream),
+                   WithJsonSchema({"anyOf": [{"type": "boolean"}, {"const": C.STREAM_PREVIEW}]})]
+PreviewSize = Annotated[int, Field(ge=C.MIN_PREVIEW_SIZE, le=C.MAX_PREVIEW_SIZE)]
 Tags = Annotated[list[Annotated[str, StringConstraints(max_length=200)]],
                  Field(max_length=C.MAX_TAGS)]
 
@@ -189,7 +199,9 @@ class FlatGenerateRequest(Edge):
     priority: Optional[Priority] = None
     timeout: Optional[TimeoutS] = None
     tags: Optional[Tags] = None
-    stream: Optional[bool] = None
+    stream: Optional[Stream] = None
+    preview: Optional[bool] = None  # progress events carry a preview image (implies stream)
+    preview_size: Optional[PreviewSize] = None
 
 
 # --- nested: inference_request (the Phase 6 seed's EnhancedRequestTransformer) ----------------
@@ -272,7 +284,9 @@ class NestedMetadata(Edge):
     priority: Optional[Priority] = None
     timeout: Optional[TimeoutS] = None
     tags: Optional[Tags] = None
-    stream: Optional[bool] = None  # extension: progress messages wanted
+    stream: Optional[Stream] = None  # extension: progress messages wanted
+    preview: Optional[bool] = None  # extension: progress with preview images
+    preview_size: Optional[PreviewSize] = None
 
 
 class TextualInversionItem(Edge):
@@ -323,7 +337,9 @@ class NestedData(Edge):
 class NestedGenerateRequest(Edge):
     message_type: Literal["inference_request"] = C.GENERATE_NESTED
     request_id: Optional[Id] = None
-    stream: Optional[bool] = None  # progress wanted (or data.metadata.stream)
+    stream: Optional[Stream] = None  # progress wanted (or data.metadata.stream)
+    preview: Optional[bool] = None  # progress with previews (or data.metadata.preview)
+    preview_size: Optional[PreviewSize] = None
     data: NestedData
 
 
@@ -392,7 +408,9 @@ class LegacyMetadata(Edge):
     priority: Optional[Priority] = None
     timeout: Optional[TimeoutS] = None
     tags: Optional[Tags] = None
-    stream: Optional[bool] = None
+    stream: Optional[Stream] = None
+    preview: Optional[bool] = None
+    preview_size: Optional[PreviewSize] = None
     device: Optional[Name] = None
 
 
@@ -412,7 +430,9 @@ class LegacyGenerateRequest(Edge):
     message_type: Optional[Literal["generate"]] = None
     session_id: Optional[Id] = None
     request_id: Optional[Id] = None
-    stream: Optional[bool] = None  # progress wanted
+    stream: Optional[Stream] = None  # progress wanted
+    preview: Optional[bool] = None  # progress with previews
+    preview_size: Optional[PreviewSize] = None
     prompt_submission: PromptSubmission
 
 

@@ -28,7 +28,8 @@ from protocol.job import Job
 log = logging.getLogger(__name__)
 
 ERROR_REPLY_TYPE = "error_response"  # the reply type for a body whose type is unknown
-_TRANSPORT_ONLY = ("stream",)  # fields that change delivery, not the job
+_TRANSPORT_ONLY = ("stream", "preview", "preview_size")  # fields that change delivery, not the job
+_TRANSPORT_ONLY_SET = frozenset(_TRANSPORT_ONLY)
 _STR_ONLY = frozenset({str})
 
 
@@ -280,8 +281,8 @@ def body_fingerprint(body: dict) -> str:
         if isinstance(body, dict) else body
     data = trimmed.get("data") if isinstance(trimmed, dict) else None
     if isinstance(data, dict) and isinstance(data.get("metadata"), dict) \
-            and "stream" in data["metadata"]:
-        meta = {k: v for k, v in data["metadata"].items() if k != "stream"}
+            and not _TRANSPORT_ONLY_SET.isdisjoint(data["metadata"]):
+        meta = {k: v for k, v in data["metadata"].items() if k not in _TRANSPORT_ONLY_SET}
         trimmed = {**trimmed, "data": {**data, "metadata": meta}}
     if _keys_all_str(trimmed):  # what decoded JSON always is: no rebuilding needed
         text = _FINGERPRINT_ENCODER.encode(trimmed)

@@ -136,12 +136,20 @@ def _padded(items, count: int):
     return items if len(items) >= count else [*items, *([None] * (count - len(items)))]
 
 
+def _delivery(stream, preview: Optional[bool], preview_size: Optional[int]) -> dict[str, Any]:
+    """Job.stream / preview / preview_size from a form's fields: `stream: "preview"` or
+    `preview: true` asks for previews, and previews imply progress."""
+    wants_preview = preview is True or stream == C.STREAM_PREVIEW
+    return {"stream": True if wants_preview else stream,
+            "preview": True if wants_preview else preview, "preview_size": preview_size}
+
+
 # --- forms -> Job ------------------------------------------------------------------------------
 
 # flat fields that keep their name in the Job
 _FLAT_SAME_NAME = ("prompt_2", "negative_prompt", "negative_prompt_2", "width", "height", "steps",
                    "guidance_scale", "seed", "strength", "clip_skip", "refiner_switch",
-                   "batch_size", "init_image", "mask_image", "device", "priority", "stream")
+                   "batch_size", "init_image", "mask_image", "device", "priority")
 # flat field -> (Job section, field in it)
 _FLAT_IN_SECTIONS = (("output_format", "output", "format"), ("output_quality", "output", "quality"),
                      ("save_path", "output", "save_path"),
@@ -157,6 +165,7 @@ def flat_to_job(m: M.FlatGenerateRequest, *, default_model_base: Optional[str] =
     fields, explicit, sections = b.fields, b.explicit, b.sections
     given = m.__dict__  # the validated field values (pydantic keeps them in __dict__)
     b.copy(given, _FLAT_SAME_NAME)
+    b.update(_delivery(m.stream, m.preview, m.preview_size))
     b.set_scheduler(m.scheduler, m.use_karras_sigmas)
     b.set("timeout_s", m.timeout)
     b.set("tags", tuple(m.tags) if m.tags is not None else None)
@@ -236,8 +245,10 @@ def nested_to_job(m: M.NestedGenerateRequest, *, default_model_base: Optional[st
         "mask_image": d.mask_image, "device": d.device,
         "batch_size": d.batch.size if d.batch is not None else None,
         "priority": meta.priority, "timeout_s": meta.timeout,
-        "tags": tuple(meta.tags) if meta.tags is not None else None,
-        "stream": m.stream if m.stream is not None else meta.stream})
+        "tags": tuple(meta.tags) if meta.tags is not None else None})
+    b.update(_delivery(m.stream if m.stream is not None else meta.stream,
+                       m.preview if m.preview is not None else meta.preview,
+                       m.preview_size if m.preview_size is not None else meta.preview_size))
     b.set_scheduler(d.scheduler, d.use_karras_sigmas)
 
     if d.lora is not None and d.lora.models:
@@ -319,7 +330,9 @@ def legacy_to_job(m: M.LegacyGenerateRequest, *, default_model_base: Optional[st
     b.set("timeout_s", meta.timeout)
     b.set("tags", tuple(meta.tags) if meta.tags is not None else None)
     b.set("device", meta.device)
-    b.set("stream", m.stream if m.stream is not None else meta.stream)
+    b.update(_delivery(m.stream if m.stream is not None else meta.stream,
+                       m.preview if m.preview is not None else meta.preview,
+                       m.preview_size if m.preview_size is not None else meta.preview_size))
     return b.build(form=C.FORM_LEGACY, request_id=m.session_id or m.request_id, prompt=cond.prompt,
                    base=model.base or default_model_base, refiner=model.refiner, vae=model.vae)
 
@@ -367,6 +380,7 @@ def job_to_legacy(job: Job) -> dict:
     meta = {key: value for key, name, value in (
         ("priority", "priority", job.priority), ("timeout", "timeout_s", _number(job.timeout_s)),
         ("tags", "tags", list(job.tags)), ("stream", "stream", job.stream),
+        ("preview", "preview", job.preview), ("preview_size", "preview_size", job.preview_size),
         ("device", "device", job.device)) if name in ex}
     if meta:
         submission["metadata"] = meta
@@ -426,6 +440,10 @@ def job_to_nested(job: Job) -> dict:
                 "timeout": _number(job.timeout_s), "tags": list(job.tags)}
     if job.stream:
         metadata["stream"] = True
+    if job.preview:
+        metadata["preview"] = True
+    if "preview_size" in job.explicit:
+        metadata["preview_size"] = job.preview_size
     data: dict[str, Any] = {
         "worker_type": job.worker_type,
         "prompt": job.prompt,
@@ -477,7 +495,7 @@ def job_to_flat(job: Job, *, full: bool = False) -> dict:
     for name in ("prompt_2", "negative_prompt", "negative_prompt_2", "width", "height", "steps",
                  "guidance_scale", "seed", "strength", "scheduler", "use_karras_sigmas",
                  "clip_skip", "refiner_switch", "batch_size", "init_image", "mask_image",
-                 "device", "priority", "stream"):
+                 "device", "priority", "stream", "preview", "preview_size"):
         if want(name) and (getattr(job, name) is not None):
             body[name] = getattr(job, name)
     if want("timeout_s"):
