@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 from protocol import constants as C
+from protocol import normalize
 from protocol import worker_protocol as W
 from protocol.errors import ProtocolError
 from protocol.replies import error_reply, final_reply
@@ -74,7 +75,7 @@ def _initialize(broker, peer, parsed) -> None:
                for w in live]
     data = {"ready": bool(live), "devices": devices,
             "models_loaded": {w.worker_id: sorted(w.models_loaded) for w in live},
-            "workers": len(live)}
+            "workers": len(live), "schedulers": list(normalize.SCHEDULER_NAMES)}
     warnings = list(parsed.warnings or [])
     if not live:
         warnings.append("no worker is registered yet")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, PngImagePlugin
 
+from gpu_worker.schedulers import a1111_sampler_name
 from protocol import constants as C
 from protocol.errors import JobError
 
@@ -27,14 +28,6 @@ _EXTENSION = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_UPSCALE_FACTOR = 4.0
 
-# A1111 "Sampler" names for the diffusers classes, so tools that parse `parameters` recognise them
-SAMPLER_NAMES = {
-    "DPMSolverMultistepScheduler": "DPM++ 2M", "DDIMScheduler": "DDIM",
-    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
-    "DPMSolverSinglestepScheduler": "DPM++ SDE", "KDPM2DiscreteScheduler": "DPM2",
-    "KDPM2AncestralDiscreteScheduler": "DPM2 a", "HeunDiscreteScheduler": "Heun",
-    "LMSDiscreteScheduler": "LMS", "UniPCMultistepScheduler": "UniPC",
-}
 
 
 @dataclass(frozen=True)
@@ -98,7 +91,7 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, scheduler
                      use_karras_sigmas: bool, guidance_scale: float, seed: int, width: int,
                      height: int, model: str, extra: dict | None = None) -> str:
     """The `parameters` text A1111 writes: prompt, `Negative prompt:` line, then key: value pairs."""
-    sampler = SAMPLER_NAMES.get(scheduler, scheduler) + (" Karras" if use_karras_sigmas else "")
+    sampler = a1111_sampler_name(scheduler, use_karras_sigmas)
     pairs = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{guidance_scale:g}", "Seed": seed,
              "Size": f"{width}x{height}", "Model": model}
     for key, value in (extra or {}).items():

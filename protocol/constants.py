@@ -109,6 +109,9 @@ SCHEDULERS = (
     "KDPM2AncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
     "UniPCMultistepScheduler",
 )
+# A1111 samplers no class + Karras flag can express: a Job's `scheduler` may hold one of these
+# names instead of a class; gpu_worker/schedulers.py maps each to a diffusers class + config
+SAMPLER_SCHEDULERS = ("DPM++ 2M SDE", "DPM++ 3M SDE", "DPM++ 2S a", "LCM")
 CONTROLNET_TYPES = ("canny", "depth", "pose", "scribble", "normal", "seg", "lineart")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DTYPES = ("float16", "bfloat16", "float32")

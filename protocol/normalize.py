@@ -43,13 +43,24 @@ _alias("KDPM2AncestralDiscreteScheduler", True, "DPM2 a Karras")
 _alias("LMSDiscreteScheduler", True, "LMS Karras")
 _alias("EulerDiscreteScheduler", True, "Euler Karras")
 _alias("HeunDiscreteScheduler", True, "Heun Karras")
+# A1111 samplers that need more than class + Karras (gpu_worker/schedulers.py has their config)
+for _sampler in C.SAMPLER_SCHEDULERS:
+    _alias(_sampler, None, _sampler)
+_alias("DPM++ 2M SDE", True, "DPM++ 2M SDE Karras")
+_alias("DPM++ 3M SDE", True, "DPM++ 3M SDE Karras")
+_alias("DPM++ 2S a", True, "DPM++ 2S a Karras")
+_alias("EulerAncestralDiscreteScheduler", True, "Euler a Karras")
+_alias("UniPCMultistepScheduler", True, "UniPC Karras")
 
 SCHEDULER_NAMES = tuple(sorted({*C.SCHEDULERS, "DPMSolverMultistep", "DDIM", "EulerDiscrete",
                                 "EulerAncestral", "DPMSolverSinglestep", "KDPM2Discrete",
                                 "KDPM2Ancestral", "HeunDiscrete", "LMSDiscrete", "UniPCMultistep",
                                 "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE", "DPM++ SDE Karras",
                                 "Euler", "Euler a", "DDIM", "Heun", "LMS", "UniPC", "DPM2",
-                                "DPM2 a"}))
+                                "DPM2 a", "DPM2 Karras", "DPM2 a Karras", "LMS Karras", "Euler Karras",
+                                "Heun Karras", "Euler a Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras",
+                                "DPM++ 3M SDE", "DPM++ 3M SDE Karras", "DPM++ 2S a", "DPM++ 2S a Karras",
+                                "LCM"}))
 
 
 def resolve_scheduler(name: str) -> tuple[str, bool | None]:

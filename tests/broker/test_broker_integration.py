@@ -213,6 +213,7 @@ def test_management_messages(cluster):
     init = c.recv(5)
     assert init["message_type"] == "initialize_response" and init["data"]["ready"] is True
     assert init["data"]["devices"][0]["worker_id"] == "w1"
+    assert {"DPM++ 2M SDE Karras", "Euler a Karras", "LCM", "EulerDiscreteScheduler"} <= set(init["data"]["schedulers"])
 
     c.send({"message_type": "model_load_request", "request_id": "load",
             "data": {"model_name": "tiny-sdxl"}})
