@@ -390,9 +390,15 @@ class Broker(WorkerSide):
                 return
             active.attach(peer)
             log.info("request %s resent while %s: attached", rid, active.state)
-            if job.stream and not peer.is_req and active.state == QUEUED:
-                self._send_to(peer, progress_message(rid, "queued",
-                                                     queue_position=self.queue.position(rid)))
+            if job.stream and not peer.is_req:
+                # answered at once, so a client checking on a quiet job (a long model load, a
+                # long queue) hears the broker is alive and never has to warn
+                if active.state == QUEUED or active.last_progress is None:
+                    stage = "queued" if active.state == QUEUED else "loading"
+                    self._send_to(peer, progress_message(rid, stage, queue_position=self.queue.position(rid),
+                                                         worker_id=active.worker_id))
+                else:
+                    self._send_to(peer, active.last_progress)
             return
         stored = self.journal.stored_reply(rid)
         if stored is not None:
@@ -422,7 +428,7 @@ class Broker(WorkerSide):
 
     def _enqueue(self, state: JobState, front: bool = False) -> None:
         self.jobs[state.request_id] = state
-        state.state, state.worker_id = QUEUED, None
+        state.state, state.worker_id, state.last_progress = QUEUED, None, None
         if front:
             self.queue.push_front(state.request_id, state.job.priority, None)
         else:
@@ -535,6 +541,7 @@ class Broker(WorkerSide):
         if stage not in C.STAGES:
             return
         message = progress_message(state.request_id, stage, **fields)
+        state.last_progress = message
         for peer in state.peers:
             if not peer.is_req:
                 self._send_to(peer, message)

@@ -3,12 +3,16 @@
 The bar (on stderr) shows the queue position while the job waits, then the denoising steps.
 When it is done, stdout lists where the images are: the paths the worker saved them under
 (on the broker's host), or, with --out DIR, the files written here from the returned bytes.
+The request id goes to stderr as soon as the request is sent. Ctrl-C cancels the job on the
+broker and says whether that worked; a second Ctrl-C quits at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -72,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the images here (they are returned over the socket)")
     add_connection_arguments(parser)
     parser.add_argument("--timeout-s", type=float, default=30.0,
-                        help="silence after which the request is resent (same id)")
+                        help="once the broker has answered: silence after which the client asks "
+                             "again (same request id); 3 unanswered tries give up")
     parser.add_argument("--json", action="store_true", help="print the final reply as JSON instead")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -158,22 +163,49 @@ class _ProgressView:
                                   completed=task.total or 1)
 
 
+CANCEL_WAIT_S = 5.0   # how long Ctrl-C waits for the broker to confirm the cancel
+
+
+def _cancel_after_interrupt(client, request_id: str) -> int:
+    """Ctrl-C: cancel the job on the broker (else it runs to the end unseen), say what happened;
+    a second Ctrl-C leaves at once. Exit code 130, as for any interrupted command."""
+    from clients.client import BrokerUnavailable, RequestFailed
+
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    print(f"\ninterrupted: cancelling request {request_id} (Ctrl-C again to quit at once)",
+          file=sys.stderr, flush=True)
+    try:
+        data = client.cancel(request_id, timeout_s=CANCEL_WAIT_S)
+    except RequestFailed as exc:   # e.g. it had just finished
+        print(f"request {request_id} was not cancelled: {exc.reply.get('error')}", file=sys.stderr)
+    except BrokerUnavailable as exc:
+        print(f"could not cancel request {request_id}: {exc}\n"
+              f"  it may still run; try: sdxl-broker cancel {request_id}", file=sys.stderr)
+    else:
+        print(f"cancelled request {request_id} (it was {data.get('state', '?')})", file=sys.stderr)
+    return 130
+
+
 def run(args: argparse.Namespace) -> int:
-    from clients.client import BrokerUnavailable, client_from_args
+    from clients.client import BrokerUnavailable, client_from_args, generation_body
 
     try:
-        fields = build_fields(args)
+        body = generation_body(**build_fields(args))
         client = client_from_args(args, timeout_s=args.timeout_s)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    request_id = body["request_id"]
     show_bar = not (args.no_progress or args.json) and sys.stderr.isatty()
     with client:
+        print(f"request {request_id} -> {client.endpoint}", file=sys.stderr, flush=True)
         view = _ProgressView(show_bar)
         try:
             with view:
-                result = client.generate(on_progress=view.update, raise_on_error=False, **fields)
+                result = client.generate(body, on_progress=view.update, raise_on_error=False)
                 view.finish()
+        except KeyboardInterrupt:
+            return _cancel_after_interrupt(client, request_id)
         except BrokerUnavailable as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3

@@ -11,8 +11,12 @@ from clients.client import add_connection_arguments
 
 def add_arguments(parser: argparse.ArgumentParser, command_name: str = "status") -> None:
     add_connection_arguments(parser)
-    parser.add_argument("--timeout-s", type=float, default=5.0,
-                        help="silence after which the request is resent (default 5)")
+    # a load or cleanup is answered when the workers are done (a real SDXL load can take
+    # minutes); a resend before that would start a second one
+    timeout_s = {"load": 600.0, "cleanup": 60.0}.get(command_name, 5.0)
+    parser.add_argument("--timeout-s", type=float, default=timeout_s,
+                        help=f"once the broker has answered: silence after which the request is "
+                             f"resent (default {timeout_s:g})")
     parser.add_argument("--retries", type=int, default=1, help="resends before giving up (default 1)")
     parser.add_argument("--json", action="store_true", help="print the reply data as JSON")
     if command_name == "status":

@@ -8,13 +8,20 @@
 Sends any of the three generation forms as a ready-made body (`client.request(body)`), or a
 plain keyword call (`generate(prompt=..., ...)`, flat `generate_sdxl_enhanced` field names).
 
-Reliability is the Lazy Pirate pattern: each request gets its own DEALER socket; when nothing
-arrives from the broker for `timeout_s`, the socket is closed (linger 0) and reopened and the
-*same* body, with the same `request_id`, is sent again, up to `retries` times in a row. The
-broker attaches a resend to the running job or answers it from its stored reply (and after a
-restart, from its journal), so a broker restart costs the caller nothing. Any message from the
-broker (a progress event too) resets the silence timer, so generations longer than
-`timeout_s` are fine; `generate` asks for progress (`stream: true`) to get those messages.
+Reliability, the same for both clients (`_Exchange` holds the rules, the two clients only do
+the socket calls):
+- First contact fails fast. A broker answers a query at once and acknowledges an accepted
+  generation at once with a `queued` progress event (`generate` always asks for progress). So
+  when nothing arrives within `connect_timeout_s` (default 5 s, $SDXL_BROKER_CONNECT_TIMEOUT_S),
+  the request fails with BrokerUnavailable naming the endpoint and what the socket saw: nothing
+  listening, a refused CURVE handshake, or a peer that connected but said nothing. A body a
+  broker may take minutes to answer (a model load) is preceded by a status query for that check.
+- After that, Lazy Pirate: each request has its own DEALER socket; after `timeout_s` without
+  any message from the broker, the socket is closed (linger 0) and the *same* frame, same
+  `request_id`, goes again on a fresh one. The broker attaches a resend to the running job and
+  answers it at once with the job's current stage (or the stored reply, after a restart from
+  its journal), so a queued job never looks dead and a broker restart costs the caller nothing.
+  Only resends that go unanswered are warned about; `retries` of them in a row give up.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import base64
 import io
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +39,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from protocol import codec
 from protocol import constants as C
@@ -38,6 +47,8 @@ from protocol import constants as C
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = os.environ.get("SDXL_BROKER_ENDPOINT", "tcp://127.0.0.1:5555")
+# how long a first contact may stay unanswered before the request fails with a diagnosis
+DEFAULT_CONNECT_TIMEOUT_S = float(os.environ.get("SDXL_BROKER_CONNECT_TIMEOUT_S", "5"))
 ProgressCallback = Callable[[dict], None]
 
 
@@ -219,19 +230,67 @@ def _is_final(message: dict) -> bool:
     return message.get("final", True) and message.get("message_type") != C.PROGRESS
 
 
-class _Exchange:
-    """One request's Lazy Pirate bookkeeping, shared by the sync and asyncio clients: the
-    encoded frame, which replies belong to it, and the count of silent time-outs."""
+# management queries a live broker answers at once; anything else (a model load, cleanup, a
+# generation that does not ask for progress) may take minutes before its one reply
+_ANSWERED_AT_ONCE = frozenset({C.STATUS, C.STATUS_LEGACY, C.INITIALIZE, C.CANCEL})
 
-    def __init__(self, client: "BrokerClient", body: dict, timeout_s: float | None,
+
+def _answered_at_once(body: dict) -> bool:
+    """True when a live broker answers this body within moments: a query replies at once, and
+    an accepted generation that asks for progress is acknowledged with a `queued` event."""
+    kind = body.get("message_type") or body.get("action")
+    if kind in C.GENERATION_TYPES:
+        return _wants_stream(body)
+    return kind in _ANSWERED_AT_ONCE
+
+
+_HANDSHAKE_FAILED = frozenset({zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                               zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                               zmq.EVENT_HANDSHAKE_FAILED_AUTH})
+_WATCHED_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+class _Exchange:
+    """One request's reliability rules, without sockets: the sync and asyncio clients tell it
+    what happened (a frame arrived, a socket event, silence) and do what it says.
+
+    - First contact: until the broker has said anything, the wait is `connect_timeout_s`; then
+      the request fails at once with what the socket saw (nothing listening, a refused CURVE
+      handshake, a silent peer), never after minutes of resends.
+    - Once the broker has answered, the wait is `timeout_s` of silence since its last message.
+      Then the same frame goes again on a fresh socket (Lazy Pirate): a live broker answers a
+      resent generation at once with its current stage, so only a resend that also goes
+      unanswered is worth a warning, and `retries` of those in a row give up."""
+
+    def __init__(self, client: "_ClientBase", body: dict, timeout_s: float | None,
                  retries: int | None):
         body = _ensure_request_id(body)
+        self.body = body
         self.endpoint = client.endpoint
+        self.uses_curve = client.uses_curve
         self.request_id = _request_id_of(body)
         self.frame = codec.encode(body, client.codec_name)
         self.timeout_s = client.timeout_s if timeout_s is None else timeout_s
         self.retries = client.retries if retries is None else retries
-        self.silent_timeouts = 0
+        self.connect_timeout_s = client.connect_timeout_s
+        self.heard = False          # the broker has answered this request (or a ping before it)
+        self.unanswered = 0         # resends in a row that got nothing back
+        self.events: set[int] = set()   # socket events seen while making first contact
+
+    @property
+    def needs_ping(self) -> bool:
+        """A body a live broker may take minutes to answer is preceded by a status query, so
+        first contact is still checked within connect_timeout_s."""
+        return not self.heard and not _answered_at_once(self.body)
+
+    @property
+    def watching(self) -> bool:
+        return not self.heard
+
+    def wait_s(self) -> float:
+        return self.timeout_s if self.heard else self.connect_timeout_s
 
     def accept(self, payload: bytes) -> dict | None:
         """The decoded reply if it answers this request, else None (a broken frame or another
@@ -243,20 +302,51 @@ class _Exchange:
             return None
         if not _matches(message, self.request_id):
             return None
-        self.silent_timeouts = 0
+        self.heard = True
+        self.unanswered = 0
         return message
 
+    def note_event(self, event: int) -> None:
+        self.events.add(event)
+
     def silence(self) -> None:
-        """No reply within timeout_s: raise BrokerUnavailable once the resends are used up;
-        else the caller opens a fresh socket (it may be stuck on a dead peer) and resends
-        the same frame, same request_id."""
-        self.silent_timeouts += 1
-        if self.silent_timeouts > self.retries:
+        """wait_s passed with nothing from the broker. Raises BrokerUnavailable when it was
+        never reached, or stopped answering; else the caller resends on a fresh socket."""
+        if not self.heard:
+            raise BrokerUnavailable(self.first_contact_failure())
+        if self.unanswered >= self.retries:
             raise BrokerUnavailable(
-                f"no reply from {self.endpoint} for request {self.request_id} after "
-                f"{self.retries} resends, {self.timeout_s:.1f}s apart")
-        log.warning("no reply from %s in %.1fs; resending request %s (%d/%d)", self.endpoint,
-                    self.timeout_s, self.request_id, self.silent_timeouts, self.retries)
+                f"the broker at {self.endpoint} stopped answering request {self.request_id}: "
+                f"nothing for {self.timeout_s:g}s, then no answer to {self.retries} resends "
+                f"(is it still running?)")
+        self.unanswered += 1
+        # the first resend is the routine "still there?" after a quiet spell (a long model
+        # load): a live broker answers it at once, so only later ones deserve a warning
+        level = logging.DEBUG if self.unanswered == 1 else logging.WARNING
+        log.log(level, "no message from %s for %.1fs; resending request %s (%d/%d)",
+                self.endpoint, self.timeout_s, self.request_id, self.unanswered, self.retries)
+
+    def first_contact_failure(self) -> str:
+        where, waited = self.endpoint, f"{self.connect_timeout_s:g}s"
+        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in self.events:
+            return (f"the broker at {where} refused this client's CURVE key: copy the client's "
+                    "public key (client.key) into the broker's --curve-allowed-keys folder")
+        if self.events & _HANDSHAKE_FAILED:
+            if self.uses_curve:
+                return (f"the CURVE handshake with {where} failed: --curve-server-key is not this "
+                        "broker's public key, or the broker does not use CURVE")
+            return (f"{where} refused a plain connection: the broker probably uses CURVE; pass "
+                    "--curve-server-key FILE --curve-client-key FILE (made by `sdxl-broker keys`)")
+        if self.events & {zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_CONNECTED}:
+            return (f"{where} accepted the connection but did not answer within {waited}: is it "
+                    "the broker's frontend (not its --backend, not another program), and is the "
+                    "broker overloaded? (--connect-timeout-s waits longer)")
+        if zmq.EVENT_CONNECT_RETRIED in self.events:
+            return (f"nothing is listening at {where}: is `sdxl-broker serve` (or `broker`) "
+                    "running, and is --endpoint / $SDXL_BROKER_ENDPOINT right?")
+        return (f"no answer from {where} within {waited} and no connection made: is the host "
+                "reachable (address, firewall)? is a broker running there? if it uses CURVE, "
+                "pass --curve-server-key and --curve-client-key")
 
 
 def _matches(message: dict, request_id: str | None) -> bool:
@@ -266,25 +356,67 @@ def _matches(message: dict, request_id: str | None) -> bool:
     return request_id is None or rid is None or rid == request_id
 
 
-# --- the sync client ------------------------------------------------------------------------
-class BrokerClient:
-    """Blocking client. Thread-safe: every request uses its own socket."""
+class _Connection:
+    """One DEALER for one attempt of one request, plus a monitor socket while first contact is
+    not made yet (its events explain a failure), and the deadline of the current wait."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout_s: float = 30.0,
-                 retries: int = 3, codec_name: str = C.CODEC_MSGPACK,
-                 curve_server_key: bytes | None = None,
-                 curve_client_keys: tuple[bytes, bytes] | None = None,
-                 context: zmq.Context | None = None):
+    def __init__(self, client: "_ClientBase", exchange: _Exchange, poller_class):
+        self.sock = client._context.socket(zmq.DEALER)
+        client._configure(self.sock)
+        self.monitor = self.sock.get_monitor_socket(_WATCHED_EVENTS) if exchange.watching else None
+        self.sock.connect(client.endpoint)
+        self.poller = poller_class()
+        self.poller.register(self.sock, zmq.POLLIN)
+        if self.monitor is not None:
+            self.poller.register(self.monitor, zmq.POLLIN)
+        self.deadline = time.monotonic() + exchange.wait_s()
+
+    def remaining_ms(self) -> int:
+        return max(int((self.deadline - time.monotonic()) * 1000), 0)
+
+    def heard(self, exchange: _Exchange) -> None:
+        """The broker answered: stop watching the socket, and wait timeout_s from now."""
+        self.deadline = time.monotonic() + exchange.wait_s()
+        self._stop_monitor()
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is not None:
+            self.poller.unregister(self.monitor)
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+
+    def close(self) -> None:
+        self._stop_monitor()
+        self.sock.close(linger=0)
+
+
+def _event_of(frames: list) -> int:
+    return parse_monitor_message(frames)["event"]
+
+
+# --- what both clients offer ----------------------------------------------------------------
+class _ClientBase:
+    """Configuration and socket set-up shared by the sync and asyncio clients."""
+
+    def __init__(self, endpoint: str, *, timeout_s: float, retries: int,
+                 connect_timeout_s: float, codec_name: str,
+                 curve_server_key: bytes | None, curve_client_keys: tuple[bytes, bytes] | None,
+                 context: zmq.Context):
         if codec_name not in (C.CODEC_JSON, C.CODEC_MSGPACK):
             raise ValueError(f"codec_name must be json or msgpack, not {codec_name!r}")
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.retries = retries
+        self.connect_timeout_s = connect_timeout_s
         self.codec_name = codec_name
         self._curve_server_key = curve_server_key
         self._curve_client_keys = curve_client_keys
-        self._own_context = context is None
-        self._context = context or zmq.Context()
+        self._context = context
+
+    @property
+    def uses_curve(self) -> bool:
+        return self._curve_server_key is not None
 
     @classmethod
     def with_curve(cls, endpoint: str, server_public_file: str, client_secret_file: str,
@@ -295,7 +427,6 @@ class BrokerClient:
         server_key, pair = client_keys(server_public_file, client_secret_file)
         return cls(endpoint, curve_server_key=server_key, curve_client_keys=pair, **kwargs)
 
-    # --- socket handling (shared with the async client) ---------------------------------
     def _configure(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
         if self._curve_server_key is not None:
@@ -304,35 +435,100 @@ class BrokerClient:
             sock.curve_publickey = public
             sock.curve_secretkey = secret
 
-    def _open(self) -> zmq.Socket:
-        sock = self._context.socket(zmq.DEALER)
-        self._configure(sock)
-        sock.connect(self.endpoint)
-        return sock
+    # --- the conveniences: each builds a body and says how to read the reply; `_call` is
+    # synchronous in BrokerClient and returns an awaitable in AsyncBrokerClient ---------------
+    def generate(self, body: dict | None = None, /, *, on_progress: ProgressCallback | None = None,
+                 raise_on_error: bool = True, timeout_s: float | None = None, **fields: Any):
+        """Generate from a ready body (any of the three forms) or keyword fields (flat form).
+        Raises RequestFailed when the broker reports a failure (unless raise_on_error=False)."""
+        if body is None:
+            body = generation_body(**fields)
+        elif fields:
+            raise TypeError("pass either a body or keyword fields, not both")
 
-    # --- the core exchange ------------------------------------------------------------------
+        def result(reply: dict) -> GenerationResult:
+            if raise_on_error and not reply.get("success"):
+                raise RequestFailed(reply)
+            return GenerationResult.from_reply(reply)
+        return self._call(_with_stream(body), result, on_progress=on_progress, timeout_s=timeout_s)
+
+    def status(self):
+        return self._call({"message_type": C.STATUS}, _data_or_raise)
+
+    def initialize(self):
+        return self._call({"message_type": C.INITIALIZE}, _data_or_raise)
+
+    def load_model(self, model_name: str, device: str | None = None, *,
+                   timeout_s: float | None = None):
+        return self._call(load_body(model_name, device), _data_or_raise, timeout_s=timeout_s)
+
+    def cleanup(self, workers: list[str] | None = None, models: list[str] | None = None):
+        return self._call(cleanup_body(workers, models), _data_or_raise)
+
+    def cancel(self, request_id: str, *, timeout_s: float | None = None):
+        return self._call(cancel_body(request_id), _data_or_raise, timeout_s=timeout_s)
+
+    def _call(self, body: dict, read: Callable[[dict], Any], **options: Any):
+        raise NotImplementedError
+
+
+def _data_or_raise(reply: dict) -> dict:
+    if not reply.get("success"):
+        raise RequestFailed(reply)
+    return reply.get("data") or {}
+
+
+def _ping_body() -> dict:
+    return {"message_type": C.STATUS, "request_id": uuid.uuid4().hex}
+
+
+# --- the sync client ------------------------------------------------------------------------
+class BrokerClient(_ClientBase):
+    """Blocking client. Thread-safe: every request uses its own socket."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout_s: float = 30.0,
+                 retries: int = 3, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 codec_name: str = C.CODEC_MSGPACK, curve_server_key: bytes | None = None,
+                 curve_client_keys: tuple[bytes, bytes] | None = None,
+                 context: zmq.Context | None = None):
+        self._own_context = context is None
+        super().__init__(endpoint, timeout_s=timeout_s, retries=retries,
+                         connect_timeout_s=connect_timeout_s, codec_name=codec_name,
+                         curve_server_key=curve_server_key, curve_client_keys=curve_client_keys,
+                         context=context or zmq.Context())
+
     def stream(self, body: dict, *, timeout_s: float | None = None,
                retries: int | None = None) -> Iterator[dict]:
         """Send one request; yield every progress event, then the final reply (last item).
-        Raises BrokerUnavailable after `retries` silent time-outs in a row."""
+        Raises BrokerUnavailable when the broker cannot be reached or stops answering."""
         exchange = _Exchange(self, body, timeout_s, retries)
-        sock = self._open()
+        if exchange.needs_ping:
+            self.request(_ping_body(), timeout_s=timeout_s, retries=retries)
+            exchange.heard = True
+        link = _Connection(self, exchange, zmq.Poller)
         try:
-            sock.send_multipart([b"", exchange.frame])
+            link.sock.send_multipart([b"", exchange.frame])
             while True:
-                if sock.poll(exchange.timeout_s * 1000, zmq.POLLIN):
-                    message = exchange.accept(sock.recv_multipart()[-1])
+                ready = dict(link.poller.poll(link.remaining_ms()))
+                if link.monitor is not None and link.monitor in ready:
+                    exchange.note_event(_event_of(link.monitor.recv_multipart()))
+                    continue
+                if link.sock in ready:
+                    message = exchange.accept(link.sock.recv_multipart()[-1])
                     if message is not None:
+                        link.heard(exchange)
                         yield message
                         if _is_final(message):
                             return
                     continue
-                exchange.silence()   # raises BrokerUnavailable when the resends are used up
-                sock.close(linger=0)
-                sock = self._open()
-                sock.send_multipart([b"", exchange.frame])
+                if link.remaining_ms() > 0:
+                    continue
+                exchange.silence()   # raises BrokerUnavailable when it is time to give up
+                link.close()
+                link = _Connection(self, exchange, zmq.Poller)
+                link.sock.send_multipart([b"", exchange.frame])
         finally:
-            sock.close(linger=0)
+            link.close()
 
     def request(self, body: dict, *, on_progress: ProgressCallback | None = None,
                 timeout_s: float | None = None, retries: int | None = None) -> dict:
@@ -346,36 +542,9 @@ class BrokerClient:
                 final = message
         return final
 
-    # --- conveniences ---------------------------------------------------------------------
-    def generate(self, body: dict | None = None, /, *, on_progress: ProgressCallback | None = None,
-                 raise_on_error: bool = True, timeout_s: float | None = None,
-                 **fields: Any) -> GenerationResult:
-        """Generate from a ready body (any of the three forms) or keyword fields (flat form).
-        Raises RequestFailed when the broker reports a failure (unless raise_on_error=False)."""
-        if body is None:
-            body = generation_body(**fields)
-        elif fields:
-            raise TypeError("pass either a body or keyword fields, not both")
-        reply = self.request(_with_stream(body), on_progress=on_progress, timeout_s=timeout_s)
-        if raise_on_error and not reply.get("success"):
-            raise RequestFailed(reply)
-        return GenerationResult.from_reply(reply)
-
-    def status(self) -> dict:
-        return _data_or_raise(self.request({"message_type": C.STATUS}))
-
-    def initialize(self) -> dict:
-        return _data_or_raise(self.request({"message_type": C.INITIALIZE}))
-
-    def load_model(self, model_name: str, device: str | None = None, *,
-                   timeout_s: float | None = None) -> dict:
-        return _data_or_raise(self.request(load_body(model_name, device), timeout_s=timeout_s))
-
-    def cleanup(self, workers: list[str] | None = None, models: list[str] | None = None) -> dict:
-        return _data_or_raise(self.request(cleanup_body(workers, models)))
-
-    def cancel(self, request_id: str) -> dict:
-        return _data_or_raise(self.request(cancel_body(request_id)))
+    def _call(self, body: dict, read: Callable[[dict], Any], *,
+              on_progress: ProgressCallback | None = None, timeout_s: float | None = None):
+        return read(self.request(body, on_progress=on_progress, timeout_s=timeout_s))
 
     def close(self) -> None:
         if self._own_context:
@@ -388,44 +557,54 @@ class BrokerClient:
         self.close()
 
 
-def _data_or_raise(reply: dict) -> dict:
-    if not reply.get("success"):
-        raise RequestFailed(reply)
-    return reply.get("data") or {}
-
-
 # --- the asyncio client -----------------------------------------------------------------------
-class AsyncBrokerClient(BrokerClient):
-    """The same client for asyncio: `await client.generate(...)`, `async for m in client.stream(b)`.
-    Many requests may run concurrently (one socket each)."""
+class AsyncBrokerClient(_ClientBase):
+    """The same client for asyncio: `await client.generate(...)`, `await client.status()`,
+    `async for m in client.stream(body)`. Many requests may run concurrently (one socket each)."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, context: zmq.asyncio.Context | None = None,
-                 **kwargs: Any):
-        super().__init__(endpoint, context=context or zmq.asyncio.Context(), **kwargs)
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout_s: float = 30.0,
+                 retries: int = 3, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 codec_name: str = C.CODEC_MSGPACK, curve_server_key: bytes | None = None,
+                 curve_client_keys: tuple[bytes, bytes] | None = None,
+                 context: zmq.asyncio.Context | None = None):
         self._own_context = context is None
+        super().__init__(endpoint, timeout_s=timeout_s, retries=retries,
+                         connect_timeout_s=connect_timeout_s, codec_name=codec_name,
+                         curve_server_key=curve_server_key, curve_client_keys=curve_client_keys,
+                         context=context or zmq.asyncio.Context())
 
-    async def stream(self, body: dict, *, timeout_s: float | None = None,  # type: ignore[override]
+    async def stream(self, body: dict, *, timeout_s: float | None = None,
                      retries: int | None = None) -> AsyncIterator[dict]:
         exchange = _Exchange(self, body, timeout_s, retries)
-        sock = self._open()
+        if exchange.needs_ping:
+            await self.request(_ping_body(), timeout_s=timeout_s, retries=retries)
+            exchange.heard = True
+        link = _Connection(self, exchange, zmq.asyncio.Poller)
         try:
-            await sock.send_multipart([b"", exchange.frame])
+            await link.sock.send_multipart([b"", exchange.frame])
             while True:
-                if await sock.poll(exchange.timeout_s * 1000, zmq.POLLIN):
-                    message = exchange.accept((await sock.recv_multipart())[-1])
+                ready = dict(await link.poller.poll(link.remaining_ms()))
+                if link.monitor is not None and link.monitor in ready:
+                    exchange.note_event(_event_of(await link.monitor.recv_multipart()))
+                    continue
+                if link.sock in ready:
+                    message = exchange.accept((await link.sock.recv_multipart())[-1])
                     if message is not None:
+                        link.heard(exchange)
                         yield message
                         if _is_final(message):
                             return
                     continue
+                if link.remaining_ms() > 0:
+                    continue
                 exchange.silence()
-                sock.close(linger=0)
-                sock = self._open()
-                await sock.send_multipart([b"", exchange.frame])
+                link.close()
+                link = _Connection(self, exchange, zmq.asyncio.Poller)
+                await link.sock.send_multipart([b"", exchange.frame])
         finally:
-            sock.close(linger=0)
+            link.close()
 
-    async def request(self, body: dict, *, on_progress: ProgressCallback | None = None,  # type: ignore[override]
+    async def request(self, body: dict, *, on_progress: ProgressCallback | None = None,
                       timeout_s: float | None = None, retries: int | None = None) -> dict:
         final = None
         async for message in self.stream(body, timeout_s=timeout_s, retries=retries):
@@ -438,34 +617,15 @@ class AsyncBrokerClient(BrokerClient):
                 final = message
         return final
 
-    async def generate(self, body: dict | None = None, /, *,  # type: ignore[override]
-                       on_progress: ProgressCallback | None = None, raise_on_error: bool = True,
-                       timeout_s: float | None = None, **fields: Any) -> GenerationResult:
-        if body is None:
-            body = generation_body(**fields)
-        elif fields:
-            raise TypeError("pass either a body or keyword fields, not both")
-        reply = await self.request(_with_stream(body), on_progress=on_progress, timeout_s=timeout_s)
-        if raise_on_error and not reply.get("success"):
-            raise RequestFailed(reply)
-        return GenerationResult.from_reply(reply)
+    def _call(self, body: dict, read: Callable[[dict], Any], *,
+              on_progress: ProgressCallback | None = None, timeout_s: float | None = None):
+        async def call():
+            return read(await self.request(body, on_progress=on_progress, timeout_s=timeout_s))
+        return call()
 
-    async def status(self) -> dict:  # type: ignore[override]
-        return _data_or_raise(await self.request({"message_type": C.STATUS}))
-
-    async def initialize(self) -> dict:  # type: ignore[override]
-        return _data_or_raise(await self.request({"message_type": C.INITIALIZE}))
-
-    async def load_model(self, model_name: str, device: str | None = None, *,  # type: ignore[override]
-                         timeout_s: float | None = None) -> dict:
-        return _data_or_raise(await self.request(load_body(model_name, device), timeout_s=timeout_s))
-
-    async def cleanup(self, workers: list[str] | None = None,  # type: ignore[override]
-                      models: list[str] | None = None) -> dict:
-        return _data_or_raise(await self.request(cleanup_body(workers, models)))
-
-    async def cancel(self, request_id: str) -> dict:  # type: ignore[override]
-        return _data_or_raise(await self.request(cancel_body(request_id)))
+    def close(self) -> None:
+        if self._own_context:
+            self._context.destroy(linger=0)
 
     async def __aenter__(self) -> "AsyncBrokerClient":
         return self
@@ -485,10 +645,15 @@ def add_connection_arguments(parser) -> None:
     parser.add_argument("--curve-client-key", default=None, metavar="FILE",
                         help="this client's secret key file (client.key_secret); default "
                              "$SDXL_BROKER_CURVE_CLIENT_KEY")
+    parser.add_argument("--connect-timeout-s", type=float, default=DEFAULT_CONNECT_TIMEOUT_S,
+                        help="fail when the broker has not answered at all within this time "
+                             f"(default {DEFAULT_CONNECT_TIMEOUT_S:g}, "
+                             "$SDXL_BROKER_CONNECT_TIMEOUT_S)")
 
 
 def client_from_args(args, **kwargs: Any) -> BrokerClient:
     endpoint = args.endpoint or DEFAULT_ENDPOINT
+    kwargs.setdefault("connect_timeout_s", args.connect_timeout_s)
     server_key = args.curve_server_key or os.environ.get("SDXL_BROKER_CURVE_SERVER_KEY")
     client_key = args.curve_client_key or os.environ.get("SDXL_BROKER_CURVE_CLIENT_KEY")
     if server_key and client_key:

@@ -23,15 +23,18 @@ def _png(size=8) -> bytes:
 
 
 class FakeBroker:
-    """A ROUTER that records every request and answers by a script: `drop_first` requests get
-    no answer at all (as if the broker died), later ones get progress then a final reply."""
+    """A ROUTER that records every request and answers by a script: of the first `drop_first`
+    requests, the very first gets only the broker's `queued` acknowledgement and the others no
+    answer at all (as if the broker died after accepting the job); later ones get progress then
+    a final reply."""
 
-    def __init__(self, tmp_path, drop_first=0, codec_out=None):
+    def __init__(self, tmp_path, drop_first=0, codec_out=None, mute=False):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.endpoint = f"ipc://{tmp_path}/fake-broker.sock"
         self.sock.bind(self.endpoint)
         self.drop_first = drop_first
+        self.mute = mute   # records requests, never answers
         self.received = []  # (identity, body dict)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -45,10 +48,15 @@ class FakeBroker:
             identity, body = frames[0], frames[-1]
             msg, used_codec = codec.decode(body)
             self.received.append((identity, msg))
-            if len(self.received) <= self.drop_first:
+            if self.mute:
                 continue
             rid = msg.get("request_id")
             envelope = frames[:-1]
+            if len(self.received) <= self.drop_first:
+                if len(self.received) == 1:
+                    ack = progress_message(rid, "queued", queue_position=0)
+                    self.sock.send_multipart(envelope + [codec.encode(ack, used_codec)])
+                continue
             for step in (1, 2):
                 p = progress_message(rid, "denoising", step=step, total_steps=2, worker_id="w")
                 self.sock.send_multipart(envelope + [codec.encode(p, used_codec)])
@@ -93,17 +101,25 @@ def test_lazy_pirate_resends_the_same_request_on_a_fresh_socket(fake_broker, cod
     assert len({identity for identity, _ in broker.received}) == 3  # a new socket each time
     assert broker.received[0][1] == broker.received[2][1]  # and the very same body
     assert broker.received[0][1]["stream"] is True         # progress asked for by generate
-    assert [e["step"] for e in events] == [1, 2]
+    assert [e.get("step") for e in events] == [0, 1, 2]     # the queued ack, then steps
     assert result.images[0].bytes()[:4] == b"\x89PNG"      # msgpack bin or base64 in JSON
     assert result.images[0].pil().size == (8, 8)
 
 
-def test_gives_up_with_a_clear_error_when_nobody_answers(fake_broker):
-    broker = fake_broker(drop_first=100)
+def test_gives_up_with_a_clear_error_when_the_broker_stops_answering(fake_broker):
+    broker = fake_broker(drop_first=100)   # accepts the job, then silence
     with BrokerClient(broker.endpoint, timeout_s=0.2, retries=2) as client:
-        with pytest.raises(BrokerUnavailable, match="after 2 resends"):
-            client.status()
+        with pytest.raises(BrokerUnavailable, match="stopped answering .* no answer to 2 resends"):
+            client.generate(prompt="a fox")
     assert len(broker.received) == 3  # the first send and two resends
+
+
+def test_a_silent_peer_fails_first_contact_at_once_without_resending(fake_broker):
+    broker = fake_broker(mute=True)   # not even the acknowledgement
+    with BrokerClient(broker.endpoint, timeout_s=30.0, connect_timeout_s=0.5) as client:
+        with pytest.raises(BrokerUnavailable, match="accepted the connection but did not answer"):
+            client.status()
+    assert len(broker.received) == 1
 
 
 def test_failure_reply_raises_with_the_code_and_every_field_error(fake_broker):

@@ -1,0 +1,154 @@
+"""The people's CLI against a real `serve` (or against nothing at all): what a person sees when
+nothing listens, when the job waits in a queue with no worker, and when they press Ctrl-C
+(a real SIGINT to the real `sdxl-broker generate` process)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from tests.serve.conftest import ROOT, cli, free_port, wait_for
+
+
+def _generate(endpoint: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "generate", "a fox", "--model", "tiny-sdxl",
+         "--size", "256x256", "--endpoint", endpoint, *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _request_id(proc: subprocess.Popen, lines: list[str]) -> str:
+    """The first stderr line names the request as soon as it is sent."""
+    line = proc.stderr.readline()
+    lines.append(line)
+    match = re.match(r"request (\S+) -> (\S+)", line)
+    assert match, line
+    return match.group(1)
+
+
+def _status(endpoint: str) -> dict:
+    from clients.client import BrokerClient
+
+    with BrokerClient(endpoint, timeout_s=5.0) as client:
+        return client.status()
+
+
+def test_nothing_listening_fails_in_seconds_naming_the_endpoint():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = cli("generate", "a fox", "--endpoint", endpoint, "--connect-timeout-s", "2",
+               timeout_s=60)
+    took_s = time.monotonic() - started
+    assert done.returncode == 3, done.stderr
+    assert f"nothing is listening at {endpoint}" in done.stderr
+    assert "sdxl-broker serve" in done.stderr          # says what to start
+    assert "resending" not in done.stderr              # no pointless resends
+    assert took_s < 30, took_s                         # was 2 minutes; generous bound
+    print(f"nothing listening: failed after {took_s:.1f}s")
+
+    done = cli("status", "--endpoint", endpoint, "--connect-timeout-s", "2", timeout_s=60)
+    assert done.returncode == 3 and f"nothing is listening at {endpoint}" in done.stderr
+
+
+def test_queued_without_worker_stays_quiet_then_ctrl_c_cancels_it(start_serve):
+    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+                      "--devices", "none"])
+    # --timeout-s 1: the client checks on the quiet job every second; the broker answers each
+    # check at once, so there is nothing to warn about
+    proc = _generate(sp.endpoint, "--timeout-s", "1", "--no-progress")
+    lines: list[str] = []
+    try:
+        request_id = _request_id(proc, lines)
+        assert wait_for(lambda: _status(sp.endpoint)["broker"]["queue_depth"] == 1, 20)
+        time.sleep(4)   # several silent spells of --timeout-s
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    err = "".join(lines) + err
+    assert proc.returncode == 130, err
+    assert "no message from" not in err and "resending" not in err, err
+    assert f"cancelling request {request_id}" in err
+    assert f"cancelled request {request_id} (it was queued)" in err
+    assert _status(sp.endpoint)["broker"]["queue_depth"] == 0
+    assert any(f"job {request_id} cancelled while queued" in line for line in sp.stderr_lines)
+
+
+def test_ctrl_c_while_running_cancels_the_job_on_the_worker(start_serve):
+    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+                      "--sim-workers", "1", "--sim-step-s", "0.2"])
+    proc = _generate(sp.endpoint, "--steps", "150", "--no-progress")
+    lines: list[str] = []
+    try:
+        request_id = _request_id(proc, lines)
+        assert wait_for(lambda: _status(sp.endpoint)["broker"]["inflight"] == 1, 20), sp.log()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    err = "".join(lines) + err
+    assert proc.returncode == 130, err
+    assert f"cancelled request {request_id} (it was running)" in err, err
+    assert out == ""                                     # no image paths: nothing was made
+    # the worker stops: the broker has nothing in flight and the worker goes idle
+    assert wait_for(lambda: _status(sp.endpoint)["broker"]["inflight"] == 0, 10)
+    assert wait_for(lambda: _status(sp.endpoint)["workers"][0]["state"] == "idle", 20)
+
+
+def test_second_ctrl_c_quits_at_once_when_the_broker_does_not_answer(start_serve):
+    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+                      "--devices", "none"])
+    proc = _generate(sp.endpoint, "--no-progress", "--connect-timeout-s", "20")
+    lines: list[str] = []
+    try:
+        request_id = _request_id(proc, lines)
+        assert wait_for(lambda: _status(sp.endpoint)["broker"]["queue_depth"] == 1, 20)
+        os.kill(sp.proc.pid, signal.SIGSTOP)       # the broker freezes: the cancel hangs
+        try:
+            proc.send_signal(signal.SIGINT)
+            assert wait_for(lambda: any("cancelling request" in line for line in lines)
+                            or bool(lines.append(proc.stderr.readline())), 20)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=15)
+            quit_s = time.monotonic() - started
+        finally:
+            os.kill(sp.proc.pid, signal.SIGCONT)
+    finally:
+        proc.kill()
+    err = "".join(lines) + proc.stderr.read()
+    assert proc.returncode == 130, err
+    assert f"cancelling request {request_id}" in err
+    # it did not wait for the cancel's 20 s first-contact limit to run out
+    assert "could not cancel" not in err and "cancelled request" not in err, err
+    print(f"second Ctrl-C: exited {quit_s:.2f}s after it")
+
+
+def test_curve_mistakes_are_named_not_timed_out(start_serve, tmp_path):
+    keys = tmp_path / "keys"
+    assert cli("keys", str(keys), "--names", "server", "client", "stranger").returncode == 0
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes((keys / "client.key").read_bytes())
+    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", f"ipc://{tmp_path}/be.sock",
+                      "--devices", "none", "--curve-secret-key", str(keys / "server.key_secret"),
+                      "--curve-allowed-keys", str(allowed)])
+    plain = cli("status", "--endpoint", sp.endpoint, timeout_s=60)
+    assert plain.returncode == 3
+    assert "probably uses CURVE" in plain.stderr and "--curve-server-key" in plain.stderr, plain.stderr
+    stranger = cli("status", "--endpoint", sp.endpoint, "--curve-server-key", str(keys / "server.key"),
+                   "--curve-client-key", str(keys / "stranger.key_secret"), timeout_s=60)
+    assert stranger.returncode == 3
+    assert "refused this client's CURVE key" in stranger.stderr, stranger.stderr
+    wrong_server = cli("status", "--endpoint", sp.endpoint, "--curve-server-key", str(keys / "client.key"),
+                       "--curve-client-key", str(keys / "client.key_secret"), timeout_s=60)
+    assert wrong_server.returncode == 3 and "CURVE handshake" in wrong_server.stderr, wrong_server.stderr
+    good = cli("status", "--endpoint", sp.endpoint, "--curve-server-key", str(keys / "server.key"),
+               "--curve-client-key", str(keys / "client.key_secret"), "--json", timeout_s=60)
+    assert good.returncode == 0, good.stderr
