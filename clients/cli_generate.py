@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="images per request (1-9)")
     parser.add_argument("--format", default=None, choices=C.OUTPUT_FORMATS, help="image format")
     parser.add_argument("--priority", default=None, choices=C.PRIORITIES, help="queue priority")
+    parser.add_argument("--save-path", default=None, metavar="DIR",
+                        help="folder under the broker's --output-dir for the worker's copy "
+                             "(default: the output root itself)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="also write the images here (they are returned over the socket)")
     add_connection_arguments(parser)
@@ -97,6 +100,7 @@ def build_fields(args: argparse.Namespace) -> dict:
                     "strength": args.strength, "model_refiner": args.refiner,
                     "model_vae": args.vae, "batch_size": args.batch,
                     "output_format": args.format, "priority": args.priority,
+                    "save_path": args.save_path,
                     "init_image": _image_arg(args.init_image),
                     "mask_image": _image_arg(args.mask)}
     if args.size:

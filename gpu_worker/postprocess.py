@@ -111,10 +111,25 @@ def _a1111_value(value) -> str:
     return f'"{text}"' if ("," in text or ":" in text) and not text.startswith('"') else text
 
 
+def save_folder(save_path: str) -> str:
+    """`save_path` as a folder relative to the output root. The seed's default `outputs/`
+    names the outputs folder, which the output root already is, so a leading `outputs`
+    component is the root itself (never `<root>/outputs/`): "", ".", "outputs/" -> the root;
+    "outputs/portraits" and "portraits" -> `<root>/portraits`. Backslashes (a Windows client's
+    separator) count as slashes."""
+    text = (save_path or "").strip()
+    if os.path.isabs(text):   # refused by the caller's root check (and by validation before)
+        return text
+    parts = [part for part in text.replace("\\", "/").split("/") if part not in ("", ".")]
+    if parts and parts[0] == "outputs":
+        parts = parts[1:]
+    return "/".join(parts) or "."
+
+
 def output_folder(output_dir: str, save_path: str) -> str:
     """The folder for `save_path` under the output root, created; leaving the root is refused."""
     root = os.path.realpath(output_dir)
-    relative = (save_path or "").strip() or "."
+    relative = save_folder(save_path)
     candidate = relative if os.path.isabs(relative) else os.path.join(root, relative)
     real = os.path.realpath(candidate)
     if os.path.commonpath([root, real]) != root:

@@ -10,6 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from tests.serve.conftest import ROOT, cli, free_port, wait_for
 
@@ -152,3 +155,24 @@ def test_curve_mistakes_are_named_not_timed_out(start_serve, tmp_path):
     good = cli("status", "--endpoint", sp.endpoint, "--curve-server-key", str(keys / "server.key"),
                "--curve-client-key", str(keys / "client.key_secret"), "--json", timeout_s=60)
     assert good.returncode == 0, good.stderr
+
+
+@pytest.mark.slow
+def test_images_land_in_the_output_root_not_outputs_outputs(start_serve, demo_models_dir, tmp_path):
+    root = tmp_path / "outputs"
+    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+                      "--cpu-workers", "1", "--models-dir", str(demo_models_dir),
+                      "--output-dir", str(root), "--input-dir", str(tmp_path)], ready_timeout_s=180)
+    common = ["--model", "tiny-sdxl", "--steps", "1", "--size", "256x256", "--endpoint", sp.endpoint]
+    default = cli("generate", "a fox", *common, timeout_s=180)
+    assert default.returncode == 0, default.stderr + sp.log()
+    printed = Path(default.stdout.split()[0])
+    assert printed.parent == root and printed.is_file(), default.stdout   # the seed default outputs/
+    assert not (root / "outputs").exists()
+    for save_path, folder in (("outputs/portraits", root / "portraits"), ("night/owls", root / "night" / "owls")):
+        done = cli("generate", "an owl", *common, "--save-path", save_path, timeout_s=180)
+        assert done.returncode == 0, done.stderr
+        printed = Path(done.stdout.split()[0])
+        assert printed.parent == folder and printed.is_file(), (save_path, done.stdout)
+    refused = cli("generate", "an owl", *common, "--save-path", "../elsewhere", timeout_s=60)
+    assert refused.returncode == 1 and "save_path" in refused.stderr

@@ -71,7 +71,8 @@ def test_png_parameters_unique_names_and_save_path_root(tmp_path):
     second = postprocess.finish_image(image, output_dir=str(tmp_path), save_path="outputs/run1", fmt="png",
                                       quality=95, stem="same", parameters=text)
     assert first.path != second.path and first.sha256 == second.sha256
-    assert os.path.dirname(first.path) == os.path.realpath(tmp_path / "outputs" / "run1")
+    # a leading outputs/ is the output root itself (README "Where images go")
+    assert os.path.dirname(first.path) == os.path.realpath(tmp_path / "run1")
     assert Image.open(first.path).text["parameters"] == text
     for escape in ("../x", "/tmp", "a/../../x"):
         with pytest.raises(JobError) as info:
