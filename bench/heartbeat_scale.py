@@ -36,25 +36,24 @@ def swarm(backend: str, count: int, ready_flag) -> None:
     """N protocol-level simulated workers in one process (a SIMULATION, not executors)."""
     ctx = zmq.Context()
     socks = []
-    telemetry = {
+    telemetry = W.Telemetry.from_dict({
         "memory": {"total_mb": 24000.0, "used_mb": 2100.0, "free_mb": 21900.0},
         "rss_mb": 310.0, "cache_budget_mb": 12000.0,
         "models_loaded": [{"name": "tiny-sdxl", "kind": "base", "size_mb": 10.2}],
         "models_loading": [], "step_time_s": {"tiny-sdxl@256x256": 0.08},
         "load_time_s": {"tiny-sdxl": 2.9}, "simulated": True,
-    }
+    })
     for i in range(count):
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(backend)
-        s.send(W.pack(W.READY, worker_id=f"swarm-{i}", host="swarm", pid=os.getpid(),
-                      device="cpu", device_type="cpu", device_name="swarm (simulated)",
-                      memory_total_mb=24000.0, capabilities=[], worker_types=["swarm"],
-                      simulated=True, telemetry=telemetry))
+        s.send(W.encode(W.Ready(worker_id=f"swarm-{i}", host="swarm", pid=os.getpid(),
+                                device="cpu", device_type="cpu", device_name="swarm (simulated)",
+                                memory_total_mb=24000.0, capabilities=[], worker_types=["swarm"],
+                                simulated=True, telemetry=telemetry)))
         socks.append(s)
     ready_flag.set()
-    beat = W.pack(W.HEARTBEAT, telemetry=telemetry, busy=False, current_job=None,
-                  current_step=0, jobs_done=0, jobs_failed=0)
+    beat = W.encode(W.WorkerHeartbeat(telemetry=telemetry))
     period_s = 1.0 / count   # spread the N heartbeats over each second, as real workers would be
     next_at = time.monotonic()
     i = 0

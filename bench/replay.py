@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from broker import routing
 from broker.registry import WorkerRecord
 from protocol.job import ControlNetSpec, Job, LoraSpec, ModelSpec
+from protocol.worker_protocol import Telemetry
 
 from bench import workload as W
 from bench.oracle import run_oracle
@@ -101,13 +102,14 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
     def push(t, kind, *args):
         heapq.heappush(events, (t, next(seq), kind, args))
 
-    def snapshot(d: _Device) -> dict:
+    def snapshot(d: _Device) -> Telemetry:
         used = sum(d.cache.values())
-        return {"memory": {"total_mb": d.spec.memory_mb, "used_mb": used,
-                           "free_mb": max(d.spec.memory_mb - used, 0.0)},
-                "models_loaded": [{"name": n, "size_mb": mb} for n, mb in d.cache.items()],
-                "models_loading": list(d.loading), "step_time_s": dict(d.step_times),
-                "load_time_s": dict(d.load_times), "model_sizes_mb": sizes}
+        return Telemetry.from_dict({
+            "memory": {"total_mb": d.spec.memory_mb, "used_mb": used,
+                       "free_mb": max(d.spec.memory_mb - used, 0.0)},
+            "models_loaded": [{"name": n, "size_mb": mb} for n, mb in d.cache.items()],
+            "models_loading": list(d.loading), "step_time_s": dict(d.step_times),
+            "load_time_s": dict(d.load_times), "model_sizes_mb": sizes})
 
     def changed(d: _Device) -> None:
         if fresh_telemetry:
@@ -133,7 +135,7 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
         if d.running is not None:
             busy_until = max(t, running_until.get(d.spec.worker_id, t))
         # what the broker can know: the last telemetry, plus the models of the jobs it sent
-        models = set(d.record.models_loaded) | set(d.record.telemetry.get("models_loading") or ())
+        models = set(d.record.models_loaded) | set(d.record.telemetry.models_loading)
         if d.running is not None:
             models |= set(d.running.models)
         for item in d.inbox:
@@ -180,10 +182,10 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
         if running_by_remaining:  # what-if: the running job's backlog is its remaining time
             for d in devices:
                 if d.running is not None:
-                    d.record.estimates[d.running.request_id] = (
+                    d.record.estimates[d.running.request_id] = routing.DispatchEstimate(
                         max(running_until[d.spec.worker_id] - t, 0.0), tuple(d.running.models))
         # as broker.server._dispatch: the models the jobs in the lookahead window need
-        wanted = frozenset(m for r in list(queue)[:DISPATCH_LOOKAHEAD] for m in routing.job_models(jobs[r]))
+        wanted = frozenset(m for r in list(queue)[:DISPATCH_LOOKAHEAD] for m in jobs[r].needed_models)
         for considered, rid in enumerate(list(queue)):
             if considered >= DISPATCH_LOOKAHEAD or not any(
                     len(r.jobs) < max_jobs_per_worker for r in live):

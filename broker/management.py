@@ -106,7 +106,7 @@ def _model_load(broker, peer, parsed) -> None:
     # best worker: already holds it, else most free memory, then fewest jobs
     worker = min(live, key=lambda w: (name not in w.models_loaded, -w.memory["free_mb"], len(w.jobs),
                                       w.worker_id))
-    _send_op(broker, peer, parsed, W.MANAGE_LOAD_MODEL, [worker], {"model_name": str(name)},
+    _send_op(broker, peer, parsed, W.MANAGE_LOAD_MODEL, [worker], W.ManageArgs(model_name=str(name)),
              LOAD_TIMEOUT_S)
     worker.loading = True
 
@@ -128,35 +128,36 @@ def _cleanup(broker, peer, parsed) -> None:
                                          data={"workers": {}}, warnings=["no worker is registered"]))
         return
     _send_op(broker, peer, parsed, W.MANAGE_CLEANUP, targets,
-             {"models": list(models) if models else None}, CLEANUP_TIMEOUT_S)
+             W.ManageArgs(models=[str(m) for m in models] if models else None), CLEANUP_TIMEOUT_S)
 
 
-def _send_op(broker, peer, parsed, op: str, workers: list[WorkerRecord], args: dict,
+def _send_op(broker, peer, parsed, op: str, workers: list[WorkerRecord], args: W.ManageArgs,
              timeout_s: float) -> None:
     now = broker.clock()
     op_id = next(_op_ids)
     broker.manage_ops[op_id] = ManageOp(op_id, op, peer, parsed.reply_type, parsed.request_id,
                                         {w.worker_id for w in workers}, now + timeout_s, now)
+    frame = W.encode(W.Manage(op_id=op_id, op=op, args=args))
     for w in workers:
-        broker.backend.send_multipart([w.identity, W.pack(W.MANAGE, op_id=op_id, op=op, args=args)])
+        broker.backend.send_multipart([w.identity, frame])
     log.info("%s %s -> %s", op, args, ", ".join(w.worker_id for w in workers))
 
 
-def on_reply(broker, worker: WorkerRecord, msg: dict) -> None:
-    op = broker.manage_ops.get(msg.get("op_id"))
+def on_reply(broker, worker: WorkerRecord, msg: W.ManageReply) -> None:
+    op = broker.manage_ops.get(msg.op_id)
     if op is None or worker.worker_id not in op.waiting:
         return
     op.waiting.discard(worker.worker_id)
     if op.op == W.MANAGE_LOAD_MODEL:
         worker.loading = False
-    if msg.get("success"):
-        op.results[worker.worker_id] = msg.get("data") or {}
+    if msg.success:
+        op.results[worker.worker_id] = msg.data or {}
     else:
-        op.failures[worker.worker_id] = f"{msg.get('code')}: {msg.get('error')}"
-        op.results[worker.worker_id] = {"error": msg.get("error"), "error_code": msg.get("code")}
+        op.failures[worker.worker_id] = f"{msg.code}: {msg.error}"
+        op.results[worker.worker_id] = {"error": msg.error, "error_code": msg.code}
     broker._dirty = True
     if not op.waiting:
-        complete(broker, op, msg.get("code"))
+        complete(broker, op, msg.code)
 
 
 def on_worker_lost(broker, worker: WorkerRecord) -> None:

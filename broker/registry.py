@@ -10,7 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+from protocol.worker_protocol import Ready, Telemetry
+
+if TYPE_CHECKING:
+    from broker.routing import DispatchEstimate
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +36,16 @@ class WorkerRecord:
     capabilities: frozenset[str] = frozenset()
     worker_types: frozenset[str] = frozenset()
     simulated: bool = False
-    telemetry: dict = field(default_factory=dict)
+    telemetry: Telemetry = field(default_factory=Telemetry)
     expiry: float = 0.0              # clock time after which it is lost
     last_heartbeat: float = 0.0      # clock time of the last message from it
     registered_at: float = 0.0
     lost: bool = False
     lost_at: float = 0.0
     jobs: dict[str, int] = field(default_factory=dict)  # request_id -> dispatch_id it runs
-    # request_id -> (estimated seconds, models it brings), recorded at dispatch, so routing can
-    # count a worker's backlog; entries for request_ids no longer in `jobs` are ignored
-    # (routing.dispatch_estimate: also seconds of steps and total steps, for the remaining time)
-    estimates: dict[str, tuple] = field(default_factory=dict)
+    # request_id -> routing's estimate recorded at dispatch, so routing can count a worker's
+    # backlog; entries for request_ids no longer in `jobs` are ignored
+    estimates: dict[str, DispatchEstimate] = field(default_factory=dict)
     current_job: str | None = None   # request_id the worker said (last heartbeat) it runs
     current_step: int = 0            # ... and the step it had reached
     jobs_done: int = 0
@@ -57,11 +61,11 @@ class WorkerRecord:
     def state(self) -> str:
         if self.lost:
             return "lost"
-        if self.loading or self.telemetry.get("models_loading"):
+        if self.loading or self.telemetry.models_loading:
             return "loading"
         return "busy" if self.jobs else "idle"
 
-    def set_telemetry(self, telemetry: dict) -> bool:
+    def set_telemetry(self, telemetry: Telemetry) -> bool:
         """Store a worker's telemetry; the views routing reads are rebuilt on first use
         (with 1,000 heart-beating workers most telemetry is never routed on). The model views
         survive a heartbeat whose model lists did not change, which is nearly every one.
@@ -69,30 +73,27 @@ class WorkerRecord:
         previous = self.telemetry
         self.telemetry = telemetry
         self._memory = None
-        if (telemetry.get("models_loaded") != previous.get("models_loaded")
-                or telemetry.get("models_loading") != previous.get("models_loading")
-                or telemetry.get("model_sizes_mb") != previous.get("model_sizes_mb")):
+        if (telemetry.models_loaded != previous.models_loaded
+                or telemetry.models_loading != previous.models_loading
+                or telemetry.model_sizes_mb != previous.model_sizes_mb):
             self._models_loaded = None
             return True
         return False
 
     def _build_memory_view(self) -> None:
-        mem = self.telemetry.get("memory") or {}
-        total = float(mem.get("total_mb") or self.memory_total_mb)
-        used = float(mem.get("used_mb") or 0.0)
-        free = mem.get("free_mb")
+        mem = self.telemetry.memory
+        total = mem.total_mb or self.memory_total_mb
+        used = mem.used_mb
+        free = mem.free_mb
         self._memory = {"total_mb": total, "used_mb": used,
-                        "free_mb": float(free) if free is not None else max(total - used, 0.0)}
+                        "free_mb": free if free is not None else max(total - used, 0.0)}
 
     def _build_model_views(self) -> None:
         telemetry = self.telemetry
-        models = {}
-        for m in telemetry.get("models_loaded") or []:
-            if isinstance(m, dict) and "name" in m:
-                models[str(m["name"])] = float(m.get("size_mb") or 0.0)
+        models = {m.name: m.size_mb for m in telemetry.models_loaded}
         self._models_loaded = models
         self._loaded_total_mb = sum(models.values())
-        self._warm = frozenset(models) | frozenset(telemetry.get("models_loading") or ())
+        self._warm = frozenset(models) | frozenset(telemetry.models_loading)
 
     @property
     def memory(self) -> dict:
@@ -103,8 +104,7 @@ class WorkerRecord:
     def reported_model_sizes(self) -> dict[str, float]:
         """What this worker says about model sizes: its catalogue (model_sizes_mb), then the
         sizes it measured when loading, which win."""
-        sizes = {str(name): float(mb)
-                 for name, mb in (self.telemetry.get("model_sizes_mb") or {}).items()}
+        sizes = dict(self.telemetry.model_sizes_mb)
         sizes.update((name, mb) for name, mb in self.models_loaded.items() if mb > 0)
         return sizes
 
@@ -130,7 +130,7 @@ class WorkerRecord:
         return self._models_loaded
 
     def step_time_s(self, model: str, width: int, height: int) -> float | None:
-        table = self.telemetry.get("step_time_s") or {}
+        table = self.telemetry.step_time_s
         exact = table.get(f"{model}@{width}x{height}")
         if exact is not None:
             return float(exact)
@@ -140,14 +140,13 @@ class WorkerRecord:
             if name == model and "x" in res:
                 try:
                     w, h = (int(v) for v in res.split("x"))
-                    return float(seconds) * (width * height) / max(w * h, 1)
+                    return seconds * (width * height) / max(w * h, 1)
                 except ValueError:
                     continue
         return None
 
     def load_time_s(self, model: str) -> float | None:
-        value = (self.telemetry.get("load_time_s") or {}).get(model)
-        return None if value is None else float(value)
+        return self.telemetry.load_time_s.get(model)
 
     def status_row(self, now: float) -> dict:
         t = self.telemetry
@@ -161,23 +160,23 @@ class WorkerRecord:
             "state": self.state,
             "memory": self.memory,
             "models_loaded": sorted(self.models_loaded),
-            "models_loading": list(t.get("models_loading") or []),
+            "models_loading": list(t.models_loading),
             "model_sizes_mb": self.models_loaded,
             "jobs_done": self.jobs_done,
             "jobs_failed": self.jobs_failed,
             "last_heartbeat_s": round(max(now - self.last_heartbeat, 0.0), 3),
             "current_jobs": sorted(self.jobs),
             "current_step": self.current_step,
-            "rss_mb": t.get("rss_mb"),
-            "cache_budget_mb": t.get("cache_budget_mb"),
-            "loras_cached": list(t.get("loras_cached") or []),
-            "controlnets_cached": list(t.get("controlnets_cached") or []),
+            "rss_mb": t.rss_mb,
+            "cache_budget_mb": t.cache_budget_mb,
+            "loras_cached": list(t.loras_cached),
+            "controlnets_cached": list(t.controlnets_cached),
             # cumulative since the worker process started (a restart resets them)
-            "cache_hits": int(t.get("cache_hits") or 0),
-            "cache_misses": int(t.get("cache_misses") or 0),
-            "cache_evictions": int(t.get("cache_evictions") or 0),
-            "step_time_s": dict(t.get("step_time_s") or {}),
-            "load_time_s": dict(t.get("load_time_s") or {}),
+            "cache_hits": t.cache_hits,
+            "cache_misses": t.cache_misses,
+            "cache_evictions": t.cache_evictions,
+            "step_time_s": dict(t.step_time_s),
+            "load_time_s": dict(t.load_time_s),
             "capabilities": sorted(self.capabilities),
             "worker_types": sorted(self.worker_types),
             "simulated": self.simulated,
@@ -201,11 +200,11 @@ class WorkerRegistry:
     def expiry_s(self) -> float:
         return self.heartbeat_interval_s * self.heartbeat_liveness
 
-    def register(self, identity: bytes, ready: dict) -> tuple[WorkerRecord, WorkerRecord | None]:
+    def register(self, identity: bytes, ready: Ready) -> tuple[WorkerRecord, WorkerRecord | None]:
         """Add a worker from its READY. Returns (record, previous record of the same worker_id
         if it was still registered: its jobs must be treated as lost)."""
         now = self.clock()
-        worker_id = str(ready.get("worker_id") or identity.hex())
+        worker_id = ready.worker_id or identity.hex()
         previous = self._by_id.get(worker_id)
         if previous is not None:
             self._by_identity.pop(previous.identity, None)
@@ -214,16 +213,16 @@ class WorkerRegistry:
         rec = WorkerRecord(
             worker_id=worker_id,
             identity=identity,
-            device=str(ready.get("device") or "cpu"),
-            device_type=str(ready.get("device_type") or "cpu"),
-            device_name=str(ready.get("device_name") or ""),
-            host=str(ready.get("host") or ""),
-            pid=int(ready.get("pid") or 0),
-            memory_total_mb=float(ready.get("memory_total_mb") or 0.0),
-            capabilities=frozenset(ready.get("capabilities") or ()),
-            worker_types=frozenset(ready.get("worker_types") or ()),
-            simulated=bool(ready.get("simulated")),
-            telemetry=dict(ready.get("telemetry") or {}),
+            device=ready.device or "cpu",
+            device_type=ready.device_type or "cpu",
+            device_name=ready.device_name,
+            host=ready.host,
+            pid=ready.pid,
+            memory_total_mb=ready.memory_total_mb,
+            capabilities=frozenset(ready.capabilities),
+            worker_types=frozenset(ready.worker_types),
+            simulated=ready.simulated,
+            telemetry=ready.telemetry,
             expiry=now + self.expiry_s,
             last_heartbeat=now,
             registered_at=now,
@@ -241,12 +240,12 @@ class WorkerRegistry:
     def get(self, worker_id: str) -> WorkerRecord | None:
         return self._by_id.get(worker_id)
 
-    def touch(self, rec: WorkerRecord, telemetry: dict | None = None) -> None:
+    def touch(self, rec: WorkerRecord, telemetry: Telemetry | None = None) -> None:
         """Any message from a live worker refreshes its liveness."""
         now = self.clock()
         rec.last_heartbeat = now
         rec.expiry = now + self.expiry_s
-        if telemetry and rec.set_telemetry(telemetry):
+        if telemetry is not None and rec.set_telemetry(telemetry):
             self._learn_sizes(rec)
 
     def _learn_sizes(self, rec: WorkerRecord) -> None:

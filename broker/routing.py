@@ -47,18 +47,6 @@ DEFAULT_LOAD_TIME_S = 5.0
 _TIE_S = 1e-3  # finish times are compared in whole milliseconds; equal ones are a tie
 
 
-def job_models(job: Job) -> list[str]:
-    """Every model the job needs warm: base, refiner, VAE, ControlNets (by model or type)."""
-    names = [job.models.base]
-    if job.models.refiner:
-        names.append(job.models.refiner)
-    if job.models.vae:
-        names.append(job.models.vae)
-    for cn in job.controlnets:
-        names.append(cn.model or f"controlnet-{cn.type}")
-    return names
-
-
 def known_model_sizes(workers: Iterable[WorkerRecord]) -> dict[str, float]:
     sizes: dict[str, float] = {}
     for w in workers:
@@ -68,7 +56,7 @@ def known_model_sizes(workers: Iterable[WorkerRecord]) -> dict[str, float]:
 
 def estimate_memory_mb(job: Job, model_sizes_mb: dict[str, float]) -> float:
     """The job's estimated peak memory need on a device with none of its models loaded."""
-    models_mb = sum(model_sizes_mb.get(name, UNKNOWN_MODEL_MB) for name in job_models(job))
+    models_mb = sum(model_sizes_mb.get(name, UNKNOWN_MODEL_MB) for name in job.needed_models)
     megapixels = job.width * job.height / 1e6
     return models_mb + ACTIVATION_MB_PER_MEGAPIXEL * megapixels * job.batch_size
 
@@ -94,7 +82,7 @@ class JobNeeds:
 
     @classmethod
     def of(cls, job: Job, sizes: dict[str, float]) -> "JobNeeds":
-        return cls(job.worker_type, job.features, job.device, tuple(job_models(job)),
+        return cls(job.worker_type, job.features, job.device, job.needed_models,
                    estimate_memory_mb(job, sizes), job.models.base, job.width, job.height,
                    job.steps * job.batch_size)
 
@@ -198,15 +186,25 @@ def _evicted_by(needs: JobNeeds, worker: WorkerRecord) -> list[str]:
     return evicted
 
 
-def _remaining_s(worker: WorkerRecord, rid: str, estimate: tuple) -> float:
+@dataclass(frozen=True, slots=True)
+class DispatchEstimate:
+    """What the broker records on a worker when it sends it a job (WorkerRecord.estimates):
+    the worker's backlog, as routing counts it, until the job is answered."""
+    total_s: float                 # seconds of model loads and steps
+    models: tuple[str, ...]        # the models the job brings to the worker
+    steps_s: float = 0.0           # seconds of steps alone
+    total_steps: int = 0           # progress steps in total (job.steps, refiner included)
+
+
+def _remaining_s(worker: WorkerRecord, rid: str, estimate: DispatchEstimate) -> float:
     """What is left of a job the worker holds: its dispatch-time estimate, or, once the
     worker's heartbeat says it is denoising that job, the steps not yet done at the worker's
     measured pace (its loads are over by then). Without this a job nearly done counted in full
     and smart routing sent work away from a worker about to be free."""
-    if worker.current_job != rid or worker.current_step <= 0 or len(estimate) < 3:
-        return estimate[0]
-    steps_s, total_steps = estimate[2], estimate[3]
-    return steps_s * max(total_steps - worker.current_step, 0) / max(total_steps, 1)
+    if worker.current_job != rid or worker.current_step <= 0 or estimate.total_steps <= 0:
+        return estimate.total_s
+    total_steps = estimate.total_steps
+    return estimate.steps_s * max(total_steps - worker.current_step, 0) / max(total_steps, 1)
 
 
 def _finish_s(needs: JobNeeds, worker: WorkerRecord, load_weight: float = 1.0,
@@ -222,8 +220,8 @@ def _finish_s(needs: JobNeeds, worker: WorkerRecord, load_weight: float = 1.0,
             unknown += 1
         else:
             backlog_s += _remaining_s(worker, rid, estimate)
-            if not have.issuperset(estimate[1]):
-                have = have.union(estimate[1])
+            if not have.issuperset(estimate.models):
+                have = have.union(estimate.models)
     run_s, load_s = _own_cost_s(needs, worker, have)
     if load_s and wanted:
         # evicting a model that queued jobs want costs one more load later
@@ -239,18 +237,19 @@ def _finish_s(needs: JobNeeds, worker: WorkerRecord, load_weight: float = 1.0,
 
 
 def dispatch_estimate(job: Job, worker: WorkerRecord,
-                      needs: JobNeeds | None = None) -> tuple[float, tuple[str, ...], float, int]:
-    """What the broker records on a worker when it sends it `job` (see WorkerRecord.estimates):
-    (seconds of loads and steps, models it brings, seconds of steps, progress steps in total).
+                      needs: JobNeeds | None = None) -> DispatchEstimate:
+    """What the broker records on a worker when it sends it `job` (see WorkerRecord.estimates).
     `needs`: the job's JobNeeds when the caller has it (its memory estimate is not used here)."""
     if needs is None:
         needs = JobNeeds.of(job, {})
     have = set(worker.models_loaded)
     for rid in worker.jobs:
-        have.update(worker.estimates.get(rid, (0.0, ()))[1])
+        estimate = worker.estimates.get(rid)
+        if estimate is not None:
+            have.update(estimate.models)
     steps_s, load_s = _own_cost_s(needs, worker, have)
     # the worker's progress (and heartbeat current_step) counts job.steps, refiner included
-    return steps_s + load_s, needs.models, steps_s, job.steps
+    return DispatchEstimate(steps_s + load_s, needs.models, steps_s, job.steps)
 
 
 def predicted_finish_s(job: Job, worker: WorkerRecord) -> float:

@@ -116,6 +116,7 @@ class Broker(WorkerSide):
         # unique across broker restarts, so a worker's answer to a dispatch of the previous
         # broker process is never mistaken for one of this process
         self._dispatch_ids = itertools.count(time.time_ns())
+        self._handlers = self._backend_handlers()
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -473,8 +474,8 @@ class Broker(WorkerSide):
             if state.wire is None:
                 state.wire = state.job.to_wire()
             self.backend.send(worker.identity, _SNDMORE)
-            self.backend.send(W.pack(W.JOB, request_id=rid, attempt=state.attempt,
-                                     dispatch_id=state.dispatch_id, job=state.wire))
+            self.backend.send(W.encode(W.RunJob(request_id=rid, attempt=state.attempt,
+                                                dispatch_id=state.dispatch_id, job=state.wire)))
             log.debug("job %s -> worker %s (attempt %d)", rid, worker.worker_id, state.attempt)
             if not any(len(w.jobs) < W.MAX_JOBS_PER_WORKER for w in live):
                 return
@@ -515,8 +516,8 @@ class Broker(WorkerSide):
         if worker is not None:
             worker.jobs.pop(state.request_id, None)
             if not worker.lost:
-                self.backend.send_multipart([worker.identity, W.pack(
-                    W.ABORT, request_id=state.request_id, dispatch_id=state.dispatch_id, reason=reason)])
+                self.backend.send_multipart([worker.identity, W.encode(W.AbortJob(
+                    request_id=state.request_id, dispatch_id=state.dispatch_id, reason=reason))])
         self._dirty = True
 
     # --- replies ----------------------------------------------------------------------------------

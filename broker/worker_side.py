@@ -24,62 +24,76 @@ log = logging.getLogger("broker.server")
 
 # plain ints: pyzmq's enum flag arithmetic shows up in profiles with 1,000 workers
 _SNDMORE = int(zmq.SNDMORE)
-_BEAT = W.pack(W.HEARTBEAT)
+_BEAT = W.encode(W.BrokerHeartbeat())
 
 
 class WorkerSide:
     # --- backend -------------------------------------------------------------------------------
+    def _backend_handlers(self) -> dict:
+        """Message type -> handler(worker record, message), for registered workers (READY is
+        handled before the sender is looked up)."""
+        return {W.WorkerHeartbeat: self._on_heartbeat, W.JobProgress: self._on_progress,
+                W.JobResult: self._on_job_done, W.JobFailed: self._on_job_done,
+                W.ManageReply: self._on_manage_reply, W.Disconnect: self._on_disconnect}
+
     def _on_backend(self, frames: list[bytes]) -> None:
         identity = frames[0]
         try:
-            msg = W.unpack(frames[-1])
+            msg = W.decode_from_worker(frames[-1])
+        except W.WorkerVersionError as exc:
+            if exc.kind == W.READY:
+                self._refuse_version(identity, exc.worker_id, exc.version)
+            else:
+                log.warning("ignoring bad frame from worker %s: %s", identity.hex(), exc)
+            return
         except W.WorkerProtocolError as exc:
             log.warning("ignoring bad frame from worker %s: %s", identity.hex(), exc)
             return
-        kind = msg["t"]
-        if kind == W.READY:
+        if type(msg) is W.Ready:
             self._on_ready(identity, msg)
             return
         worker = self.registry.by_identity(identity)
         if worker is None:
-            if kind in (W.RESULT, W.ERROR):
+            if isinstance(msg, (W.JobResult, W.JobFailed)):
                 log.warning("discarding late %s for %s from a lost or unknown worker",
-                            kind, msg.get("request_id"))
-            if kind != W.DISCONNECT:
-                self.backend.send_multipart([identity, W.pack(
-                    W.DISCONNECT, reason="not registered; send READY again")])
+                            type(msg).__name__, msg.request_id)
+            if type(msg) is not W.Disconnect:
+                self.backend.send_multipart([identity, W.encode(
+                    W.Disconnect(reason="not registered; send READY again"))])
             return
-        self.registry.touch(worker, msg.get("telemetry") if kind == W.HEARTBEAT else None)
-        if kind == W.HEARTBEAT:
-            current = msg.get("current_job")
-            worker.current_job = str(current) if current is not None else None
-            worker.current_step = int(msg.get("current_step") or 0)
-            if self.queue:
-                self._dirty = True   # fresh telemetry can change what fits
-        elif kind == W.PROGRESS:
-            state = self._current_job(worker, msg)
-            if state is not None and state.wants_progress:
-                self._progress(state, str(msg.get("stage")), step=int(msg.get("step") or 0),
-                               total_steps=int(msg.get("total_steps") or 0), worker_id=worker.worker_id)
-        elif kind in (W.RESULT, W.ERROR):
-            self._on_job_done(worker, msg)
-        elif kind == W.MANAGE_REPLY:
-            management.on_reply(self, worker, msg)
-        elif kind == W.DISCONNECT:
-            log.info("worker %s disconnected: %s", worker.worker_id, msg.get("reason"))
-            self._worker_lost(worker, "disconnected")
-            self.registry.remove(worker)
-        else:
-            log.warning("unexpected %s from worker %s", kind, worker.worker_id)
+        self.registry.touch(worker, msg.telemetry if type(msg) is W.WorkerHeartbeat else None)
+        self._handlers[type(msg)](worker, msg)
 
-    def _on_ready(self, identity: bytes, msg: dict) -> None:
-        version = msg.get("v")
-        if version != W.PROTOCOL_VERSION:
-            log.error("refusing worker %s: it speaks worker protocol version %s, this broker "
-                      "speaks %d", msg.get("worker_id"), version, W.PROTOCOL_VERSION)
-            self.backend.send_multipart([identity, W.pack(
-                W.DISCONNECT, fatal=True,
-                reason=f"protocol version {version} not supported; broker speaks {W.PROTOCOL_VERSION}")])
+    def _on_heartbeat(self, worker: WorkerRecord, msg: W.WorkerHeartbeat) -> None:
+        worker.current_job = msg.current_job
+        worker.current_step = msg.current_step
+        if self.queue:
+            self._dirty = True   # fresh telemetry can change what fits
+
+    def _on_progress(self, worker: WorkerRecord, msg: W.JobProgress) -> None:
+        state = self._current_job(worker, msg)
+        if state is not None and state.wants_progress:
+            self._progress(state, msg.stage, step=msg.step, total_steps=msg.total_steps,
+                           worker_id=worker.worker_id)
+
+    def _on_manage_reply(self, worker: WorkerRecord, msg: W.ManageReply) -> None:
+        management.on_reply(self, worker, msg)
+
+    def _on_disconnect(self, worker: WorkerRecord, msg: W.Disconnect) -> None:
+        log.info("worker %s disconnected: %s", worker.worker_id, msg.reason)
+        self._worker_lost(worker, "disconnected")
+        self.registry.remove(worker)
+
+    def _refuse_version(self, identity: bytes, worker_id, version) -> None:
+        log.error("refusing worker %s: it speaks worker protocol version %s, this broker "
+                  "speaks %d", worker_id, version, W.PROTOCOL_VERSION)
+        self.backend.send_multipart([identity, W.encode(W.Disconnect(
+            fatal=True,
+            reason=f"protocol version {version} not supported; broker speaks {W.PROTOCOL_VERSION}"))])
+
+    def _on_ready(self, identity: bytes, msg: W.Ready) -> None:
+        if msg.v != W.PROTOCOL_VERSION:
+            self._refuse_version(identity, msg.worker_id, msg.v)
             return
         worker, previous = self.registry.register(identity, msg)
         if previous is not None:
@@ -87,33 +101,33 @@ class WorkerSide:
             # nothing any more; its jobs and pending management ops are handled as lost
             self._requeue_jobs_of(previous, "re-registered")
             management.on_worker_lost(self, previous)
-        self.backend.send_multipart([identity, W.pack(W.HEARTBEAT, registered=True)])
+        self.backend.send_multipart([identity, W.encode(W.BrokerHeartbeat(registered=True))])
         log.info("worker %s registered: %s %s, %.0f MB, pid %d on %s%s", worker.worker_id,
                  worker.device, worker.device_name, worker.memory_total_mb, worker.pid, worker.host,
                  " (SIMULATED)" if worker.simulated else "")
         self._dirty = True
 
-    def _current_job(self, worker: WorkerRecord, msg: dict) -> JobState | None:
-        rid = str(msg.get("request_id"))
-        state = self.jobs.get(rid)
+    def _current_job(self, worker: WorkerRecord,
+                     msg: W.JobProgress | W.JobResult | W.JobFailed) -> JobState | None:
+        state = self.jobs.get(msg.request_id)
         if (state is None or state.state != RUNNING or state.worker_id != worker.worker_id
-                or state.dispatch_id != msg.get("dispatch_id")):
+                or state.dispatch_id != msg.dispatch_id):
             return None
         return state
 
-    def _on_job_done(self, worker: WorkerRecord, msg: dict) -> None:
-        rid = str(msg.get("request_id"))
-        if worker.jobs.get(rid) == msg.get("dispatch_id"):
+    def _on_job_done(self, worker: WorkerRecord, msg: W.JobResult | W.JobFailed) -> None:
+        rid = msg.request_id
+        if worker.jobs.get(rid) == msg.dispatch_id:
             del worker.jobs[rid]
         self._dirty = True
         state = self._current_job(worker, msg)
         if state is None:
             log.info("discarding %s for %s (dispatch %s) from %s: job no longer runs there",
-                     msg["t"], rid, msg.get("dispatch_id"), worker.worker_id)
+                     type(msg).__name__, rid, msg.dispatch_id, worker.worker_id)
             return
-        if msg["t"] == W.RESULT:
+        if type(msg) is W.JobResult:
             worker.jobs_done += 1
-            data = msg.get("data") or {}
+            data = msg.data
             metrics = data.get("processing_metrics")
             if isinstance(metrics, dict):
                 # from acceptance until the worker started it: the broker's queue, plus the wait
@@ -127,13 +141,13 @@ class WorkerSide:
                 metrics.setdefault("worker_id", worker.worker_id)
             self._finish(state, final_reply(
                 state.reply_type, rid, success=True, data=data,
-                warnings=state.warnings + list(msg.get("warnings") or []),
+                warnings=state.warnings + msg.warnings,
                 execution_time=self.clock() - state.accepted_at))
         else:
             worker.jobs_failed += 1
-            code = msg.get("code") if msg.get("code") in C.ERROR_CODES else C.INTERNAL_ERROR
+            code = msg.code if msg.code in C.ERROR_CODES else C.INTERNAL_ERROR
             self._finish(state, error_reply(
-                state.reply_type, rid, ProtocolError(code, str(msg.get("message") or code)),
+                state.reply_type, rid, ProtocolError(code, msg.message or code),
                 warnings=state.warnings, execution_time=self.clock() - state.accepted_at))
 
     # --- worker liveness --------------------------------------------------------------------------

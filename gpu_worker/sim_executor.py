@@ -37,16 +37,6 @@ REFERENCE_PIXELS = 1024 * 1024       # "scaled": step_s is the step time at this
 ACTIVATION_MB_PER_MEGAPIXEL = 2048.0  # the same estimate routing uses for a job's activations
 
 
-def _job_models(job: Job) -> list[str]:
-    names = [job.models.base]
-    if job.models.refiner:
-        names.append(job.models.refiner)
-    if job.models.vae:
-        names.append(job.models.vae)
-    names += [cn.model or f"controlnet-{cn.type}" for cn in job.controlnets]
-    return names
-
-
 class SimulatedExecutor:
     def __init__(self, device: str = "cpu", *, load_s: float = 0.5, step_s: float = 0.02,
                  memory_mb: float = 8000.0, model_mb: float = 2000.0,
@@ -137,7 +127,7 @@ class SimulatedExecutor:
         step_s = self.step_s
         if self.cost_model == "scaled":
             step_s = self.step_s * job.width * job.height / REFERENCE_PIXELS
-            need_mb = sum(self._size_of(n) for n in _job_models(job)) + pixels_mb
+            need_mb = sum(self._size_of(n) for n in job.needed_models) + pixels_mb
             if need_mb > self.memory_mb:
                 self._count("oom_events")
                 log.info("SIMULATED out of memory: job %s needs %.0f MB, budget %.0f MB",
@@ -146,7 +136,7 @@ class SimulatedExecutor:
                                                 f"{need_mb:.0f} MB, budget is {self.memory_mb:.0f} MB")
             self._reserved_mb = pixels_mb
         try:
-            for name in _job_models(job):
+            for name in job.needed_models:
                 if name not in self._cache:
                     progress("loading", 0, job.steps)
                 self._ensure_loaded(name, should_abort)

@@ -73,6 +73,12 @@ class WorkerTransport:
         self._busy_thread = threading.Thread(target=self._busy_loop, name="worker-busy", daemon=True)
         self.fatal: str | None = None
         self.registered = threading.Event()
+        # message type -> IO-thread handler; a handler may return "reconnect"
+        self._handlers = {W.BrokerHeartbeat: self._on_heartbeat, W.RunJob: self._on_job,
+                          W.AbortJob: self._on_abort, W.Manage: self._on_manage,
+                          W.Disconnect: self._on_disconnect}
+        # busy-thread task type -> runner (the tasks are the broker's messages themselves)
+        self._runners = {W.RunJob: self._run_job, W.Manage: self._run_manage}
 
     # --- lifecycle -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -92,7 +98,7 @@ class WorkerTransport:
                 now = time.monotonic()
                 beat = None
                 if now >= next_heartbeat:   # telemetry is gathered outside the lock
-                    beat = W.pack(W.HEARTBEAT, **self._heartbeat_fields())
+                    beat = W.encode(self._heartbeat())
                     next_heartbeat = now + interval_s
                 with self._dealer_lock:
                     if beat is not None:
@@ -122,7 +128,7 @@ class WorkerTransport:
                 if any(fd == self._wake_r for fd, _ in poller.poll(timeout_ms)):
                     _drain_pipe(self._wake_r)
             with self._dealer_lock:
-                self._dealer.send(W.pack(W.DISCONNECT, reason="worker stopping"))
+                self._dealer.send(W.encode(W.Disconnect(reason="worker stopping")))
             return 0
         finally:
             self._tasks.put(None)
@@ -171,72 +177,68 @@ class WorkerTransport:
             make_curve_client(dealer, *self.curve_files)
         dealer.connect(self.connect)
         info = self.executor.describe()
-        dealer.send(W.pack(
-            W.READY, worker_id=self.worker_id, host=pysocket.gethostname(), pid=os.getpid(),
+        dealer.send(W.encode(W.Ready(
+            worker_id=self.worker_id, host=pysocket.gethostname(), pid=os.getpid(),
             device=info.get("device", "cpu"), device_type=info.get("device_type", "cpu"),
             device_name=info.get("device_name", ""),
             memory_total_mb=info.get("memory_total_mb", 0.0),
             capabilities=list(info.get("capabilities", ())),
             worker_types=list(info.get("worker_types", ())),
             simulated=bool(info.get("simulated", False)),
-            telemetry=self._safe_telemetry()))
+            telemetry=self._safe_telemetry())))
         log.info("worker %s: connecting to %s (%s)", self.worker_id, self.connect,
                  "SIMULATED" if info.get("simulated") else info.get("device_name", ""))
         return dealer
 
     def _handle(self, frame: bytes) -> str | None:
         try:
-            msg = W.unpack(frame)
+            msg = W.decode_from_broker(frame)
         except W.WorkerProtocolError as exc:
             log.warning("worker %s: ignoring bad frame from broker: %s", self.worker_id, exc)
             return None
-        kind = msg["t"]
-        if kind == W.HEARTBEAT:
-            if not self.registered.is_set() and msg.get("registered"):
-                self.registered.set()
-                log.info("worker %s ready on %s", self.worker_id, self.executor.describe().get("device"))
-        elif kind == W.JOB:
-            key = (str(msg.get("request_id")), int(msg.get("dispatch_id") or 0))
-            self._held.add(key)
-            self._tasks.put(("job", key, msg.get("job")))
-        elif kind == W.ABORT:
-            key = (str(msg.get("request_id")), int(msg.get("dispatch_id") or 0))
-            log.info("worker %s: abort %s (%s)", self.worker_id, key[0], msg.get("reason"))
-            self._aborted.add(key)
-        elif kind == W.MANAGE:
-            self._tasks.put(("manage", msg.get("op_id"), msg))
-        elif kind == W.DISCONNECT:
-            if msg.get("fatal"):
-                self.fatal = str(msg.get("reason"))
-                log.error("worker %s: broker refused this worker: %s", self.worker_id, self.fatal)
-                return None
-            log.info("worker %s: broker asked to reconnect: %s", self.worker_id, msg.get("reason"))
-            return "reconnect"
-        else:
-            log.warning("worker %s: unexpected %s from broker", self.worker_id, kind)
-        return None
+        return self._handlers[type(msg)](msg)
+
+    def _on_heartbeat(self, msg: W.BrokerHeartbeat) -> None:
+        if not self.registered.is_set() and msg.registered:
+            self.registered.set()
+            log.info("worker %s ready on %s", self.worker_id, self.executor.describe().get("device"))
+
+    def _on_job(self, msg: W.RunJob) -> None:
+        self._held.add((msg.request_id, msg.dispatch_id))
+        self._tasks.put(msg)
+
+    def _on_abort(self, msg: W.AbortJob) -> None:
+        log.info("worker %s: abort %s (%s)", self.worker_id, msg.request_id, msg.reason)
+        self._aborted.add((msg.request_id, msg.dispatch_id))
+
+    def _on_manage(self, msg: W.Manage) -> None:
+        self._tasks.put(msg)
+
+    def _on_disconnect(self, msg: W.Disconnect) -> str | None:
+        if msg.fatal:
+            self.fatal = msg.reason
+            log.error("worker %s: broker refused this worker: %s", self.worker_id, self.fatal)
+            return None
+        log.info("worker %s: broker asked to reconnect: %s", self.worker_id, msg.reason)
+        return "reconnect"
 
     def _abort_all(self) -> None:
         self._aborted.update(self._held)
         self.registered.clear()
 
-    def _safe_telemetry(self) -> dict:
+    def _safe_telemetry(self) -> W.Telemetry:
         try:
-            return self.executor.telemetry()
+            return W.Telemetry.from_dict(self.executor.telemetry())
         except Exception:  # a telemetry bug must not stop heartbeats
             log.exception("telemetry failed")
-            return {}
+            return W.Telemetry()
 
-    def _heartbeat_fields(self) -> dict:
+    def _heartbeat(self) -> W.WorkerHeartbeat:
         current = self._current
-        return {
-            "telemetry": self._safe_telemetry(),
-            "busy": current is not None,
-            "current_job": current[0] if current else None,
-            "current_step": self._current_step,
-            "jobs_done": self._jobs_done,
-            "jobs_failed": self._jobs_failed,
-        }
+        return W.WorkerHeartbeat(
+            telemetry=self._safe_telemetry(), busy=current is not None,
+            current_job=current[0] if current else None, current_step=self._current_step,
+            jobs_done=self._jobs_done, jobs_failed=self._jobs_failed)
 
     # --- busy thread -------------------------------------------------------------------------
     def _busy_loop(self) -> None:
@@ -244,64 +246,66 @@ class WorkerTransport:
             task = self._tasks.get()
             if task is None:
                 return
-            if task[0] == "job":
-                self._run_job(task[1], task[2])
-            else:
-                self._run_manage(task[1], task[2])
+            self._runners[type(task)](task)
 
-    def _run_job(self, key: tuple[str, int], job_wire: dict) -> None:
-        request_id, dispatch_id = key
+    def _run_job(self, task: W.RunJob) -> None:
+        request_id, dispatch_id = task.request_id, task.dispatch_id
+        key = (request_id, dispatch_id)
         started = time.perf_counter()
         self._current, self._current_step = key, 0
         try:
             if key in self._aborted:
                 raise JobError(C.CANCELLED, "aborted before it started")
-            job = Job.from_wire(job_wire)
+            job = Job.from_wire(task.job)
 
             def progress(stage: str, step: int, total_steps: int) -> None:
                 self._current_step = step
                 if job.stream:
-                    self._send(W.pack(W.PROGRESS, request_id=request_id, dispatch_id=dispatch_id,
-                                     stage=stage, step=step, total_steps=total_steps))
+                    self._send(W.encode(W.JobProgress(
+                        request_id=request_id, dispatch_id=dispatch_id, stage=stage,
+                        step=step, total_steps=total_steps)))
 
             data = self.executor.run(job, progress, lambda: key in self._aborted)
             if key in self._aborted:  # finished anyway (e.g. a pipeline that decodes after interrupt)
                 raise JobError(C.CANCELLED, "aborted")
             warnings = list(data.pop("warnings", []) or [])
-            self._send(W.pack(W.RESULT, request_id=request_id, dispatch_id=dispatch_id, data=data,
-                             warnings=warnings, execution_time=time.perf_counter() - started))
+            self._send(W.encode(W.JobResult(
+                request_id=request_id, dispatch_id=dispatch_id, data=data,
+                warnings=[str(w) for w in warnings], execution_time=time.perf_counter() - started)))
             self._jobs_done += 1
         except JobError as exc:
             self._jobs_failed += 1
-            self._send(W.pack(W.ERROR, request_id=request_id, dispatch_id=dispatch_id, code=exc.code,
-                             message=exc.message, details=exc.details))
+            self._send(W.encode(W.JobFailed(request_id=request_id, dispatch_id=dispatch_id,
+                                            code=exc.code, message=exc.message,
+                                            details=dict(exc.details or {}))))
         except Exception as exc:  # an executor bug fails this job, never the worker
             self._jobs_failed += 1
             log.exception("worker %s: job %s failed", self.worker_id, request_id)
-            self._send(W.pack(W.ERROR, request_id=request_id, dispatch_id=dispatch_id,
-                             code=C.INTERNAL_ERROR, message=f"{type(exc).__name__}: {exc}", details={}))
+            self._send(W.encode(W.JobFailed(request_id=request_id, dispatch_id=dispatch_id,
+                                            code=C.INTERNAL_ERROR,
+                                            message=f"{type(exc).__name__}: {exc}")))
         finally:
             self._current, self._current_step = None, 0
             self._held.discard(key)
             self._aborted.discard(key)
 
-    def _run_manage(self, op_id, msg: dict) -> None:
-        op, args = msg.get("op"), msg.get("args") or {}
+    def _run_manage(self, task: W.Manage) -> None:
+        op_id, op, args = task.op_id, task.op, task.args
         try:
             if op == W.MANAGE_LOAD_MODEL:
-                data = self.executor.load_model(str(args.get("model_name")))
+                data = self.executor.load_model(str(args.model_name))
             elif op == W.MANAGE_CLEANUP:
-                data = self.executor.cleanup(args.get("models"))
+                data = self.executor.cleanup(args.models)
             else:
                 raise JobError(C.UNKNOWN_MESSAGE_TYPE, f"unknown management op {op!r}")
-            self._send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=True, data=data))
+            self._send(W.encode(W.ManageReply(op_id=op_id, success=True, data=data)))
         except JobError as exc:
-            self._send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=False, code=exc.code,
-                             error=exc.message, data=None))
+            self._send(W.encode(W.ManageReply(op_id=op_id, success=False, code=exc.code,
+                                              error=exc.message)))
         except Exception as exc:
             log.exception("worker %s: %s failed", self.worker_id, op)
-            self._send(W.pack(W.MANAGE_REPLY, op_id=op_id, success=False, code=C.INTERNAL_ERROR,
-                             error=f"{type(exc).__name__}: {exc}", data=None))
+            self._send(W.encode(W.ManageReply(op_id=op_id, success=False, code=C.INTERNAL_ERROR,
+                                              error=f"{type(exc).__name__}: {exc}")))
 
 
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)

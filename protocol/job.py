@@ -145,6 +145,18 @@ class Job(_Frozen):
             f.add("upscale")
         return frozenset(f)
 
+    @property
+    def needed_models(self) -> tuple[str, ...]:
+        """Every model the job needs warm, in load order: base, refiner, VAE, ControlNets (by
+        model name, or `controlnet-<type>` when the worker picks the model for the type)."""
+        names = [self.models.base]
+        if self.models.refiner:
+            names.append(self.models.refiner)
+        if self.models.vae:
+            names.append(self.models.vae)
+        names += [cn.model or f"controlnet-{cn.type}" for cn in self.controlnets]
+        return tuple(names)
+
     # --- the wire between broker and worker -----------------------------------------------
     def to_wire(self) -> dict:
         d = self.model_dump(mode="python")

@@ -24,24 +24,24 @@ def _worker(cluster, worker_id: str) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.backend)
     _ready(sock, worker_id)
-    assert _recv_until(sock, W.HEARTBEAT)["registered"] is True
+    assert _recv_until(sock, W.BrokerHeartbeat).registered is True
     return sock
 
 
-def _take_jobs(sock, count: int, timeout_s: float = 5.0) -> dict[str, dict]:
+def _take_jobs(sock, count: int, timeout_s: float = 5.0) -> dict[str, W.RunJob]:
     """request_id -> JOB message, for the next `count` JOBs sent to this fake worker."""
     jobs = {}
     deadline = time.monotonic() + timeout_s
     while len(jobs) < count and time.monotonic() < deadline:
-        msg = _recv_until(sock, W.JOB, max(deadline - time.monotonic(), 0.1))
-        jobs[msg["request_id"]] = msg
+        msg = _recv_until(sock, W.RunJob, max(deadline - time.monotonic(), 0.1))
+        jobs[msg.request_id] = msg
     assert len(jobs) == count, f"expected {count} JOBs, got {sorted(jobs)}"
     return jobs
 
 
-def _result(sock, job: dict) -> None:
-    sock.send(W.pack(W.RESULT, request_id=job["request_id"], dispatch_id=job["dispatch_id"],
-                     data={"generated_images": []}, warnings=[], execution_time=0.01))
+def _result(sock, job: W.RunJob) -> None:
+    sock.send(W.encode(W.JobResult(request_id=job.request_id, dispatch_id=job.dispatch_id,
+                                   data={"generated_images": []}, execution_time=0.01)))
 
 
 def _finals(client, count: int, window_s: float = 1.0, timeout_s: float = 8.0) -> dict[str, list[dict]]:
@@ -87,8 +87,8 @@ def test_ready_again_from_a_new_socket_requeues_running_and_prefetched_jobs(clus
     new = _worker(cluster, "sim-0")                 # same id, new DEALER identity
     second = _take_jobs(new, 2)
     for rid in ("a", "b"):
-        assert second[rid]["dispatch_id"] != first[rid]["dispatch_id"]
-        assert second[rid]["attempt"] == 2
+        assert second[rid].dispatch_id != first[rid].dispatch_id
+        assert second[rid].attempt == 2
     for job in first.values():                      # the old process answers late
         _result(old, job)
     time.sleep(0.3)
@@ -135,10 +135,10 @@ def test_silent_worker_lost_then_back_reruns_its_jobs_once(cluster):
         w.recv()
     for job in first.values():                      # SIGCONT: the late answers come in
         _result(w, job)
-    assert _recv_until(w, W.DISCONNECT)["reason"].startswith("not registered")
+    assert _recv_until(w, W.Disconnect).reason.startswith("not registered")
     _ready(w, "sim-0")
     second = _take_jobs(w, 2)
-    assert {j["attempt"] for j in second.values()} == {2}
+    assert {j.attempt for j in second.values()} == {2}
     _answer_and_expect_one_success_each(w, second, client)
     w.close(0)
 
@@ -149,7 +149,7 @@ def test_disconnect_with_jobs_requeues_them_to_another_worker(cluster):
     client = _submit(cluster, "a", "b")
     _take_jobs(leaving, 2)
     other = _worker(cluster, "other")
-    leaving.send(W.pack(W.DISCONNECT, reason="worker stopping"))
+    leaving.send(W.encode(W.Disconnect(reason="worker stopping")))
     second = _take_jobs(other, 2)
     _answer_and_expect_one_success_each(other, second, client)
     leaving.close(0)
@@ -165,7 +165,7 @@ def test_attempts_used_up_by_re_registrations_fail_with_worker_lost_once(cluster
     first = _take_jobs(w, 1)["a"]
     _ready(w, "flaky")
     second = _take_jobs(w, 1)["a"]
-    assert second["attempt"] == 2
+    assert second.attempt == 2
     _ready(w, "flaky")
     finals = _finals(client, 1)
     assert len(finals["a"]) == 1 and finals["a"][0]["error_code"] == "worker_lost"
@@ -173,7 +173,7 @@ def test_attempts_used_up_by_re_registrations_fail_with_worker_lost_once(cluster
     _result(w, second)
     assert client.drain(0.4) == []
     while w.poll(100):
-        assert W.unpack(w.recv())["t"] != W.JOB
+        assert not isinstance(W.decode_from_broker(w.recv()), W.RunJob)
     w.close(0)
 
 
@@ -185,7 +185,7 @@ def test_pending_model_load_fails_fast_when_its_worker_re_registers(cluster):
     client = cluster.client()
     client.send({"message_type": "model_load_request", "request_id": "ld",
                  "data": {"model_name": "tiny-sdxl"}})
-    _recv_until(w, W.MANAGE)
+    _recv_until(w, W.Manage)
     replacement = _worker(cluster, "mute")
     reply = client.recv_final(1.5)                  # well before the 6 s liveness expiry
     assert reply["message_type"] == "model_load_response" and reply["success"] is False

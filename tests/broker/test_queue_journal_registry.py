@@ -7,6 +7,7 @@ import pytest
 from broker.job_queue import JobQueue, QueueFull
 from broker.journal import Journal, MemoryJournal
 from broker.registry import WorkerRegistry
+from protocol.worker_protocol import Ready, Telemetry
 
 
 def test_priorities_then_fifo_and_positions():
@@ -70,8 +71,8 @@ def test_journal_is_bounded_and_expires(kind):
 def test_liveness_with_injected_clock():
     now = [0.0]
     reg = WorkerRegistry(heartbeat_interval_s=1.0, heartbeat_liveness=3, clock=lambda: now[0])
-    a, _ = reg.register(b"id-a", {"worker_id": "a", "device": "cpu", "memory_total_mb": 100})
-    b, _ = reg.register(b"id-b", {"worker_id": "b"})
+    a, _ = reg.register(b"id-a", Ready(worker_id="a", device="cpu", memory_total_mb=100))
+    b, _ = reg.register(b"id-b", Ready(worker_id="b"))
     now[0] = 2.5
     reg.touch(a)
     now[0] = 3.1          # b silent for 3.1 s > 3 intervals; a heard 0.6 s ago
@@ -80,28 +81,28 @@ def test_liveness_with_injected_clock():
     assert [w.worker_id for w in reg.live()] == ["a"]
     assert reg.expire() == []
     # the same worker id registering again replaces the lost record
-    b2, previous = reg.register(b"id-b2", {"worker_id": "b"})
+    b2, previous = reg.register(b"id-b2", Ready(worker_id="b"))
     assert previous is None and reg.by_identity(b"id-b2") is b2 and b2.state == "idle"
     a.jobs["job"] = 1
-    a2, previous = reg.register(b"id-a2", {"worker_id": "a"})
+    a2, previous = reg.register(b"id-a2", Ready(worker_id="a"))
     assert previous is a  # its jobs must be re-queued by the broker
 
 
 def test_registry_keeps_model_sizes_and_views_current_across_heartbeats():
     reg = WorkerRegistry()
-    rec, _ = reg.register(b"id", {"worker_id": "w", "telemetry": {
+    rec, _ = reg.register(b"id", Ready(worker_id="w", telemetry=Telemetry.from_dict({
         "model_sizes_mb": {"refiner": 3000.0},
-        "models_loaded": [{"name": "base", "size_mb": 6500.0}]}})
+        "models_loaded": [{"name": "base", "size_mb": 6500.0}]})))
     assert reg.model_sizes == {"refiner": 3000.0, "base": 6500.0}
     assert rec.warm == {"base"} and rec.loaded_total_mb == 6500.0
     # a heartbeat with the same model lists keeps the views; a new load updates views and sizes
-    reg.touch(rec, {"model_sizes_mb": {"refiner": 3000.0},
-                    "models_loaded": [{"name": "base", "size_mb": 6500.0}],
-                    "memory": {"total_mb": 24000.0, "used_mb": 7000.0}})
+    reg.touch(rec, Telemetry.from_dict({"model_sizes_mb": {"refiner": 3000.0},
+                                        "models_loaded": [{"name": "base", "size_mb": 6500.0}],
+                                        "memory": {"total_mb": 24000.0, "used_mb": 7000.0}}))
     assert rec.memory["free_mb"] == 17000.0 and rec.warm == {"base"}
-    reg.touch(rec, {"model_sizes_mb": {"refiner": 3000.0}, "models_loading": ["vae"],
-                    "models_loaded": [{"name": "base", "size_mb": 6500.0},
-                                      {"name": "cn-canny", "size_mb": 2500.0}]})
+    reg.touch(rec, Telemetry.from_dict({"model_sizes_mb": {"refiner": 3000.0}, "models_loading": ["vae"],
+                                        "models_loaded": [{"name": "base", "size_mb": 6500.0},
+                                                          {"name": "cn-canny", "size_mb": 2500.0}]}))
     assert rec.warm == {"base", "cn-canny", "vae"} and rec.loaded_total_mb == 9000.0
     assert reg.model_sizes["cn-canny"] == 2500.0
 

@@ -8,6 +8,8 @@ from protocol.job import ControlNetSpec, Job, ModelSpec
 
 from broker import routing
 from broker.registry import WorkerRecord
+from broker.routing import DispatchEstimate
+from protocol.worker_protocol import Telemetry
 
 
 def make_job(rid="r1", base="tiny-sdxl", width=512, height=512, steps=10, **kw) -> Job:
@@ -25,12 +27,12 @@ def make_worker(worker_id, *, total_mb=8000.0, used_mb=0.0, loaded=(), step_s=0.
         device_type=device.split(":")[0], memory_total_mb=total_mb,
         capabilities=frozenset(capabilities), worker_types=frozenset(worker_types),
         jobs=dict(jobs or {}),
-        telemetry={
+        telemetry=Telemetry.from_dict({
             "memory": {"total_mb": total_mb, "used_mb": used_mb, "free_mb": total_mb - used_mb},
             "models_loaded": [{"name": n, "size_mb": mb} for n, mb in loaded.items()],
             "step_time_s": {"tiny-sdxl@512x512": step_s},
             "load_time_s": {"tiny-sdxl": load_s},
-        })
+        }))
 
 
 def test_warm_worker_chosen_over_cold_ones():
@@ -52,9 +54,8 @@ def test_busy_warm_worker_loses_to_idle_cold_one_when_load_is_cheaper_than_waiti
 
 
 def test_memory_that_does_not_fit_is_never_chosen():
-    sizes = {"model_sizes_mb": {"huge-model": 6000.0}}
     small = make_worker("small", total_mb=4000.0)
-    small.telemetry.update(sizes)
+    small.telemetry.model_sizes_mb.update({"huge-model": 6000.0})
     full = make_worker("full", total_mb=16000.0, used_mb=15000.0)  # used by something not evictable
     roomy = make_worker("roomy", total_mb=16000.0)
     job = make_job(base="huge-model")
@@ -133,7 +134,7 @@ def test_full_worker_gets_no_more_jobs():
 
 def test_controlnet_models_are_part_of_the_warm_set():
     job = make_job(controlnets=(ControlNetSpec(type="canny", image="x.png"),))
-    assert routing.job_models(job) == ["tiny-sdxl", "controlnet-canny"]
+    assert job.needed_models == ("tiny-sdxl", "controlnet-canny")
     both = make_worker("both", loaded={"tiny-sdxl": 10.0, "controlnet-canny": 5.0})
     base_only = make_worker("base", loaded={"tiny-sdxl": 10.0})
     assert routing.choose_worker(job, [base_only, both], "smart", routing.RoundRobin()) is both
@@ -142,7 +143,7 @@ def test_controlnet_models_are_part_of_the_warm_set():
 def test_smart_waits_for_a_full_warm_worker_instead_of_a_slow_cold_load():
     # warm: full (1 running + 1 prefetched, 1 s each); cold: free but needs a 30 s load
     warm = make_worker("warm", loaded={"tiny-sdxl": 10.0}, jobs={"a": 1, "b": 2})
-    warm.estimates = {"a": (1.0, ("tiny-sdxl",)), "b": (1.0, ("tiny-sdxl",))}
+    warm.estimates = {"a": DispatchEstimate(1.0, ("tiny-sdxl",)), "b": DispatchEstimate(1.0, ("tiny-sdxl",))}
     cold = make_worker("cold", load_s=30.0)
     job = make_job(steps=10)   # 10 x 0.1 s
     assert routing.predicted_finish_s(job, warm) == 1.0 + 1.0 + 1.0
@@ -158,14 +159,14 @@ def test_backlog_counts_models_its_queued_jobs_bring():
     idle = make_worker("idle", load_s=10.0)
     bringing = make_worker("bringing", load_s=10.0, jobs={"a": 1})
     bringing.estimates["a"] = routing.dispatch_estimate(make_job("a"), bringing)
-    assert bringing.estimates["a"] == (10.0 * 0.1 + 10.0, ("tiny-sdxl",), 10.0 * 0.1, 10)
+    assert bringing.estimates["a"] == DispatchEstimate(10.0 * 0.1 + 10.0, ("tiny-sdxl",), 10.0 * 0.1, 10)
     job = make_job("b")
     # idle: 1 s steps + 10 s load; bringing: 11 s backlog + 1 s steps, model already coming
     assert routing.predicted_finish_s(job, idle) == 11.0
     assert routing.predicted_finish_s(job, bringing) == 12.0
     assert routing.choose_worker(job, [idle, bringing], "smart", routing.RoundRobin()) is idle
     fast = make_worker("fast", load_s=10.0, step_s=0.01, jobs={"a": 1})
-    fast.estimates["a"] = (0.5, ("tiny-sdxl",))
+    fast.estimates["a"] = DispatchEstimate(0.5, ("tiny-sdxl",))
     assert routing.predicted_finish_s(job, fast) == 0.5 + 0.1
     assert routing.choose_worker(job, [idle, fast], "smart", routing.RoundRobin()) is fast
 
@@ -176,7 +177,7 @@ def test_a_long_queue_makes_smart_wait_for_the_warm_worker_rather_than_load():
     # with 8 jobs queued over 2 workers the load counts 1 + 4 = 5 times (26 s): warm wins.
     warm = make_worker("warm", loaded={"tiny-sdxl": 2000.0}, jobs={"x": 1})
     cold = make_worker("cold", jobs={"y": 1})   # busy too: a queue would wait on its load
-    cold.estimates["y"] = (1.0, ("other-model",))
+    cold.estimates["y"] = DispatchEstimate(1.0, ("other-model",))
     job = make_job(steps=100)
     assert routing.load_weight_for(0, 2) == 1.0
     assert routing.load_weight_for(8, 2) == 5.0
@@ -188,13 +189,12 @@ def test_smart_avoids_evicting_a_model_that_queued_jobs_want():
     # two idle workers, each full with two 3000 MB models (LRU first); the new job's model
     # evicts "keep-me" on one and "spare" on the other. With nothing queued they tie on time
     # (round-robin decides); with queued jobs wanting "keep-me", the other worker wins.
-    sizes = {"model_sizes_mb": {"new-model": 3000.0, "keep-me": 3000.0, "spare": 3000.0,
-                                "other": 3000.0}}
+    sizes = {"new-model": 3000.0, "keep-me": 3000.0, "spare": 3000.0, "other": 3000.0}
 
     def full_worker(worker_id, lru_first):
         w = make_worker(worker_id, total_mb=7000.0, used_mb=6000.0,
                         loaded={lru_first: 3000.0, "other": 3000.0})
-        w.telemetry.update(sizes)
+        w.telemetry.model_sizes_mb.update(sizes)
         return w
 
     a, b = full_worker("a", "keep-me"), full_worker("b", "spare")

@@ -131,7 +131,7 @@ def test_worker_that_stops_heart_beating_counts_a_missed_heartbeat(tmp_path):
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(broker.backend_endpoint)
-        dealer.send(W.pack(W.READY, v=W.PROTOCOL_VERSION, worker_id="silent", device="cpu"))
+        dealer.send(W.encode(W.Ready(worker_id="silent", device="cpu")))
         assert wait_for(lambda: [w["state"] for w in broker.status()["workers"]] == ["lost"],
                         timeout_s=5)
         # what /metrics would serve from this broker's registry
