@@ -27,7 +27,7 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from gpu_worker import job_adapters, postprocess
+from gpu_worker import file_hashes, job_adapters, postprocess
 from gpu_worker.executor_api import AbortFn, ProgressFn
 from gpu_worker.images import canny_edges, decode_image
 from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, VAE, PipelineCache, compose_pipeline,
@@ -629,15 +629,7 @@ class DiffusersExecutor:
             if factor and factor != 1:
                 image = postprocess.upscale(image, factor, job.postprocess.upscale_method, self.upscaler_model_path)
                 state.feature(f"upscale_{job.postprocess.upscale_method.lower()}")
-            parameters = postprocess.a1111_parameters(
-                prompt=job.prompt, negative_prompt=job.negative_prompt, steps=job.steps,
-                scheduler=job.scheduler, use_karras_sigmas=job.use_karras_sigmas,
-                guidance_scale=job.guidance_scale, seed=seed, width=image.width, height=image.height,
-                model=job.models.base,
-                extra={"Clip skip": job.clip_skip, "Denoising strength": job.strength if inputs["init"] else None,
-                       "Refiner": job.models.refiner, "VAE": job.models.vae,
-                       "Lora hashes": ", ".join(f"{l['name']}:{l['weight']:g}" for l in model_info["loras"]),
-                       "Version": "sdxl-broker"})
+            parameters = self._infotext(job, seed, image, inputs, model_info)
             saved = postprocess.finish_image(
                 image, output_dir=self.output_dir, save_path=job.output.save_path, fmt=job.output.format,
                 quality=job.output.quality, stem=postprocess.file_stem(job.request_id, index, seed),
@@ -650,6 +642,30 @@ class DiffusersExecutor:
         if len(seeds) > 1:
             state.feature("batch")
         return generated
+
+    def _infotext(self, job: Job, seed: int, image, inputs: dict, model_info: dict) -> str:
+        """A1111's parameters text, with the A1111 short hashes of the files used (cached)."""
+        prompt = job.prompt
+        for lora in model_info["loras"]:  # A1111 records LoRA weights as prompt tags
+            if f"<lora:{lora['name']}:" not in prompt:
+                prompt += f" <lora:{lora['name']}:{lora['weight']:g}>"
+        vae_hash = (file_hashes.model_short_hash(self.resolver.vae(job.models.vae).path)
+                    if job.models.vae else None)
+        model_hash = file_hashes.model_short_hash(self.resolver.base(job.models.base).path)
+        # the same hashes once more as civitai's JSON `Hashes`, which most readers parse
+        hashes = {"model": model_hash, "vae": vae_hash,
+                  **{f"lora:{l['name']}": l.get("hash") for l in model_info["loras"]}}
+        return postprocess.a1111_parameters(
+            prompt=prompt, negative_prompt=job.negative_prompt, steps=job.steps,
+            scheduler=job.scheduler, use_karras_sigmas=job.use_karras_sigmas,
+            guidance_scale=job.guidance_scale, seed=seed, width=image.width, height=image.height,
+            model=job.models.base, model_hash=model_hash,
+            extra={"VAE hash": vae_hash, "VAE": job.models.vae,
+                   "Denoising strength": job.strength if inputs["init"] else None,
+                   "Clip skip": job.clip_skip, "Refiner": job.models.refiner,
+                   "Lora hashes": ", ".join(f"{l['name']}: {l['hash']}" for l in model_info["loras"] if l.get("hash")),
+                   "Hashes": {key: value for key, value in hashes.items() if value},
+                   "Version": "sdxl-broker"})
 
     # --- memory -------------------------------------------------------------------------------
     def _is_cuda(self) -> bool:

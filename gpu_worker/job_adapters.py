@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from gpu_worker.file_hashes import short_hash
 from gpu_worker.pipeline_cache import LORA, TEXTUAL_INVERSION
 from protocol import constants as C
 from protocol.errors import JobError
@@ -39,7 +40,8 @@ def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info:
             pipe.load_lora_weights(source, adapter_name=adapter)
             names.append(adapter)
             weights.append(float(spec.weight))
-            model_info["loras"].append({"name": spec.name, "weight": float(spec.weight)})
+            model_info["loras"].append({"name": spec.name, "weight": float(spec.weight),
+                                        "hash": short_hash(resolved.path)})
         pipe.set_adapters(names, adapter_weights=weights)
         state.feature("lora" if len(names) == 1 else "multi_lora")
 

@@ -2,13 +2,15 @@
 
 Files go under the output root only (`save_path` is relative to it; anything that would leave it
 is a validation_error), each under a name no other job or worker can take (created with O_EXCL).
-PNGs carry the generation parameters as the `parameters` text chunk that A1111-style tools read.
+Every image carries the generation parameters ("infotext") where A1111-style tools read them: the
+`parameters` text chunk of a PNG, the EXIF UserComment of a JPEG or WebP.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -27,6 +29,8 @@ _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _EXTENSION = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_UPSCALE_FACTOR = 4.0
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286  # EXIF sub-IFD pointer, UserComment tag
+_UNICODE_PREFIX = b"UNICODE\x00"
 
 
 
@@ -89,14 +93,14 @@ def _upscale_with_spandrel(image: Image.Image, factor: float, model_path: str) -
 
 def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, scheduler: str,
                      use_karras_sigmas: bool, guidance_scale: float, seed: int, width: int,
-                     height: int, model: str, extra: dict | None = None) -> str:
+                     height: int, model: str, model_hash: str | None = None,
+                     extra: dict | None = None) -> str:
     """The `parameters` text A1111 writes: prompt, `Negative prompt:` line, then key: value pairs."""
     sampler = a1111_sampler_name(scheduler, use_karras_sigmas)
     pairs = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{guidance_scale:g}", "Seed": seed,
-             "Size": f"{width}x{height}", "Model": model}
-    for key, value in (extra or {}).items():
-        if value not in (None, "", [], ()):
-            pairs[key] = value
+             "Size": f"{width}x{height}", "Model hash": model_hash, "Model": model}
+    pairs.update(extra or {})
+    pairs = {key: value for key, value in pairs.items() if value not in (None, "", [], ())}
     tail = ", ".join(f"{key}: {_a1111_value(value)}" for key, value in pairs.items())
     lines = [prompt]
     if negative_prompt:
@@ -106,6 +110,8 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, scheduler
 
 
 def _a1111_value(value) -> str:
+    if isinstance(value, dict):  # `Hashes: {...}` is JSON, as civitai and A1111 write it
+        return json.dumps(value, separators=(", ", ": "))
     text = str(value)
     # A1111 quotes values holding its separators so parsers keep them whole
     return f'"{text}"' if ("," in text or ":" in text) and not text.startswith('"') else text
@@ -151,8 +157,17 @@ def encode_image(image: Image.Image, fmt: str, quality: int, parameters: str | N
         image.save(buffer, format="PNG", pnginfo=info)
     else:
         quality = max(C.MIN_QUALITY, min(C.MAX_QUALITY, int(quality)))
-        image.convert("RGB").save(buffer, format=_PIL_FORMAT[fmt], quality=quality)
+        extra = {"exif": exif_user_comment(parameters)} if parameters else {}
+        image.convert("RGB").save(buffer, format=_PIL_FORMAT[fmt], quality=quality, **extra)
     return buffer.getvalue()
+
+
+def exif_user_comment(text: str) -> Image.Exif:
+    """EXIF holding `text` as UserComment, the way A1111 stores parameters in JPEG and WebP
+    (piexif's "unicode" form: the 8-byte UNICODE prefix, then UTF-16 big-endian)."""
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf_16_be")
+    return exif
 
 
 def save_image(data: bytes, folder: str, *, stem: str, fmt: str) -> str:
