@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="images per request (1-9)")
     parser.add_argument("--format", default=None, choices=C.OUTPUT_FORMATS, help="image format")
     parser.add_argument("--priority", default=None, choices=C.PRIORITIES, help="queue priority")
+    parser.add_argument("--dtype", default=None, choices=C.DTYPES,
+                        help="precision (default auto: float16 on accelerators, float32 on CPU)")
     parser.add_argument("--save-path", default=None, metavar="DIR",
                         help="folder under the broker's --output-dir for the worker's copy "
                              "(default: the output root itself)")
@@ -100,7 +102,7 @@ def build_fields(args: argparse.Namespace) -> dict:
                     "strength": args.strength, "model_refiner": args.refiner,
                     "model_vae": args.vae, "batch_size": args.batch,
                     "output_format": args.format, "priority": args.priority,
-                    "save_path": args.save_path,
+                    "save_path": args.save_path, "dtype": args.dtype,
                     "init_image": _image_arg(args.init_image),
                     "mask_image": _image_arg(args.mask)}
     if args.size:

@@ -267,11 +267,14 @@ class DiffusersExecutor:
                            {"field": "batch_size"})
 
     def _dtype(self, name: str, warnings: list, field_name: str = "dtype") -> tuple[torch.dtype, str]:
-        if name not in _DTYPES:
-            raise JobError(C.VALIDATION_ERROR, f"{field_name} {name!r}; expected one of {', '.join(_DTYPES)}",
+        if name not in _DTYPES and name != "auto":
+            raise JobError(C.VALIDATION_ERROR, f"{field_name} {name!r}; expected one of auto, {', '.join(_DTYPES)}",
                            {"field": field_name})
-        if name == "float16" and self.device_type == "cpu":
-            # fp16 on CPU works but is about 9x slower than fp32 (DIFFUSERS-FACTS.md)
+        if name == "auto":   # the default: what runs well here, nothing to warn about
+            name = "float32" if self.device_type == "cpu" else "float16"
+        elif name == "float16" and self.device_type == "cpu":
+            # asked for explicitly: fp16 on CPU works but is about 9x slower than fp32
+            # (DIFFUSERS-FACTS.md), so run fp32 and say so
             warnings.append(f"{field_name} float16 is slow on CPU: running float32 instead")
             name = "float32"
         return _DTYPES[name], name

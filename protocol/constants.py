@@ -88,7 +88,7 @@ DEFAULT_FORMAT = "png"
 DEFAULT_QUALITY = 95
 DEFAULT_SAVE_PATH = "outputs/"
 DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
-DEFAULT_DTYPE = "float16"
+DEFAULT_DTYPE = "auto"   # float16 on accelerators, float32 on CPU (the worker decides)
 DEFAULT_VAE_DTYPE = "float32"
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_REFINER_SWITCH = 0.8
@@ -114,7 +114,7 @@ SCHEDULERS = (
 SAMPLER_SCHEDULERS = ("DPM++ 2M SDE", "DPM++ 3M SDE", "DPM++ 2S a", "LCM")
 CONTROLNET_TYPES = ("canny", "depth", "pose", "scribble", "normal", "seg", "lineart")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 # --- request size limits (protocol.models): generous, but a 1 MB prompt is a mistake ----------

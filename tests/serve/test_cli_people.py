@@ -158,7 +158,7 @@ def test_curve_mistakes_are_named_not_timed_out(start_serve, tmp_path):
 
 
 @pytest.mark.slow
-def test_images_land_in_the_output_root_not_outputs_outputs(start_serve, demo_models_dir, tmp_path):
+def test_images_land_in_the_output_root_and_precision_is_auto(start_serve, demo_models_dir, tmp_path):
     root = tmp_path / "outputs"
     sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
                       "--cpu-workers", "1", "--models-dir", str(demo_models_dir),
@@ -169,6 +169,10 @@ def test_images_land_in_the_output_root_not_outputs_outputs(start_serve, demo_mo
     printed = Path(default.stdout.split()[0])
     assert printed.parent == root and printed.is_file(), default.stdout   # the seed default outputs/
     assert not (root / "outputs").exists()
+    assert "float16" not in default.stderr      # precision auto: nothing asked, nothing to warn
+    asked = cli("generate", "a fox", *common, "--dtype", "float16", timeout_s=180)
+    assert asked.returncode == 0, asked.stderr
+    assert "warning: dtype float16 is slow on CPU: running float32 instead" in asked.stderr
     for save_path, folder in (("outputs/portraits", root / "portraits"), ("night/owls", root / "night" / "owls")):
         done = cli("generate", "an owl", *common, "--save-path", save_path, timeout_s=180)
         assert done.returncode == 0, done.stderr
