@@ -23,7 +23,7 @@ log = logging.getLogger("bench.sim_worker")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    worker_main.add_arguments(parser)
+    worker_main.add_arguments(parser, "worker")
     parser.set_defaults(sim=True, sim_cost_model="scaled")
     parser.add_argument("--bench-counters-file", default=None, metavar="PATH",
                         help="write the counters (loads, evictions, OOM, busy s) here as JSON on exit")
@@ -37,16 +37,18 @@ def bench_counters(executor) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from gpu_worker.transport import WorkerTransport
+    from runtime import settings as settings_table
+    from runtime.logs import configure_logging
 
     args.sim = True  # this wrapper never starts a real executor
-    worker_id = args.worker_id or f"bench-sim-{os.getpid()}"
-    executor = worker_main.build_executor(args, worker_id)
-    transport = WorkerTransport(executor, args.connect, worker_id=worker_id,
-                                heartbeat_interval_s=args.heartbeat_interval_s,
-                                heartbeat_liveness=args.heartbeat_liveness)
+    settings = settings_table.resolve(args, "worker")
+    configure_logging(settings["log_level"], settings["log_format"])
+    worker_id = settings["worker_id"] or f"bench-sim-{os.getpid()}"
+    executor = worker_main.build_executor(settings, worker_id)
+    transport = WorkerTransport(executor, settings["connect"], worker_id=worker_id,
+                                heartbeat_interval_s=settings["heartbeat_interval_s"],
+                                heartbeat_liveness=settings["heartbeat_liveness"])
 
     def _stop(signum, _frame):
         transport.stop()

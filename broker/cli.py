@@ -1,8 +1,8 @@
 """`sdxl-broker`: one console script, one subcommand per job.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
-modules are imported only when their command runs, so `--help` is fast and `translate` never
-imports torch.
+Each subcommand lives in a module exposing `add_arguments(parser, command)` and
+`run(args) -> int` (`args.command` names the command). Only the module of the command being run
+is imported: `sdxl-broker --help` imports none, and `translate` or `broker` never import torch.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("broker.serve", "broker plus one worker process per device, in one command"),
-    "broker": ("broker.server", "the broker alone (workers connect to --backend)"),
+    "serve": ("broker.service", "broker plus one worker process per device, in one command"),
+    "broker": ("broker.service", "the broker alone (workers connect to --backend)"),
     "worker": ("gpu_worker.main", "one worker process bound to one device"),
     "demo-models": ("gpu_worker.demo_models", "build the tiny random-weight SDXL model kit"),
     "translate": ("protocol.translate_cli", "validate one request body and print its translation"),
@@ -23,39 +23,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("clients.cli_manage", "load a model onto a worker"),
     "cleanup": ("clients.cli_manage", "unload models and free device memory"),
     "cancel": ("clients.cli_manage", "cancel a queued or running job"),
-    "keys": ("broker.curve", "make CURVE key pairs"),
+    "keys": ("runtime.curve", "make CURVE key pairs"),
 }
 
 
-def _module_available(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in argv (the first word that is not an option), if it is one."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdxl-broker",
         description="Serve Stable Diffusion XL over ZeroMQ from a pool of per-device workers.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = _chosen_command(argv)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            if not _module_available(module_name):
-                continue
-        except ModuleNotFoundError:  # the parent package is not there
-            continue
-        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        # a module serving several commands takes the command name
-        try:
+        if name == chosen:
+            module = importlib.import_module(module_name)
             module.add_arguments(p, name)
-        except TypeError:
-            module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

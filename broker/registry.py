@@ -169,6 +169,8 @@ class WorkerRecord:
             "current_step": self.current_step,
             "rss_mb": t.rss_mb,
             "cache_budget_mb": t.cache_budget_mb,
+            "cpu_threads": t.cpu_threads,      # the worker's torch/OpenMP threads
+            "cpu_affinity": t.cpu_affinity,    # cores it may run on (None: not known)
             "loras_cached": list(t.loras_cached),
             "controlnets_cached": list(t.controlnets_cached),
             # cumulative since the worker process started (a restart resets them)

@@ -1,178 +1,35 @@
-"""`sdxl-broker serve`: the broker plus one worker process per device, in one command.
+"""The local worker pool that `sdxl-broker serve` adds to the broker: which workers to run,
+their command lines, CPU threads and affinity, and the Supervisor that keeps them alive.
 
-Settings come from, in rising precedence: built-in defaults, a TOML file (`--config FILE`,
-keys at the top level or under `[serve]`, dashes or underscores), `SDXL_BROKER_<NAME>`
-environment variables (e.g. SDXL_BROKER_CPU_WORKERS=2), and command-line flags.
-
-It starts the Broker in this process, one worker subprocess per device (restarted by the
-Supervisor when it crashes), waits until every worker has registered, then prints exactly one
-line `ready <frontend endpoint>` on stdout. SIGINT/SIGTERM drains (no new jobs; running ones
-finish or hit --drain-timeout-s) and stops every child. Workers run in their own sessions so a
-terminal's Ctrl-C reaches only `serve`, which stops them after the drain; on Linux they also
-get SIGTERM if `serve` itself dies (PR_SET_PDEATHSIG), so nothing is orphaned.
+The run path itself (settings, logging, signals, the broker, metrics, the ready line, the drain)
+is broker.service, shared with `sdxl-broker broker`. This module never imports torch or
+gpu_worker: with `--devices auto` the devices are found by a short-lived child process
+(`python -m gpu_worker.devices`), so the broker process stays free of torch. A child rather than
+"the first worker discovers": the plan (worker ids, threads, cores) is complete before any
+worker starts, worker ids stay the stable device names, and the worker protocol needs no
+extra field; the cost is one torch import in that child (~3 s here), which the broker process
+paid itself before.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import os
-import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from runtime import settings as settings_table
+from runtime.settings import ConfigError
 
 log = logging.getLogger("sdxl_broker.serve")
 
-ENV_PREFIX = "SDXL_BROKER_"
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str          # argparse dest, TOML key, env suffix (upper-cased)
-    type: Callable[[Any], Any]
-    default: Any
-    help: str
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("frontend", str, "tcp://127.0.0.1:5555", "client endpoint (ROUTER) to bind"),
-    Setting("backend", str, "tcp://127.0.0.1:5556", "worker endpoint (ROUTER) to bind"),
-    Setting("devices", str, "auto",
-            "auto | cpu | none | a comma list such as cuda:0,cuda:1 or directml:0 or mps; "
-            "one worker per device (auto: every accelerator found, else cpu)"),
-    Setting("cpu_workers", int, None,
-            "number of cpu workers, each with its own memory budget (default 1 when the "
-            "devices are cpu; with accelerators, extra cpu workers only when given)"),
-    Setting("sim_workers", int, 0,
-            "add N simulated workers (no diffusers; for tests and benchmarks). Given alone "
-            "(without --devices/--cpu-workers) only simulated workers run"),
-    Setting("models_dir", str, "models", "where the workers look for models"),
-    Setting("output_dir", str, "outputs", "root under which images are saved"),
-    Setting("input_dir", str, "inputs", "root for image paths named in requests"),
-    Setting("state_dir", str, None, "directory of the job journal (jobs survive a restart)"),
-    Setting("metrics_port", int, None, "serve Prometheus metrics on this port (/metrics)"),
-    Setting("metrics_addr", str, "127.0.0.1", "address the metrics server listens on"),
-    Setting("max_queue", int, 1000, "queued jobs beyond this get queue_full"),
-    Setting("max_attempts", int, 2, "runs of a job whose worker died before worker_lost"),
-    Setting("routing", str, "smart", "smart | round-robin | least-loaded | tiered"),
-    Setting("cache_budget_mb", float, None,
-            "model cache budget per worker (default for cpu workers: half the RAM / N)"),
-    Setting("heartbeat_interval_s", float, 1.0, "broker/worker heartbeat interval"),
-    Setting("max_message_mb", int, 64, "largest accepted message"),
-    Setting("default_model", str, None, "model_base used when a request names none"),
-    Setting("allow_pickle", _bool, False, "allow pickle checkpoints (.ckpt/.bin/.pt)"),
-    Setting("curve_secret_key", str, None, "CURVE secret key file of the broker"),
-    Setting("curve_allowed_keys", str, None, "directory of authorised CURVE public keys"),
-    Setting("local_frontend", str, None,
-            "a second client endpoint without CURVE, loopback only (ipc:// or tcp://127.0.0.1)"),
-    Setting("sim_load_s", float, None, "simulated workers: model load time"),
-    Setting("sim_step_s", float, None, "simulated workers: time per denoising step"),
-    Setting("sim_memory_mb", float, None, "simulated workers: device memory"),
-    Setting("sim_model_mb", float, None, "simulated workers: size of one model"),
-    Setting("ready_timeout_s", float, 300.0, "give up if the workers are not registered by then"),
-    Setting("drain_timeout_s", float, 30.0, "on SIGINT/SIGTERM, wait this long for running jobs"),
-    Setting("max_restarts", int, 5, "crashes of one worker (within 2 minutes) before giving up"),
-    Setting("log_level", str, "INFO", "DEBUG | INFO | WARNING | ERROR"),
-    Setting("log_format", str, "text", "text | json (one JSON object per line)"),
-)
-_BY_NAME = {s.name: s for s in SETTINGS}
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def _metavar(s: Setting) -> str:
-    for suffix, metavar in (("_dir", "DIR"), ("_s", "SECONDS"), ("_mb", "MB"), ("_port", "PORT")):
-        if s.name.endswith(suffix):
-            return metavar
-    if s.name in ("frontend", "backend", "local_frontend"):
-        return "EP"
-    return "N" if s.type is int else s.name.split("_")[-1].upper()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Every flag can also be set in the --config TOML file (same name, dashes "
-                     "or underscores) or as SDXL_BROKER_<NAME> (e.g. SDXL_BROKER_CPU_WORKERS=2); "
-                     "flags win over the environment, which wins over the file.")
-    parser.add_argument("--config", metavar="FILE", default=None, help="TOML settings file")
-    for s in SETTINGS:
-        flag = "--" + s.name.replace("_", "-")
-        if s.type is _bool:
-            parser.add_argument(flag, dest=s.name, action="store_true", default=None, help=s.help)
-        else:
-            parser.add_argument(flag, dest=s.name, default=None, metavar=_metavar(s),
-                                type=s.type,
-                                help=s.help if s.default is None else f"{s.help} (default: {s.default})")
-
-
-def _load_toml(path: str) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    if isinstance(data.get("serve"), dict):
-        data = {**{k: v for k, v in data.items() if k != "serve"}, **data["serve"]}
-    return data
-
-
-def resolve_settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict:
-    """flags > SDXL_BROKER_* environment > TOML file > defaults. Also records which settings
-    were given explicitly (key "_explicit")."""
-    environ = os.environ if environ is None else environ
-    file_values: dict = {}
-    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
-    if config_path:
-        for key, value in _load_toml(config_path).items():
-            name = key.replace("-", "_")
-            if name not in _BY_NAME:
-                raise ConfigError(f"{config_path}: unknown setting {key!r}")
-            file_values[name] = value
-    out: dict = {}
-    explicit: set[str] = set()
-    for s in SETTINGS:
-        flag_value = getattr(args, s.name, None)
-        env_value = environ.get(ENV_PREFIX + s.name.upper())
-        try:
-            if flag_value is not None:
-                value = flag_value
-            elif env_value is not None:
-                value = s.type(env_value)
-            elif s.name in file_values:
-                value = s.type(file_values[s.name])
-            else:
-                out[s.name] = s.default
-                continue
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"setting {s.name}: {exc}") from None
-        explicit.add(s.name)
-        out[s.name] = value
-    out["_explicit"] = explicit
-    return out
+DISCOVERY_TIMEOUT_S = 180.0   # a torch import on a loaded machine, plus the device probes
 
 
 # --- which workers to run -------------------------------------------------------------------
@@ -182,10 +39,48 @@ class WorkerPlan:
     device: str
     simulated: bool = False
     cache_budget_mb: float | None = None
+    cpu_threads: int | None = None
+    cpu_affinity: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class FoundDevice:
+    name: str
+
+
+def discover_in_child(timeout_s: float = DISCOVERY_TIMEOUT_S) -> list[FoundDevice]:
+    """The host's devices, found by `python -m gpu_worker.devices` (which imports torch there,
+    not here)."""
+    log.info("finding devices (child process: python -m gpu_worker.devices)")
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", "gpu_worker.devices"], capture_output=True,
+                              text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"device discovery did not finish within {timeout_s:.0f}s") from None
+    if done.returncode != 0:
+        raise ConfigError("device discovery failed (python -m gpu_worker.devices exited "
+                          f"{done.returncode}): {done.stderr.strip()[-800:]}")
+    try:
+        found = [FoundDevice(str(d["name"])) for d in json.loads(done.stdout)]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"device discovery printed something unexpected: {exc}") from None
+    log.info("devices found in %.1fs: %s", time.monotonic() - started,
+             ", ".join(d.name for d in found) or "none")
+    return found
+
+
+def available_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity), else every CPU."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        return list(range(os.cpu_count() or 1))
 
 
 def plan_workers(settings: dict, discover: Callable[[], list] | None = None,
-                 total_memory_mb: float | None = None) -> list[WorkerPlan]:
+                 total_memory_mb: float | None = None,
+                 cpus: list[int] | None = None) -> list[WorkerPlan]:
     explicit = settings.get("_explicit", set())
     devices_spec = str(settings["devices"]).strip().lower()
     sim_n = int(settings["sim_workers"] or 0)
@@ -198,9 +93,7 @@ def plan_workers(settings: dict, discover: Callable[[], list] | None = None,
     if only_sim or devices_spec == "none":
         pass
     elif devices_spec == "auto":
-        if discover is None:
-            from gpu_worker.devices import discover_devices as discover
-        found = [d.name for d in discover()]
+        found = [d.name for d in (discover or discover_in_child)()]
         accelerators = [d for d in found if d != "cpu"]
         want_cpu = not accelerators
     else:
@@ -227,9 +120,29 @@ def plan_workers(settings: dict, discover: Callable[[], list] | None = None,
         cpu_budget = round(total_memory_mb * 0.5 / cpu_n, 1)  # the cpu workers share the RAM
     plans += [WorkerPlan(worker_id=f"cpu-{i}", device="cpu", cache_budget_mb=cpu_budget)
               for i in range(cpu_n)]
+    plans = share_cpus(plans, settings.get("cpu_threads_per_worker"),
+                       available_cpus() if cpus is None else cpus)
     plans += [WorkerPlan(worker_id=f"sim-{i}", device="cpu", simulated=True,
                          cache_budget_mb=settings["cache_budget_mb"]) for i in range(sim_n)]
     return plans
+
+
+def share_cpus(plans: list[WorkerPlan], threads: int | None, cpus: list[int]) -> list[WorkerPlan]:
+    """Each real worker's CPU threads (given, else cores / workers, at least 1) and, when every
+    worker's threads fit on separate cores, the cores it is pinned to. Every worker does CPU
+    work (a GPU worker too: text encoding set-up, PNG encoding), and torch would otherwise start
+    one thread per core in each: N workers on N cores run up to 10-30x slower (issue 17)."""
+    if not plans:
+        return plans
+    if threads is not None and threads < 1:
+        raise ConfigError("cpu_threads_per_worker must be >= 1")
+    per_worker = threads or max(1, len(cpus) // len(plans))
+    fits = per_worker * len(plans) <= len(cpus)
+    out = []
+    for index, plan in enumerate(plans):
+        affinity = tuple(cpus[index * per_worker:(index + 1) * per_worker]) if fits else None
+        out.append(replace(plan, cpu_threads=per_worker, cpu_affinity=affinity))
+    return out
 
 
 def connectable(endpoint: str) -> str:
@@ -240,218 +153,107 @@ def connectable(endpoint: str) -> str:
     return endpoint
 
 
+# settings serve hands to every worker as they are; the sim_* ones only to simulated workers,
+# and only when given (else the worker's default applies, which is the table's default too)
+_PASSED_TO_WORKERS = ("models_dir", "output_dir", "input_dir", "allow_pickle",
+                      "heartbeat_interval_s", "heartbeat_liveness", "log_level", "log_format")
+_SIM_SETTINGS = tuple(s.name for s in settings_table.for_command("worker")
+                      if s.name.startswith("sim_"))
+
+
 def worker_argv(plan: WorkerPlan, backend: str, settings: dict) -> list[str]:
-    argv = [sys.executable, "-m", "broker.cli", "worker", "--connect", backend,
-            "--device", plan.device, "--worker-id", plan.worker_id,
-            "--models-dir", settings["models_dir"], "--output-dir", settings["output_dir"],
-            "--input-dir", settings["input_dir"],
-            "--heartbeat-interval-s", str(settings["heartbeat_interval_s"])]
-    if plan.cache_budget_mb is not None:
-        argv += ["--cache-budget-mb", str(plan.cache_budget_mb)]
-    if settings["allow_pickle"]:
-        argv.append("--allow-pickle")
+    values = {name: settings[name] for name in _PASSED_TO_WORKERS if name in settings}
+    values.update(connect=backend, device=plan.device, worker_id=plan.worker_id,
+                  cache_budget_mb=plan.cache_budget_mb, cpu_threads_per_worker=plan.cpu_threads)
     if plan.simulated:
-        argv.append("--sim")
-        for name in ("sim_load_s", "sim_step_s", "sim_memory_mb", "sim_model_mb"):
-            if settings[name] is not None:
-                argv += ["--" + name.replace("_", "-"), str(settings[name])]
-    return argv
+        values["sim"] = True
+        explicit = settings.get("_explicit", set())
+        values.update({name: settings[name] for name in _SIM_SETTINGS
+                       if name in explicit and settings.get(name) is not None})
+    return [sys.executable, "-m", "broker.cli", "worker"] + settings_table.as_argv(values, "worker")
 
 
-# --- logging --------------------------------------------------------------------------------
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname,
-                 "logger": record.name, "pid": record.process, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+def worker_env(plan: WorkerPlan, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """serve's environment without SDXL_BROKER_* (the worker gets serve's resolved settings as
+    flags, nothing else), plus the thread variables OpenMP and MKL read when torch loads."""
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in environ.items() if not k.startswith(settings_table.ENV_PREFIX)}
+    if plan.cpu_threads is not None:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = str(plan.cpu_threads)
+    return env
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+# --- the pool -------------------------------------------------------------------------------
+class LocalWorkers:
+    """serve's worker processes: started with the Supervisor (restarted when they crash),
+    waited for until each has registered with the broker, stopped after the drain."""
 
+    def __init__(self, plans: list[WorkerPlan], settings: dict):
+        from broker.supervisor import RestartPolicy, Supervisor
 
-# --- the command ----------------------------------------------------------------------------
-def _broker_config(settings: dict):
-    from broker.server import BrokerConfig
+        self.plans = plans
+        self.settings = settings
+        self.supervisor = Supervisor(
+            policy_factory=lambda: RestartPolicy(max_restarts=settings["max_restarts"]))
+        self._curve_argv: list[str] = []
 
-    fields = {f.name for f in dataclasses.fields(BrokerConfig)}
-    values = {name: settings[name] for name in fields if name in settings}
-    if "default_model_base" in fields:
-        values["default_model_base"] = settings["default_model"]
-    for name in ("curve_secret_key", "curve_allowed_keys"):
-        if settings[name] is not None and name not in fields:
-            log.warning("--%s is not supported by this broker build; ignored",
-                        name.replace("_", "-"))
-    return BrokerConfig(**values)
+    def prepare_curve(self, config) -> None:
+        """With CURVE on, the workers get their own key pair (in <state-dir>/curve or a temp
+        dir), authorised for this broker only through config.curve_extra_keys."""
+        if not getattr(config, "curve_secret_key", None):
+            return
+        from runtime.curve import local_worker_keys
 
+        state_dir = self.settings.get("state_dir")
+        directory = (os.path.join(state_dir, "curve") if state_dir
+                     else tempfile.mkdtemp(prefix="sdxl-broker-curve-"))
+        broker_public, worker_public, worker_secret = local_worker_keys(config.curve_secret_key,
+                                                                        directory)
+        config.curve_extra_keys = (worker_public,)
+        log.info("CURVE on; the local workers use the key pair in %s", directory)
+        self._curve_argv = ["--curve-server-key", broker_public, "--curve-client-key", worker_secret]
 
-def _curve_for_workers(config, settings: dict) -> list[str]:
-    """With CURVE on, the workers serve starts get their own key pair (in <state-dir>/curve or
-    a temp dir), authorised for this broker only through config.curve_extra_keys."""
-    if not getattr(config, "curve_secret_key", None):
-        return []
-    from broker.curve import local_worker_keys
+    def start(self, backend_endpoint: str) -> None:
+        from broker.supervisor import ChildSpec
 
-    directory = (os.path.join(settings["state_dir"], "curve") if settings.get("state_dir")
-                 else tempfile.mkdtemp(prefix="sdxl-broker-curve-"))
-    broker_public, worker_public, worker_secret = local_worker_keys(config.curve_secret_key, directory)
-    config.curve_extra_keys = (worker_public,)
-    log.info("CURVE on; the local workers use the key pair in %s", directory)
-    return ["--curve-server-key", broker_public, "--curve-client-key", worker_secret]
+        backend = connectable(backend_endpoint)
+        for plan in self.plans:
+            if not plan.simulated:
+                log.info("worker %s on %s: %d CPU thread(s)%s", plan.worker_id, plan.device,
+                         plan.cpu_threads,
+                         f", cores {list(plan.cpu_affinity)}" if plan.cpu_affinity else
+                         " (not pinned: the threads do not fit the cores)")
+            self.supervisor.add(ChildSpec(
+                name=plan.worker_id,
+                argv=worker_argv(plan, backend, self.settings) + self._curve_argv,
+                env=worker_env(plan), cpu_affinity=plan.cpu_affinity))
+        self.supervisor.start()
 
-
-def _ipc_path(endpoint: str) -> str | None:
-    return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
-
-
-def _remove_stale_ipc(endpoints: list[str]) -> None:
-    for endpoint in endpoints:
-        path = _ipc_path(endpoint)
-        if path and os.path.exists(path):
-            try:
-                os.unlink(path)
-                log.info("removed ipc socket file %s", path)
-            except OSError as exc:
-                log.warning("cannot remove ipc socket file %s: %s", path, exc)
-
-
-def _registered_ids(broker) -> set[str]:
-    return {w["worker_id"] for w in broker.status().get("workers", []) if w.get("state") != "lost"}
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        settings = resolve_settings(args)
-    except ConfigError as exc:
-        print(f"sdxl-broker serve: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings["log_level"], settings["log_format"])
-    try:
-        plans = plan_workers(settings)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    if not plans:
-        log.warning("no workers planned: jobs will queue until a worker connects to the backend")
-
-    stop_requested = threading.Event()
-    hurry = threading.Event()
-
-    def on_signal(signum, _frame):
-        if stop_requested.is_set():
-            log.warning("%s again: already stopping (the drain lasts at most --drain-timeout-s)",
-                        signal.Signals(signum).name)
-            hurry.set()  # honoured when the drain has not begun yet
-        else:
-            log.info("%s received: draining and stopping", signal.Signals(signum).name)
-        stop_requested.set()
-
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    from broker.server import Broker
-    from broker.supervisor import ChildSpec, RestartPolicy, Supervisor
-
-    try:
-        broker_config = _broker_config(settings)
-        worker_curve_argv = _curve_for_workers(broker_config, settings)
-        broker = Broker(broker_config)
-    except (TypeError, ValueError, OSError) as exc:
-        log.error("bad broker settings: %s", exc)
-        _restore(previous_handlers)
-        return 2
-    supervisor = Supervisor(policy_factory=lambda: RestartPolicy(max_restarts=settings["max_restarts"]))
-    endpoints: list[str] = []
-    exit_code = 0
-    started = True
-    metrics_server = None
-    try:
-        try:
-            broker.start()
-        except Exception as exc:  # e.g. zmq.ZMQError: Address already in use
-            log.error("cannot start the broker on %s / %s: %s", settings["frontend"],
-                      settings["backend"], exc)
-            # Broker.start leaves the socket it did bind open on failure, and an open socket
-            # makes interpreter exit hang in zmq's context teardown: destroy that context.
-            context = getattr(broker, "_ctx", None)
-            if context is not None:
-                context.destroy(linger=0)
-            started = False
-            exit_code = 1
-            return exit_code
-        endpoints = [broker.frontend_endpoint, broker.backend_endpoint]
-        if broker.local_frontend_endpoint:
-            endpoints.append(broker.local_frontend_endpoint)
-        backend = connectable(broker.backend_endpoint)
-        log.info("broker accepting on %s; workers connect to %s", broker.frontend_endpoint, backend)
-        if settings["metrics_port"] is not None:
-            from broker.serve_metrics import start_metrics_server
-
-            try:
-                metrics_server, _ = start_metrics_server(settings["metrics_port"], broker.status,
-                                                         supervisor, addr=settings["metrics_addr"],
-                                                         registry=broker.metrics.registry)
-            except OSError as exc:
-                log.error("cannot serve metrics on %s:%s: %s", settings["metrics_addr"],
-                          settings["metrics_port"], exc)
-                exit_code = 1
-                return exit_code
-        for plan in plans:
-            supervisor.add(ChildSpec(name=plan.worker_id,
-                                     argv=worker_argv(plan, backend, settings) + worker_curve_argv))
-        supervisor.start()
-
-        expected = {p.worker_id for p in plans}
-        deadline = time.monotonic() + settings["ready_timeout_s"]
-        while not stop_requested.is_set():
-            missing = expected - _registered_ids(broker)
+    def wait_registered(self, registered: Callable[[], set[str]], stop: threading.Event,
+                        timeout_s: float) -> bool:
+        """True once every planned worker is registered; False (after logging why) when one
+        exits first, the time runs out, or stop is set."""
+        expected = {p.worker_id for p in self.plans}
+        deadline = time.monotonic() + timeout_s
+        while not stop.is_set():
+            missing = expected - registered()
             if not missing:
-                break
-            failed = set(supervisor.down()) & missing
+                log.info("all %d worker(s) registered: %s", len(expected), ", ".join(sorted(expected)))
+                return True
+            failed = set(self.supervisor.down()) & missing
             if failed:
                 log.error("worker(s) %s exited before registering; stopping", sorted(failed))
-                exit_code = 1
-                stop_requested.set()
-                break
+                return False
             if time.monotonic() > deadline:
                 log.error("worker(s) %s did not register within %.0fs; stopping",
-                          sorted(missing), settings["ready_timeout_s"])
-                exit_code = 1
-                stop_requested.set()
-                break
-            stop_requested.wait(0.1)
-        if not stop_requested.is_set():
-            log.info("all %d worker(s) registered: %s", len(plans), ", ".join(sorted(expected)))
-            sys.stdout.write(f"ready {broker.frontend_endpoint}\n")
-            sys.stdout.flush()
-            stop_requested.wait()
-    finally:
-        supervisor.stop_restarting()
-        drain_s = 0.0 if hurry.is_set() or exit_code else settings["drain_timeout_s"]
-        if drain_s:
-            log.info("draining: no new jobs; running ones get up to %.0fs", drain_s)
-        if started:
-            try:
-                broker.stop(drain_timeout_s=drain_s)
-            except Exception:
-                log.exception("broker did not stop cleanly")
-        supervisor.stop(timeout_s=10.0)
-        if metrics_server is not None:
-            metrics_server.shutdown()
-        _remove_stale_ipc(endpoints)  # only what this process bound, never another's socket
-        _restore(previous_handlers)
-        log.info("serve stopped")
-    return exit_code
+                          sorted(missing), timeout_s)
+                return False
+            stop.wait(0.1)
+        return False
 
+    def stop_restarting(self) -> None:
+        self.supervisor.stop_restarting()
 
-def _restore(handlers: dict) -> None:
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+    def stop(self) -> None:
+        self.supervisor.stop(timeout_s=10.0)

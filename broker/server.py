@@ -6,21 +6,19 @@ job timeouts, journal expiry) and dispatches queued jobs with broker.routing. Th
 side of the loop (backend messages, liveness) is broker.worker_side. Every accepted
 request gets exactly one final reply per waiting peer; the journal (broker.journal) keeps
 accepted jobs and final replies across restarts. Management messages live in
-broker.management. `sdxl-broker broker` runs one from flags.
+broker.management. `sdxl-broker broker` and `serve` run one (broker.service).
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import heapq
 import itertools
 import logging
 import math
-import signal
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
 import zmq
@@ -170,6 +168,10 @@ class Broker(WorkerSide):
             self._ctx.term()
             self._ctx = None
 
+    def is_running(self) -> bool:
+        """True while the loop thread runs (started and not stopped or crashed)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _bind_local_frontend(self, endpoint: str) -> None:
         """A plain (NULL-security) client ROUTER beside a CURVE frontend, for tools on this
         machine; refused unless it is loopback, so it never opens the broker to the network."""
@@ -190,7 +192,7 @@ class Broker(WorkerSide):
             raise ValueError("curve_allowed_keys needs curve_secret_key (the broker's key pair)")
         if not self.config.curve_secret_key:
             return
-        from broker import curve
+        from runtime import curve
         curve.load_secret_pair(self.config.curve_secret_key)   # fail early on a bad file
         if self.config.curve_allowed_keys:
             self._curve_auth = curve.start_authenticator(self._ctx, self.config.curve_allowed_keys,
@@ -201,7 +203,7 @@ class Broker(WorkerSide):
 
     def _secure(self, sock: zmq.Socket) -> None:
         if self.config.curve_secret_key:
-            from broker import curve
+            from runtime import curve
             curve.make_curve_server(sock, self.config.curve_secret_key)
 
     def _stop_curve_auth(self) -> None:
@@ -619,7 +621,6 @@ def _is_req_peer(frame) -> bool:
         return False
 
 
-# --- `sdxl-broker broker` --------------------------------------------------------------------------
 def is_loopback_endpoint(endpoint: str) -> bool:
     """ipc:// and inproc:// are local by nature; tcp:// only on a loopback address."""
     if endpoint.startswith(("ipc://", "inproc://")):
@@ -631,87 +632,3 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = BrokerConfig()
-    parser.add_argument("--frontend", default=d.frontend, help=f"client endpoint to bind (default {d.frontend})")
-    parser.add_argument("--backend", default=d.backend, help=f"worker endpoint to bind (default {d.backend})")
-    parser.add_argument("--state-dir", default=None,
-                        help="directory for the SQLite journal (default: in memory, lost on restart)")
-    parser.add_argument("--max-queue", type=int, default=d.max_queue,
-                        help=f"queued jobs before queue_full (default {d.max_queue})")
-    parser.add_argument("--max-attempts", type=int, default=d.max_attempts,
-                        help=f"runs of a job whose worker was lost before worker_lost (default {d.max_attempts})")
-    parser.add_argument("--routing", choices=routing.POLICIES, default=d.routing,
-                        help="routing policy (default smart)")
-    parser.add_argument("--heartbeat-interval-s", type=float, default=d.heartbeat_interval_s,
-                        help=f"seconds between heartbeats (default {d.heartbeat_interval_s})")
-    parser.add_argument("--heartbeat-liveness", type=int, default=d.heartbeat_liveness,
-                        help=f"missed heartbeats before a worker is lost (default {d.heartbeat_liveness})")
-    parser.add_argument("--max-message-mb", type=int, default=d.max_message_mb,
-                        help=f"largest accepted request; larger ones are dropped (default {d.max_message_mb})")
-    parser.add_argument("--default-model-base", default=None,
-                        help="base model for requests that name none")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept pickle checkpoints (.ckpt/.bin/.pt): unsafe, off by default")
-    parser.add_argument("--reply-ttl-s", type=float, default=d.reply_ttl_s,
-                        help=f"how long finished replies are kept for resends (default {d.reply_ttl_s:g})")
-    parser.add_argument("--curve-secret-key", default=None, metavar="FILE",
-                        help="the broker's CURVE .key_secret file (from `sdxl-broker keys`): "
-                             "encrypt the frontend and backend (default: no CURVE)")
-    parser.add_argument("--curve-allowed-keys", default=None, metavar="DIR",
-                        help="directory of public .key files of the clients and workers "
-                             "allowed to connect (needs --curve-secret-key)")
-    parser.add_argument("--local-frontend", default=None, metavar="EP",
-                        help="a second client endpoint without CURVE for tools on this machine "
-                             "(ipc://, inproc:// or tcp://127.0.0.1:PORT only)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="text, or json: one JSON object per line (default text)")
-    parser.add_argument("--metrics-port", type=int, default=None,
-                        help="serve Prometheus metrics on this port at /metrics (default: off)")
-    parser.add_argument("--metrics-addr", default="127.0.0.1",
-                        help="address the metrics server listens on (default 127.0.0.1)")
-
-
-def config_from_args(args: argparse.Namespace) -> BrokerConfig:
-    return BrokerConfig(**{f.name: getattr(args, f.name) for f in fields(BrokerConfig)
-                           if hasattr(args, f.name)})
-
-
-def run(args: argparse.Namespace) -> int:
-    from broker.serve import configure_logging   # the same text/json log lines as serve
-
-    level = str(args.log_level).upper()
-    configure_logging(level if level in logging.getLevelNamesMapping() else "INFO",
-                      getattr(args, "log_format", "text"))
-    broker = Broker(config_from_args(args))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        broker.start()
-    except (zmq.ZMQError, ValueError) as exc:
-        log.error("cannot start the broker: %s (frontend %s, backend %s)", exc,
-                  broker.config.frontend, broker.config.backend)
-        return 1
-    metrics_server = None
-    if getattr(args, "metrics_port", None) is not None:
-        from broker.serve_metrics import start_metrics_server
-
-        try:
-            metrics_server, _ = start_metrics_server(args.metrics_port, broker.status,
-                                                     addr=args.metrics_addr,
-                                                     registry=broker.metrics.registry)
-        except OSError as exc:
-            log.error("cannot serve metrics on %s:%s: %s", args.metrics_addr, args.metrics_port, exc)
-            broker.stop()
-            return 1
-    print(f"ready {broker.frontend_endpoint}", flush=True)
-    while not stop.is_set() and broker._thread.is_alive():
-        stop.wait(0.5)
-    broker.stop(drain_timeout_s=10.0)
-    if metrics_server is not None:
-        metrics_server.shutdown()
-    return 0

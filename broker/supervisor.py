@@ -33,6 +33,7 @@ class ChildSpec:
     name: str                      # stable name, also the worker id ("cpu-0", "cuda:1", "sim-0")
     argv: list[str]
     env: dict[str, str] | None = None
+    cpu_affinity: tuple[int, ...] | None = None   # cores the child may run on (None: any)
 
 
 @dataclass
@@ -76,6 +77,29 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except Exception:  # not Linux / no glibc: stop() still terminates children
         pass
+
+
+def _linux_child_setup(cpu_affinity: tuple[int, ...] | None) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with the parent, and keep to its cores
+    (before exec, so torch and OpenMP see the affinity from their first thread on)."""
+    def setup() -> None:
+        _die_with_parent()
+        if cpu_affinity:
+            try:
+                os.sched_setaffinity(0, cpu_affinity)
+            except OSError:   # e.g. a core offline since the plan: run unpinned
+                pass
+    return setup
+
+
+def _pin_after_start(pid: int, cpu_affinity: tuple[int, ...]) -> None:
+    """Not Linux: pin a started child where psutil can (Windows, FreeBSD; macOS cannot)."""
+    try:
+        import psutil
+
+        psutil.Process(pid).cpu_affinity(list(cpu_affinity))
+    except (AttributeError, OSError, ValueError) as exc:
+        log.info("cannot pin pid %d to cores %s on this OS (%s)", pid, list(cpu_affinity), exc)
 
 
 @dataclass
@@ -173,7 +197,8 @@ class Supervisor:
 
     # --- internals ------------------------------------------------------------------------
     def _spawn(self, child: _Child) -> None:
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        linux = sys.platform.startswith("linux")
+        preexec = _linux_child_setup(child.spec.cpu_affinity) if linux else None
         # Own session: a Ctrl-C in the terminal reaches only the parent, which drains first
         # and then stops the children itself (otherwise they would die mid-job).
         child.proc = subprocess.Popen(
@@ -181,6 +206,8 @@ class Supervisor:
             stdout=self._stdout, stderr=None, preexec_fn=preexec,
             start_new_session=(os.name == "posix"),
         )
+        if child.spec.cpu_affinity and not linux:
+            _pin_after_start(child.proc.pid, child.spec.cpu_affinity)
         child.started_at = self._clock()
         child.restart_at = None
         log.info("started %s (pid %d)", child.spec.name, child.proc.pid)

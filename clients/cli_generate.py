@@ -45,7 +45,7 @@ def _type_image(text: str) -> tuple[str, str]:
     return kind, image
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.epilog = ("Image arguments (--init-image, --mask, --controlnet) name a local file, "
                      "which is sent as bytes; a name that is not a local file is sent as a path "
                      "under the broker's --input-dir. Example: sdxl-broker generate 'a red fox' "

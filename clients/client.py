@@ -422,7 +422,7 @@ class _ClientBase:
     def with_curve(cls, endpoint: str, server_public_file: str, client_secret_file: str,
                    **kwargs: Any):
         """A client that talks CURVE to a broker, from files made by `sdxl-broker keys`."""
-        from broker.curve import client_keys
+        from runtime.curve import client_keys
 
         server_key, pair = client_keys(server_public_file, client_secret_file)
         return cls(endpoint, curve_server_key=server_key, curve_client_keys=pair, **kwargs)

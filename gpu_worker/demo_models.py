@@ -330,7 +330,7 @@ def _quiet_progress_bars() -> None:
         pass
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.description = (
         "Build the tiny random-weight SDXL kit (base folder and single file, refiner, VAE, "
         "ControlNets canny/depth, two LoRAs, a textual inversion for <tiny-ti>) into --out. "

@@ -206,3 +206,18 @@ def empty_device_cache(device: str) -> None:
         import torch
 
         torch.mps.empty_cache()
+
+
+def main() -> int:
+    """`python -m gpu_worker.devices`: the devices found, as a JSON list on stdout. `serve
+    --devices auto` runs this in a child process so the broker process never imports torch."""
+    import json
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    print(json.dumps([d.to_dict() for d in discover_devices()]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,13 @@
 """`sdxl-broker worker`: one worker process bound to one device, connected to a broker's backend.
 
-Without --sim it runs gpu_worker.executor.DiffusersExecutor (imported only then, so a --sim
-worker never imports torch or diffusers). With --sim it runs the SIMULATED executor.
+Its settings are the `worker` rows of runtime.settings (flags > SDXL_BROKER_* > TOML > defaults),
+the same names `serve` uses. Without --sim it runs gpu_worker.executor.DiffusersExecutor
+(imported only then, so a --sim worker never imports torch or diffusers). With --sim it runs the
+SIMULATED executor.
+
+CPU threads: --cpu-threads-per-worker (default: the cores this process may run on) is applied
+before torch loads: OMP_NUM_THREADS / MKL_NUM_THREADS (OpenMP reads them once, for every thread,
+including the busy thread that runs jobs), then torch.set_num_threads.
 """
 
 from __future__ import annotations
@@ -10,51 +16,19 @@ import argparse
 import logging
 import os
 import signal
+import sys
 
+from runtime import settings as settings_table
+from runtime.logs import configure_logging
+from runtime.settings import ConfigError
 
 log = logging.getLogger("gpu_worker")
 
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connect", required=True, metavar="EP",
-                        help="the broker's backend endpoint, e.g. tcp://127.0.0.1:5556")
-    parser.add_argument("--device", default="cpu", help="device this worker runs on (cpu, cuda:0, ...)")
-    parser.add_argument("--worker-id", default=None, help="stable id (default host-pid-random)")
-    parser.add_argument("--sim", action="store_true",
-                        help="run a SIMULATED executor (no diffusers) for tests and benchmarks")
-    parser.add_argument("--sim-load-s", type=float, default=0.5,
-                        help="simulated load time (s) of a model of --sim-model-mb; scales with size")
-    parser.add_argument("--sim-step-s", type=float, default=0.02,
-                        help="simulated time per step (s); at 1024x1024 with --sim-cost-model scaled")
-    parser.add_argument("--sim-memory-mb", type=float, default=8000.0,
-                        help="simulated device memory budget (MB)")
-    parser.add_argument("--sim-model-mb", type=float, default=2000.0,
-                        help="simulated size of every model not in --sim-model-sizes (MB)")
-    parser.add_argument("--sim-model-sizes", default=None, metavar="NAME=MB,...",
-                        help="simulated sizes of named models, e.g. tiny-sdxl-refiner=3000")
-    parser.add_argument("--sim-cost-model", choices=("flat", "scaled"), default="flat",
-                        help="flat: every step takes --sim-step-s; scaled: steps scale with pixels "
-                             "and activations count against the memory budget (out_of_memory "
-                             "when models + activations exceed it)")
-    parser.add_argument("--sim-capabilities", default=None,
-                        help="comma list of features the simulated worker offers (default: all)")
-    parser.add_argument("--models-dir", default="models", help="root of local models (real executor)")
-    parser.add_argument("--output-dir", default="outputs", help="root images are saved under")
-    parser.add_argument("--input-dir", default="inputs", help="root input image paths must be under")
-    parser.add_argument("--cache-budget-mb", type=float, default=None,
-                        help="memory the model cache may use (default: executor decides)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow pickle checkpoints (.ckpt/.bin/.pt): unsafe, off by default")
-    parser.add_argument("--heartbeat-interval-s", type=float, default=1.0,
-                        help="seconds between heartbeats (default 1.0)")
-    parser.add_argument("--heartbeat-liveness", type=int, default=3,
-                        help="missed broker heartbeats before reconnecting (default 3)")
-    parser.add_argument("--curve-server-key", default=None, metavar="FILE",
-                        help="the broker's public CURVE .key file: talk CURVE to the backend")
-    parser.add_argument("--curve-client-key", default=None, metavar="FILE",
-                        help="this worker's CURVE .key_secret file (its public .key must be in "
-                             "the broker's --curve-allowed-keys)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+def add_arguments(parser: argparse.ArgumentParser, command: str = "worker") -> None:
+    settings_table.add_arguments(parser, "worker")
 
 
 def parse_model_sizes(text: str | None) -> dict[str, float]:
@@ -72,52 +46,104 @@ def parse_model_sizes(text: str | None) -> dict[str, float]:
     return sizes
 
 
-def build_executor(args: argparse.Namespace, worker_id: str):
-    if args.sim:
+def cpu_affinity() -> list[int] | None:
+    """The cores this process may run on (None where the OS does not say)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        try:
+            import psutil
+
+            return sorted(psutil.Process().cpu_affinity())
+        except (AttributeError, OSError):
+            return None
+
+
+def apply_cpu_threads(requested: int | None, environ=os.environ) -> int:
+    """Set the thread variables for this process before torch loads; returns the thread count.
+    An explicit request wins over variables already set; without one, variables already set
+    (e.g. by serve) are kept and the default is the cores this process may run on."""
+    if requested is not None and requested < 1:
+        raise ConfigError("cpu_threads_per_worker must be >= 1")
+    if requested is None:
+        inherited = environ.get("OMP_NUM_THREADS", "")
+        if inherited.isdigit() and int(inherited) >= 1:
+            requested = int(inherited)
+        else:
+            requested = len(cpu_affinity() or []) or os.cpu_count() or 1
+    for name in _THREAD_VARIABLES:
+        environ[name] = str(requested)
+    return requested
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def build_executor(settings: dict, worker_id: str, threads: int | None = None):
+    if settings["sim"]:
         from gpu_worker.sim_executor import ALL_FEATURES, SimulatedExecutor
         capabilities = ALL_FEATURES
-        if args.sim_capabilities is not None:
-            capabilities = tuple(c.strip() for c in args.sim_capabilities.split(",") if c.strip())
-        return SimulatedExecutor(args.device, load_s=args.sim_load_s, step_s=args.sim_step_s,
-                                 memory_mb=args.sim_memory_mb, model_mb=args.sim_model_mb,
-                                 model_sizes_mb=parse_model_sizes(args.sim_model_sizes),
+        if settings["sim_capabilities"] is not None:
+            capabilities = tuple(c.strip() for c in settings["sim_capabilities"].split(",") if c.strip())
+        return SimulatedExecutor(settings["device"], load_s=settings["sim_load_s"],
+                                 step_s=settings["sim_step_s"], memory_mb=settings["sim_memory_mb"],
+                                 model_mb=settings["sim_model_mb"],
+                                 model_sizes_mb=parse_model_sizes(settings["sim_model_sizes"]),
                                  capabilities=capabilities, worker_id=worker_id,
-                                 cost_model=args.sim_cost_model)
+                                 cost_model=settings["sim_cost_model"])
+    if threads is not None:
+        _set_torch_threads(threads)   # before the executor builds anything
     from gpu_worker.executor import DiffusersExecutor  # heavy: torch + diffusers
-    return DiffusersExecutor(args.device, models_dir=args.models_dir, output_dir=args.output_dir,
-                             input_dir=args.input_dir, cache_budget_mb=args.cache_budget_mb,
-                             allow_pickle=args.allow_pickle, worker_id=worker_id)
+    return DiffusersExecutor(settings["device"], models_dir=settings["models_dir"],
+                             output_dir=settings["output_dir"], input_dir=settings["input_dir"],
+                             cache_budget_mb=settings["cache_budget_mb"],
+                             allow_pickle=settings["allow_pickle"], worker_id=worker_id)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_table.resolve(args, "worker")
+        if not settings["connect"]:
+            raise ConfigError("--connect (the broker's backend endpoint) is required")
+        threads = apply_cpu_threads(settings["cpu_threads_per_worker"])
+    except ConfigError as exc:
+        print(f"sdxl-broker worker: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings["log_level"], settings["log_format"])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gpu_worker.transport import WorkerTransport
 
-    worker_id = args.worker_id or f"{os.uname().nodename}-{args.device}-{os.getpid()}"
-    curve_server_key = getattr(args, "curve_server_key", None)
-    curve_client_key = getattr(args, "curve_client_key", None)
+    device = settings["device"]
+    worker_id = settings["worker_id"] or f"{os.uname().nodename}-{device}-{os.getpid()}"
+    curve_server_key, curve_client_key = settings["curve_server_key"], settings["curve_client_key"]
     if (curve_server_key is None) != (curve_client_key is None):
         log.error("worker %s: CURVE needs both --curve-server-key and --curve-client-key", worker_id)
         return 2
     try:
-        from broker.curve import client_keys
+        from runtime.curve import client_keys
         if curve_server_key:
             client_keys(curve_server_key, curve_client_key)   # unreadable key files: fail now
     except (ValueError, OSError) as exc:
         log.error("worker %s: bad CURVE key file: %s", worker_id, exc)
         return 2
+    affinity = cpu_affinity()
+    log.info("worker %s: %d CPU thread(s) (OMP_NUM_THREADS, MKL_NUM_THREADS%s), cores %s",
+             worker_id, threads, "" if settings["sim"] else ", torch.set_num_threads",
+             affinity if affinity is not None else "unknown")
     try:
-        executor = build_executor(args, worker_id)
+        executor = build_executor(settings, worker_id, threads)
     except Exception:
-        log.exception("worker %s: cannot start its executor on %s", worker_id, args.device)
+        log.exception("worker %s: cannot start its executor on %s", worker_id, device)
         return 1
-    transport = WorkerTransport(executor, args.connect, worker_id=worker_id,
-                                heartbeat_interval_s=args.heartbeat_interval_s,
-                                heartbeat_liveness=args.heartbeat_liveness,
+    transport = WorkerTransport(executor, settings["connect"], worker_id=worker_id,
+                                heartbeat_interval_s=settings["heartbeat_interval_s"],
+                                heartbeat_liveness=settings["heartbeat_liveness"],
                                 curve_server_key=curve_server_key,
-                                curve_client_key=curve_client_key)
+                                curve_client_key=curve_client_key,
+                                process_info={"cpu_threads": threads, "cpu_affinity": affinity})
 
     def _stop(signum, _frame):
         log.info("worker %s: signal %d, stopping", worker_id, signum)

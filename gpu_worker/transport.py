@@ -46,8 +46,11 @@ class WorkerTransport:
     def __init__(self, executor, connect: str, *, worker_id: str | None = None,
                  heartbeat_interval_s: float = 1.0, heartbeat_liveness: int = 3,
                  context: zmq.Context | None = None,
-                 curve_server_key: str | None = None, curve_client_key: str | None = None):
+                 curve_server_key: str | None = None, curve_client_key: str | None = None,
+                 process_info: dict | None = None):
         self.executor = executor
+        # facts about this process sent with every telemetry (e.g. cpu_threads, cpu_affinity)
+        self.process_info = dict(process_info or {})
         self.connect = connect
         # CURVE: the broker's public .key file and this worker's .key_secret file (both or none)
         if (curve_server_key is None) != (curve_client_key is None):
@@ -173,7 +176,7 @@ class WorkerTransport:
         dealer = self.context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         if self.curve_files is not None:
-            from broker.curve import make_curve_client
+            from runtime.curve import make_curve_client
             make_curve_client(dealer, *self.curve_files)
         dealer.connect(self.connect)
         info = self.executor.describe()
@@ -228,10 +231,10 @@ class WorkerTransport:
 
     def _safe_telemetry(self) -> W.Telemetry:
         try:
-            return W.Telemetry.from_dict(self.executor.telemetry())
+            return W.Telemetry.from_dict({**self.process_info, **self.executor.telemetry()})
         except Exception:  # a telemetry bug must not stop heartbeats
             log.exception("telemetry failed")
-            return W.Telemetry()
+            return W.Telemetry.from_dict(self.process_info)
 
     def _heartbeat(self) -> W.WorkerHeartbeat:
         current = self._current

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 TARGETS = ("canonical", "legacy", "nested")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "examples:\n"

@@ -102,6 +102,8 @@ class Telemetry(Struct, kw_only=True, omit_defaults=True):
     cache_misses: Count = 0
     cache_evictions: Count = 0
     simulated: bool = False
+    cpu_threads: Optional[Count] = None        # the worker's torch/OpenMP/MKL threads
+    cpu_affinity: Optional[Annotated[list[Count], Meta(max_length=100_000)]] = None  # its cores
 
     @classmethod
     def from_dict(cls, telemetry: dict) -> "Telemetry":

@@ -11,7 +11,7 @@ from clients import cli_generate
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    cli_generate.add_arguments(parser)
+    cli_generate.add_arguments(parser, "generate")
     return parser.parse_args(argv)
 
 

@@ -173,7 +173,7 @@ def test_curve_client_is_served_only_with_an_authorised_key(tmp_path):
     built from `sdxl-broker keys` files gets its reply; one with an unknown key gets nothing."""
     from zmq.auth.thread import ThreadAuthenticator
 
-    from broker.curve import make_keys
+    from runtime.curve import make_keys
 
     keys = make_keys(str(tmp_path / "keys"), ["server", "client", "stranger"])
     allowed = tmp_path / "allowed"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from broker.curve import make_keys
+from runtime.curve import make_keys
 from broker.server import Broker, BrokerConfig
 from clients.client import BrokerClient, BrokerUnavailable, RequestFailed
 from tests.serve.conftest import ROOT, stop_processes, wait_for
@@ -65,7 +65,7 @@ def test_authorised_client_is_served_and_a_stranger_is_refused_and_logged(curve_
     with BrokerClient.with_curve(curve_broker.frontend_endpoint, pairs["server"][0], pairs["client"][1],
                                  timeout_s=5.0) as client:
         assert client.status()["workers"] == []
-    caplog.set_level(logging.WARNING, logger="broker.curve")
+    caplog.set_level(logging.WARNING, logger="runtime.curve")
     stranger_public = open(pairs["stranger"][0]).read().split('"')[1]
     with BrokerClient.with_curve(curve_broker.frontend_endpoint, pairs["server"][0],
                                  pairs["stranger"][1], timeout_s=0.5, retries=1) as stranger:

@@ -6,7 +6,7 @@ import stat
 import pytest
 import zmq.auth
 
-from broker.curve import make_keys
+from runtime.curve import make_keys
 
 
 def test_keys_are_loadable_pairs_and_never_overwritten(tmp_path):

@@ -6,19 +6,25 @@ from dataclasses import dataclass
 import pytest
 
 from broker import serve
+from runtime import settings as settings_table
+from runtime.settings import ConfigError
 
 
-def _args(argv):
+def _args(argv, command="serve"):
     parser = argparse.ArgumentParser()
-    serve.add_arguments(parser)
+    settings_table.add_arguments(parser, command)
     return parser.parse_args(argv)
+
+
+def _resolve(args, env, command="serve"):
+    return settings_table.resolve(args, command, env)
 
 
 def test_flag_beats_environment_beats_file_beats_default(tmp_path):
     cfg = tmp_path / "serve.toml"
     cfg.write_text('max-queue = 7\nrouting = "tiered"\n[serve]\ncpu_workers = 3\nsim-workers = 1\n')
     env = {"SDXL_BROKER_ROUTING": "least-loaded", "SDXL_BROKER_CPU_WORKERS": "2"}
-    s = serve.resolve_settings(_args(["--config", str(cfg), "--cpu-workers", "4"]), env)
+    s = _resolve(_args(["--config", str(cfg), "--cpu-workers", "4"]), env)
     assert s["cpu_workers"] == 4            # flag
     assert s["routing"] == "least-loaded"   # environment over file
     assert s["max_queue"] == 7              # file
@@ -31,21 +37,21 @@ def test_flag_beats_environment_beats_file_beats_default(tmp_path):
 def test_bad_settings_are_clear_errors(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("max_queu = 7\n")
-    with pytest.raises(serve.ConfigError, match="unknown setting 'max_queu'"):
-        serve.resolve_settings(_args(["--config", str(cfg)]), {})
-    with pytest.raises(serve.ConfigError, match="cpu_workers"):
-        serve.resolve_settings(_args([]), {"SDXL_BROKER_CPU_WORKERS": "two"})
+    with pytest.raises(ConfigError, match="unknown setting 'max_queu'"):
+        _resolve(_args(["--config", str(cfg)]), {})
+    with pytest.raises(ConfigError, match="cpu_workers"):
+        _resolve(_args([]), {"SDXL_BROKER_CPU_WORKERS": "two"})
     cfg.write_text("max_queue = [\n")
-    with pytest.raises(serve.ConfigError, match="not valid TOML"):
-        serve.resolve_settings(_args(["--config", str(cfg)]), {})
-    with pytest.raises(serve.ConfigError, match="cannot read"):
-        serve.resolve_settings(_args(["--config", str(tmp_path / "missing.toml")]), {})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        _resolve(_args(["--config", str(cfg)]), {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        _resolve(_args(["--config", str(tmp_path / "missing.toml")]), {})
 
 
 def test_boolean_environment_values():
-    s = serve.resolve_settings(_args([]), {"SDXL_BROKER_ALLOW_PICKLE": "yes"})
+    s = _resolve(_args([]), {"SDXL_BROKER_ALLOW_PICKLE": "yes"})
     assert s["allow_pickle"] is True
-    assert serve.resolve_settings(_args([]), {})["allow_pickle"] is False
+    assert _resolve(_args([]), {})["allow_pickle"] is False
 
 
 @dataclass
@@ -54,9 +60,9 @@ class _Dev:
 
 
 def _plan(argv, env=None, devices=("cpu",), memory_mb=8000.0):
-    settings = serve.resolve_settings(_args(argv), env or {})
+    settings = _resolve(_args(argv), env or {})
     return serve.plan_workers(settings, discover=lambda: [_Dev(d) for d in devices],
-                              total_memory_mb=memory_mb)
+                              total_memory_mb=memory_mb, cpus=[0, 1])
 
 
 def test_auto_runs_one_worker_per_accelerator():
@@ -82,12 +88,12 @@ def test_sim_workers_alone_run_only_simulations():
 
 def test_explicit_device_list_and_duplicates():
     assert [p.device for p in _plan(["--devices", "cuda:0,directml:0"])] == ["cuda:0", "directml:0"]
-    with pytest.raises(serve.ConfigError, match="twice"):
+    with pytest.raises(ConfigError, match="twice"):
         _plan(["--devices", "cuda:0,cuda:0"])
 
 
 def test_worker_command_line_carries_the_settings():
-    settings = serve.resolve_settings(_args(["--sim-workers", "1", "--sim-step-s", "0.2",
+    settings = _resolve(_args(["--sim-workers", "1", "--sim-step-s", "0.2",
                                              "--models-dir", "/m", "--allow-pickle"]), {})
     plan = serve.plan_workers(settings)[0]
     argv = serve.worker_argv(plan, "tcp://127.0.0.1:7000", settings)

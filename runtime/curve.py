@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _WARN_EVERY_S = 60.0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("dir", help="directory to write the key files to (created if missing)")
     parser.add_argument("--names", nargs="+", default=["server", "client"], metavar="NAME",
                         help="one key pair per name (default: server client)")
@@ -142,7 +142,7 @@ def start_authenticator(context, allowed_dir: str, extra_key_files: tuple[str, .
     from zmq.auth.thread import ThreadAuthenticator
 
     provider = AllowedKeys(allowed_dir, tuple(extra_key_files))
-    auth = ThreadAuthenticator(context, log=logging.getLogger("broker.curve.zap"))
+    auth = ThreadAuthenticator(context, log=logging.getLogger("runtime.curve.zap"))
     auth.start()
     auth.configure_curve_callback(domain="*", credentials_provider=provider)
     log.info("CURVE: %d authorised key(s) in %s", len(provider._keys), allowed_dir)
