@@ -185,7 +185,7 @@ class Broker(WorkerSide):
         self.local_frontend_endpoint = self.local_frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("local frontend (no CURVE, loopback only) on %s", self.local_frontend_endpoint)
 
-    # --- CURVE (broker.curve): same security on both sockets -----------------------------------
+    # --- CURVE (runtime.curve): same security on both sockets -----------------------------------
     def _start_curve_auth(self) -> None:
         self._curve_auth = None
         if self.config.curve_allowed_keys and not self.config.curve_secret_key:
