@@ -2,8 +2,8 @@
 scrape time.
 
 A custom collector for state: every scrape shows exactly what `sdxl-broker status` would
-(queue depth per priority, per-worker memory, RSS, heartbeat age, cache hits/misses/evictions
-from worker telemetry). Supervisor facts (worker restarts, workers given up) come from the
+(queue depth per priority, per-worker device memory and RSS in bytes from the worker's own
+telemetry, last heartbeat time, model load durations, cache hits/misses/evictions). Supervisor facts (worker restarts, workers given up) come from the
 Supervisor. Events (replies by outcome and error code, latency histograms, missed heartbeats)
 are counted inside the broker by broker.metrics; pass its registry to serve both on one port.
 """
@@ -11,6 +11,7 @@ are counted inside the broker by broker.metrics; pass its registry to serve both
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -19,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger(__name__)
 
 _WORKER_LABELS = ["worker_id", "device"]
+_MIB = float(2**20)   # workers report MB (MiB); Prometheus wants base units
 # status-row keys (from worker telemetry; reset when the worker process restarts)
 _CACHE_COUNTERS = {
     "cache_hits": "Model loads the worker answered from its cache",
@@ -47,26 +49,32 @@ class StatusCollector:
         yield by_priority
         yield GaugeMetricFamily("sdxl_broker_jobs_inflight", "Jobs running on workers",
                                 value=float(b.get("inflight") or 0))
-        jobs = CounterMetricFamily("sdxl_broker_jobs", "Generation jobs by outcome",
-                                   labels=["outcome"])
-        for outcome in ("accepted", "completed", "failed"):
-            jobs.add_metric([outcome], float(b.get(outcome) or 0))
-        yield jobs
+        # inflow only; outcomes are sdxl_broker_jobs_finished_total (broker.metrics), so a
+        # sum() over either never counts a job twice
+        yield CounterMetricFamily("sdxl_broker_jobs_accepted", "Generation jobs accepted into "
+                                  "the queue (resends of a known request_id excluded)",
+                                  value=float(b.get("accepted") or 0))
 
         workers = data.get("workers") or []
+        now = time.time()
         gauges = {
-            "memory_used_mb": GaugeMetricFamily("sdxl_worker_memory_used_mb",
-                                                "Device memory in use", labels=_WORKER_LABELS),
-            "memory_total_mb": GaugeMetricFamily("sdxl_worker_memory_total_mb",
-                                                 "Device memory in total", labels=_WORKER_LABELS),
-            "rss_mb": GaugeMetricFamily("sdxl_worker_rss_mb", "Worker process resident memory",
-                                        labels=_WORKER_LABELS),
-            "last_heartbeat_s": GaugeMetricFamily("sdxl_worker_last_heartbeat_seconds",
-                                                  "Seconds since the worker was last heard",
-                                                  labels=_WORKER_LABELS),
+            "memory_used": GaugeMetricFamily("sdxl_worker_memory_used_bytes",
+                                             "Device memory in use, as the worker reports it",
+                                             labels=_WORKER_LABELS),
+            "memory_total": GaugeMetricFamily("sdxl_worker_memory_total_bytes",
+                                              "Device memory in total, as the worker reports it",
+                                              labels=_WORKER_LABELS),
+            "rss": GaugeMetricFamily("sdxl_worker_resident_memory_bytes",
+                                     "Worker process resident memory (RSS)", labels=_WORKER_LABELS),
+            "last_heartbeat": GaugeMetricFamily("sdxl_worker_last_heartbeat_timestamp_seconds",
+                                                "Unix time the worker was last heard from",
+                                                labels=_WORKER_LABELS),
             "models_loaded": GaugeMetricFamily("sdxl_worker_models_loaded",
                                                "Models held warm", labels=_WORKER_LABELS),
         }
+        load_seconds = GaugeMetricFamily("sdxl_worker_model_load_duration_seconds",
+                                         "How long the worker's last load of this model took",
+                                         labels=_WORKER_LABELS + ["model"])
         done = CounterMetricFamily("sdxl_worker_jobs", "Jobs finished per worker",
                                    labels=_WORKER_LABELS + ["outcome"])
         state = GaugeMetricFamily("sdxl_worker_state", "1 for the worker's current state",
@@ -76,12 +84,15 @@ class StatusCollector:
         for w in workers:
             labels = [str(w.get("worker_id")), str(w.get("device"))]
             memory = w.get("memory") or {}
-            gauges["memory_used_mb"].add_metric(labels, float(memory.get("used_mb") or 0.0))
-            gauges["memory_total_mb"].add_metric(labels, float(memory.get("total_mb") or 0.0))
+            gauges["memory_used"].add_metric(labels, _MIB * float(memory.get("used_mb") or 0.0))
+            gauges["memory_total"].add_metric(labels, _MIB * float(memory.get("total_mb") or 0.0))
             if w.get("rss_mb") is not None:
-                gauges["rss_mb"].add_metric(labels, float(w["rss_mb"]))
-            gauges["last_heartbeat_s"].add_metric(labels, float(w.get("last_heartbeat_s") or 0.0))
+                gauges["rss"].add_metric(labels, _MIB * float(w["rss_mb"]))
+            gauges["last_heartbeat"].add_metric(
+                labels, round(now - float(w.get("last_heartbeat_s") or 0.0), 3))
             gauges["models_loaded"].add_metric(labels, float(len(w.get("models_loaded") or [])))
+            for model, seconds in sorted((w.get("load_time_s") or {}).items()):
+                load_seconds.add_metric(labels + [str(model)], float(seconds))
             done.add_metric(labels + ["done"], float(w.get("jobs_done") or 0))
             done.add_metric(labels + ["failed"], float(w.get("jobs_failed") or 0))
             for name in ("idle", "busy", "loading", "lost"):
@@ -89,6 +100,7 @@ class StatusCollector:
             for key, family in cache.items():
                 family.add_metric(labels, float(w.get(key) or 0))
         yield from gauges.values()
+        yield load_seconds
         yield from cache.values()
         yield done
         yield state
@@ -100,7 +112,7 @@ class StatusCollector:
             for name, count in self._supervisor.restarts().items():
                 restarts.add_metric([name], float(count))
             yield restarts
-            yield GaugeMetricFamily("sdxl_workers_given_up",
+            yield GaugeMetricFamily("sdxl_broker_workers_given_up",
                                     "Workers that kept crashing and are not restarted",
                                     value=float(len(self._supervisor.given_up())))
 

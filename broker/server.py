@@ -530,7 +530,8 @@ class Broker(WorkerSide):
         self.queue.remove(state.request_id)
         self.counters["completed" if reply.get("success") else "failed"] += 1
         self.metrics.job_finished(reply, total_s=self.clock() - state.accepted_at,
-                                  queue_s=state.dispatched_at - state.accepted_at if state.attempt else None)
+                                  queue_s=state.dispatched_at - state.accepted_at if state.attempt else None,
+                                  steps=state.job.steps)
         for peer in state.peers:
             self._send_to(peer, reply)
         codec_name = state.peers[0].codec if state.peers else C.CODEC_JSON

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -110,8 +111,10 @@ def test_scrape_shows_outcomes_error_codes_latency_queue_and_cache(processes, tm
     assert value(after, "sdxl_worker_cache_misses_total", **worker_labels) == 1.0  # first load
     assert value(after, "sdxl_worker_cache_hits_total", **worker_labels) >= 2.0
     assert value(after, "sdxl_worker_cache_evictions_total", **worker_labels) == 0.0
-    # the status-derived families are still there beside the event counters
-    assert value(after, "sdxl_broker_jobs_total", outcome="completed") == 2.0
+    # inflow and outcomes are separate counters (a sum over either counts each job once)
+    assert value(after, "sdxl_broker_jobs_accepted_total") == 3.0
+    assert value(after, "sdxl_broker_jobs_finished_total", outcome="completed") == 2.0
+    assert value(after, "sdxl_broker_jobs_finished_total", outcome="cancelled") == 1.0
 
     broker.send_signal(signal.SIGTERM)
     assert broker.wait(timeout=20) == 0
@@ -156,3 +159,51 @@ def test_real_pipeline_cache_counts_hits_misses_and_evictions():
     snapshot = cache.snapshot()
     assert (snapshot["cache_hits"], snapshot["cache_misses"], snapshot["cache_evictions"]) == (1, 2, 1)
     assert [m["name"] for m in snapshot["models_loaded"]] == ["b"]
+
+
+def promtool() -> str:
+    """The promtool binary (Debian package `prometheus`), installed here when missing and root."""
+    import shutil
+
+    found = shutil.which("promtool")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+                       env=env, capture_output=True, timeout=600)
+        found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool is not installed (Debian package prometheus) and cannot be installed "
+                    "here (not root or no apt-get); .ci/run installs it")
+    return found
+
+
+@pytest.mark.slow
+def test_serve_metrics_pass_promtool_and_count_what_an_operator_needs(start_serve, tmp_path):
+    port = free_port()
+    sp = start_serve(["--frontend", f"ipc://{tmp_path}/fe.sock", "--backend", f"ipc://{tmp_path}/be.sock",
+                      "--sim-workers", "1", "--sim-step-s", "0.01", "--sim-load-s", "0.05",
+                      "--metrics-port", str(port)])
+    with BrokerClient(sp.endpoint, timeout_s=10.0) as client:
+        client.generate(prompt="a fox", model_base="tiny-sdxl", steps=5, batch_size=2, width=256, height=256)
+        client.generate(prompt="a fox", model_base="tiny-sdxl", steps=3, width=256, height=256)
+        assert wait_for(lambda: client.status()["workers"][0]["jobs_done"] == 2, timeout_s=10)
+        assert wait_for(lambda: client.status()["workers"][0]["load_time_s"], timeout_s=10)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    checked = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == "" and checked.stderr.strip() == "", checked.stdout + checked.stderr
+    samples = scrape(port)
+    worker = {"worker_id": "sim-0", "device": "cpu"}
+    assert value(samples, "sdxl_broker_jobs_accepted_total") == 2.0
+    assert value(samples, "sdxl_broker_jobs_finished_total", outcome="completed") == 2.0
+    assert value(samples, "sdxl_broker_images_total", worker_id="sim-0") == 3.0
+    assert value(samples, "sdxl_broker_denoising_steps_total", worker_id="sim-0") == 5 * 2 + 3
+    assert value(samples, "sdxl_worker_memory_total_bytes", **worker) == 8000.0 * 2**20  # sim telemetry
+    assert value(samples, "sdxl_worker_resident_memory_bytes", **worker) > 10 * 2**20
+    assert value(samples, "sdxl_worker_model_load_duration_seconds", model="tiny-sdxl", **worker) >= 0.05
+    assert abs(value(samples, "sdxl_worker_last_heartbeat_timestamp_seconds", **worker) - time.time()) < 30
+    assert value(samples, "sdxl_broker_workers_given_up") == 0.0
+    assert not [name for name, _ in samples if name.endswith("_mb")]
+    assert sp.stop() == 0
