@@ -55,12 +55,12 @@ def test_serve_starts_shows_every_worker_and_stops_leaving_nothing(start_serve, 
     def scrape() -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
             return r.read().decode()
-    assert 'sdxl_broker_jobs_total{outcome="completed"} 0.0' in scrape()
+    assert "sdxl_broker_jobs_accepted_total 0.0" in scrape()
     with BrokerClient(frontend, timeout_s=10.0) as client:
         client.generate(prompt="a fox", model_base="tiny-sdxl", steps=2, width=256, height=256)
     metrics = scrape()
-    assert 'sdxl_broker_jobs_total{outcome="completed"} 1.0' in metrics
-    assert 'sdxl_worker_memory_total_mb{device="cpu",worker_id="sim-1"}' in metrics
+    assert 'sdxl_broker_jobs_finished_total{outcome="completed"} 1.0' in metrics
+    assert 'sdxl_worker_memory_total_bytes{device="cpu",worker_id="sim-1"}' in metrics
 
     # load / cleanup / cancel from the terminal
     loaded = cli("load", "tiny-sdxl", "--endpoint", frontend)
