@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="apply a LoRA (repeatable)")
     parser.add_argument("--controlnet", type=_type_image, action="append", default=[],
                         metavar="TYPE:IMAGE", help="add a ControlNet, e.g. canny:photo.png (repeatable)")
+    parser.add_argument("--controlnet-map", action="store_true",
+                        help="the --controlnet images are ready control maps (edges, depth, ...): "
+                             "use them as given, no preprocessing")
     parser.add_argument("--init-image", default=None, metavar="IMAGE", help="img2img source image")
     parser.add_argument("--mask", default=None, metavar="IMAGE", help="inpainting mask (white = repaint)")
     parser.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength 0..1")
@@ -113,6 +116,8 @@ def build_fields(args: argparse.Namespace) -> dict:
     if args.controlnet:
         fields["controlnet_types"] = [kind for kind, _ in args.controlnet]
         fields["controlnet_images"] = [_image_arg(image) for _, image in args.controlnet]
+        if args.controlnet_map:
+            fields["controlnet_preprocess"] = [False] * len(args.controlnet)
     if args.out:
         fields["return_images"] = True
     return fields

@@ -29,7 +29,7 @@ import torch
 
 from gpu_worker import file_hashes, job_adapters, postprocess
 from gpu_worker.executor_api import AbortFn, ProgressFn
-from gpu_worker.images import canny_edges, decode_image
+from gpu_worker.images import canny_edges, decode_image, looks_like_edge_map
 from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, VAE, PipelineCache, compose_pipeline,
                                        free_device_memory)
 from gpu_worker.schedulers import make_scheduler, scheduler_class
@@ -102,6 +102,7 @@ class _JobState:
     memory_peak_mb: float = 0.0
     offloaded: bool = False  # model CPU offload hooks are on the shared modules
     steps_run: dict = field(default_factory=dict)  # stage -> denoising steps actually run
+    karras_applied: bool = False  # Karras sigmas really used (ignored with a warning otherwise)
 
     def feature(self, name: str) -> None:
         if name not in self.features:
@@ -295,16 +296,28 @@ class DiffusersExecutor:
         for index, spec in enumerate(job.controlnets):
             field_name = f"controlnets[{index}].image"
             image = decode_image(spec.image, input_dir=self.input_dir, field=field_name).resize(size)
-            if spec.preprocess:
-                if spec.type != "canny":
-                    raise JobError(C.UNSUPPORTED_FEATURE,
-                                   f"controlnets[{index}]: no {spec.type!r} preprocessor on this worker; "
-                                   "send a ready-made control image with preprocess=false",
-                                   {"field": f"controlnets[{index}].preprocess"})
-                image = canny_edges(image)
-                state.feature("canny_preprocess")
-            inputs["controls"].append(image)
+            inputs["controls"].append(self._control_map(index, spec, image, state))
         return inputs
+
+    @staticmethod
+    def _control_map(index: int, spec, image, state: _JobState):
+        """The control map for one ControlNet: canny edges made from a picture; a ready map (any
+        type without a preprocessor here, an edge map sent as canny, preprocess=false) as given.
+        Only a step the client asked for explicitly and did not get is warned about."""
+        if spec.preprocess is False:
+            return image
+        if spec.type != "canny":
+            if spec.preprocess:
+                state.warnings.append(f"controlnets[{index}]: no {spec.type} preprocessor on this worker; "
+                                      "the image is used as the control map as given")
+            return image
+        if looks_like_edge_map(image):
+            if spec.preprocess:
+                state.warnings.append(f"controlnets[{index}]: the image is already an edge map; "
+                                      "not edge-detected again")
+            return image
+        state.feature("canny_preprocess")
+        return canny_edges(image)
 
     # --- models ------------------------------------------------------------------------------
     def _load(self, key: tuple, name: str, kind: str, load: Callable[[], Any], state: _JobState | None,
@@ -423,6 +436,7 @@ class DiffusersExecutor:
             refiner.scheduler, _ = make_scheduler(job.scheduler, refiner.sdxl_broker_scheduler_config,
                                                   job.use_karras_sigmas)
         if job.use_karras_sigmas and not warnings:
+            state.karras_applied = True
             state.feature("karras_sigmas")
             model_info["scheduler"] = f"{job.scheduler} (Karras)"
         return pipe, refiner, vae, model_info
@@ -490,8 +504,10 @@ class DiffusersExecutor:
     # --- inference ---------------------------------------------------------------------------
     @staticmethod
     def _seeds(job: Job) -> list[int]:
+        # every reported seed fits a C# long and is a valid `seed` to send back: image i of a
+        # batch is made from seed + i, wrapping past 2^63-1 to 0
         base = job.seed if job.seed >= 0 else secrets.randbelow(2**32)
-        return [(base + index) % 2**64 for index in range(job.batch_size)]
+        return [(base + index) % (C.MAX_SEED + 1) for index in range(job.batch_size)]
 
     def _infer_with_oom_retry(self, job, pipe, refiner, vae, inputs, seeds, progress, should_abort, state):
         try:
@@ -536,8 +552,12 @@ class DiffusersExecutor:
             if state.aborted:
                 raise JobError(C.CANCELLED, "cancelled during denoising")
             if refiner is not None:
+                # one prompt per latent: with a single prompt the refiner repeats the whole batch
+                # of latents per prompt and its embeddings no longer match (batch 2 -> 4 vs 2)
+                count = len(latents)
                 latents = refiner(
-                    prompt=job.prompt_2 or job.prompt, negative_prompt=job.negative_prompt_2 or job.negative_prompt,
+                    prompt=[job.prompt_2 or job.prompt] * count,
+                    negative_prompt=[job.negative_prompt_2 or job.negative_prompt] * count,
                     image=latents, num_inference_steps=job.steps, denoising_start=job.refiner_switch,
                     guidance_scale=job.guidance_scale, generator=generators, output_type="latent",
                     callback_on_step_end=self._step_callback("refining", progress, should_abort, state,
@@ -632,7 +652,7 @@ class DiffusersExecutor:
             if factor and factor != 1:
                 image = postprocess.upscale(image, factor, job.postprocess.upscale_method, self.upscaler_model_path)
                 state.feature(f"upscale_{job.postprocess.upscale_method.lower()}")
-            parameters = self._infotext(job, seed, image, inputs, model_info)
+            parameters = self._infotext(job, seed, image, inputs, model_info, state)
             saved = postprocess.finish_image(
                 image, output_dir=self.output_dir, save_path=job.output.save_path, fmt=job.output.format,
                 quality=job.output.quality, stem=postprocess.file_stem(job.request_id, index, seed),
@@ -646,7 +666,8 @@ class DiffusersExecutor:
             state.feature("batch")
         return generated
 
-    def _infotext(self, job: Job, seed: int, image, inputs: dict, model_info: dict) -> str:
+    def _infotext(self, job: Job, seed: int, image, inputs: dict, model_info: dict,
+                  state: _JobState) -> str:
         """A1111's parameters text, with the A1111 short hashes of the files used (cached)."""
         prompt = job.prompt
         for lora in model_info["loras"]:  # A1111 records LoRA weights as prompt tags
@@ -660,12 +681,13 @@ class DiffusersExecutor:
                   **{f"lora:{l['name']}": l.get("hash") for l in model_info["loras"]}}
         return postprocess.a1111_parameters(
             prompt=prompt, negative_prompt=job.negative_prompt, steps=job.steps,
-            scheduler=job.scheduler, use_karras_sigmas=job.use_karras_sigmas,
+            scheduler=job.scheduler, use_karras_sigmas=state.karras_applied,  # only what was applied
             guidance_scale=job.guidance_scale, seed=seed, width=image.width, height=image.height,
             model=job.models.base, model_hash=model_hash,
             extra={"VAE hash": vae_hash, "VAE": job.models.vae,
                    "Denoising strength": job.strength if inputs["init"] else None,
-                   "Clip skip": job.clip_skip, "Refiner": job.models.refiner,
+                   "Clip skip": job.clip_skip,
+                   "Refiner": job.models.refiner if state.steps_run.get("refining") else None,
                    "Lora hashes": ", ".join(f"{l['name']}: {l['hash']}" for l in model_info["loras"] if l.get("hash")),
                    "Hashes": {key: value for key, value in hashes.items() if value},
                    "Version": "sdxl-broker"})

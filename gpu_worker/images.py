@@ -91,6 +91,18 @@ def _b64decode(text: str, field: str) -> bytes:
         raise _invalid(field, f"neither a file under the input root nor valid base64 ({exc})") from None
 
 
+def looks_like_edge_map(image: Image.Image, share: float = 0.97) -> bool:
+    """Whether an image is already an edge map (grey, nearly every pixel black or white), so the
+    canny preprocessor would only find the edges of its edges."""
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.int16)
+    if np.abs(array - array[..., :1]).max() > 8:  # colour: a photo or a drawing, not edges
+        return False
+    grey = array[..., 0]
+    return float(((grey < 32) | (grey > 223)).mean()) >= share
+
+
 def canny_edges(image: Image.Image, low_threshold: int = 100, high_threshold: int = 200) -> Image.Image:
     """The canny ControlNet's preprocessor: OpenCV edges as a 3-channel image."""
     import cv2

@@ -39,7 +39,10 @@ class ControlNetSpec(_Frozen):
     image: ImageRef
     weight: float = 1.0  # conditioning scale 0..2
     model: Optional[str] = None  # None: the worker picks its model for `type`
-    preprocess: bool = True  # run the type's preprocessor (e.g. canny edges) on the image
+    # True/None: make the control map from the image where the worker has a preprocessor for
+    # `type` (canny edges) and the image is not a control map already; False: the image is the
+    # map. None (not sent) differs from True only in that a skipped step is not warned about.
+    preprocess: Optional[bool] = None
     preprocess_resolution: int = C.DEFAULT_CONTROLNET_RESOLUTION  # the seed's preprocessor.resolution
 
 

@@ -175,6 +175,7 @@ class FlatGenerateRequest(Edge):
     controlnet_images: Optional[_items(Image)] = None
     controlnet_weights: Optional[_items(ControlScale)] = None
     controlnet_models: Optional[_items(Optional[ModelRef])] = None
+    controlnet_preprocess: Optional[_items(Optional[bool])] = None  # extension: false = a ready map
     textual_inversion_names: Optional[_items(Optional[Name])] = None
     textual_inversion_paths: Optional[_items(Optional[ModelRef])] = None
     textual_inversion_tokens: Optional[_items(Optional[Name])] = None
@@ -362,6 +363,7 @@ class LegacyControlNet(Edge):
     image: Image
     weight: Optional[ControlScale] = None
     model: Optional[ModelRef] = None
+    preprocess: Optional[bool] = None  # extension: false = the image is a ready control map
 
 
 class LegacyConditioning(Edge):

@@ -64,7 +64,7 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
             errors.append(FieldError("model_base", "base model is required"))
         _parallel(body, ("lora_names", "lora_paths", "lora_weights"), errors)
         _parallel(body, ("controlnet_types", "controlnet_images", "controlnet_weights",
-                         "controlnet_models"), errors)
+                         "controlnet_models", "controlnet_preprocess"), errors)
         _parallel(body, ("textual_inversion_names", "textual_inversion_paths",
                          "textual_inversion_tokens"), errors)
         if _is_list(body.get("lora_weights")) and body["lora_weights"] and not (
@@ -74,7 +74,8 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
         _null_items(body, "textual_inversion_names", "textual_inversion_paths", errors,
                     "textual inversion")
         cn_given = any(isinstance(v := body.get(n), list) and v
-                       for n in ("controlnet_types", "controlnet_weights", "controlnet_models"))
+                       for n in ("controlnet_types", "controlnet_weights", "controlnet_models",
+                                 "controlnet_preprocess"))
         if cn_given and not (_is_list(body.get("controlnet_images")) and body["controlnet_images"]):
             errors.append(FieldError("controlnet_images", "each ControlNet needs an image"))
         _mask_needs_init(body.get("mask_image"), body.get("init_image"), "mask_image", errors)

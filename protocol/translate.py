@@ -185,9 +185,11 @@ def flat_to_job(m: M.FlatGenerateRequest, *, default_model_base: Optional[str] =
         kinds = _padded(m.controlnet_types or (), count)
         weights = _padded(m.controlnet_weights or (), count)
         models = _padded(m.controlnet_models or (), count)
+        preprocess = _padded(m.controlnet_preprocess or (), count)
         fields["controlnets"] = [
             {"type": normalize.controlnet_type(kinds[i], models[i]), "image": images[i],
-             "weight": 1.0 if weights[i] is None else weights[i], "model": models[i]}
+             "weight": 1.0 if weights[i] is None else weights[i], "model": models[i],
+             "preprocess": preprocess[i]}
             for i in range(count)]
     names, paths = m.textual_inversion_names or (), m.textual_inversion_paths or ()
     count = max(len(names), len(paths))
@@ -214,7 +216,7 @@ def _nested_controlnet(cn: M.NestedControlNet) -> dict:
     resolution = pre.resolution if pre is not None else None
     return {"type": cn.type or normalize.infer_controlnet_type(cn.model), "image": cn.control_image,
             "weight": 1.0 if cn.conditioning_scale is None else cn.conditioning_scale,
-            "model": cn.model, "preprocess": True if enabled is None else enabled,
+            "model": cn.model, "preprocess": enabled,
             "preprocess_resolution": (C.DEFAULT_CONTROLNET_RESOLUTION if resolution is None
                                       else resolution)}
 
@@ -315,7 +317,8 @@ def legacy_to_job(m: M.LegacyGenerateRequest, *, default_model_base: Optional[st
         b.fields["controlnets"] = [{"type": x.type or normalize.infer_controlnet_type(x.model),
                                     "image": x.image,
                                     "weight": 1.0 if x.weight is None else x.weight,
-                                    "model": x.model} for x in cond.controlnets]
+                                    "model": x.model, "preprocess": x.preprocess}
+                                   for x in cond.controlnets]
     if cond.textual_inversions:
         b.fields["textual_inversions"] = [{"name": t.name, "path": t.path, "token": t.token}
                                           for t in cond.textual_inversions]
@@ -392,6 +395,8 @@ def _legacy_controlnet(x: ControlNetSpec) -> dict:
     out = {"type": x.type, "image": x.image, "weight": x.weight}  # the seed writes weight 1.0
     if x.model is not None:
         out["model"] = x.model
+    if x.preprocess is not None:
+        out["preprocess"] = x.preprocess
     return out
 
 
@@ -400,9 +405,11 @@ def _drop_none(d: dict) -> dict:
 
 
 def _nested_controlnet_out(x: ControlNetSpec) -> dict:
+    preprocessor: dict[str, Any] = {"resolution": x.preprocess_resolution}
+    if x.preprocess is not None:  # not sent stays not sent (None and true differ in warnings)
+        preprocessor = {"enabled": x.preprocess, **preprocessor}
     out = {"enabled": True, "type": x.type, "conditioning_scale": x.weight,
-           "control_image": x.image,
-           "preprocessor": {"enabled": x.preprocess, "resolution": x.preprocess_resolution}}
+           "control_image": x.image, "preprocessor": preprocessor}
     if x.model is not None:
         out["model"] = x.model
     return out
@@ -513,6 +520,8 @@ def job_to_flat(job: Job, *, full: bool = False) -> dict:
         body["controlnet_weights"] = [x.weight for x in job.controlnets]
         if any(x.model is not None for x in job.controlnets):
             body["controlnet_models"] = [x.model for x in job.controlnets]
+        if any(x.preprocess is not None for x in job.controlnets):
+            body["controlnet_preprocess"] = [x.preprocess for x in job.controlnets]
     if job.textual_inversions:
         body["textual_inversion_names"] = [t.name for t in job.textual_inversions]
         if any(t.path is not None for t in job.textual_inversions):

@@ -101,10 +101,14 @@ def test_controlnet_canny_changes_output_and_two_at_once(executor, plain, struct
     assert mean_abs(pixels(both), pixels(canny)) > 1.0
 
 
-def test_depth_preprocessing_is_unsupported_not_skipped(executor, structured_image):
-    with pytest.raises(JobError) as info:
-        run(executor, controlnets=[{"type": "depth", "image": structured_image}])
-    assert info.value.code == C.UNSUPPORTED_FEATURE
+def test_depth_map_is_used_as_given_and_an_asked_preprocessor_is_warned_about(executor, structured_image):
+    # issue 15: no depth preprocessor here; a ready depth map works, and a request that asked for
+    # preprocessing explicitly hears that it did not happen (it used to fail: unsupported_feature)
+    given = run(executor, controlnets=[{"type": "depth", "image": structured_image}])
+    assert "controlnet" in given["features_used"] and not given["warnings"]
+    asked = run(executor, controlnets=[{"type": "depth", "image": structured_image, "preprocess": True}])
+    assert any("no depth preprocessor" in w for w in asked["warnings"])
+    assert asked["generated_images"][0]["sha256"] == given["generated_images"][0]["sha256"]
 
 
 def test_textual_inversion_changes_output_and_is_removed(executor):
