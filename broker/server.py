@@ -30,7 +30,7 @@ from protocol.errors import ProtocolError
 from protocol.job import Job
 from protocol.replies import error_reply, final_reply, progress_message
 
-from broker import management, routing
+from broker import job_log, management, routing
 from broker.job_queue import JobQueue
 from broker.metrics import BrokerMetrics
 from broker.jobs import QUEUED, RUNNING, JobState, Peer
@@ -529,6 +529,7 @@ class Broker(WorkerSide):
             return
         self.queue.remove(state.request_id)
         self.counters["completed" if reply.get("success") else "failed"] += 1
+        job_log.log_finished(state, reply, now=self.clock())
         self.metrics.job_finished(reply, total_s=self.clock() - state.accepted_at,
                                   queue_s=state.dispatched_at - state.accepted_at if state.attempt else None,
                                   steps=state.job.steps)

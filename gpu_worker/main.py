@@ -96,6 +96,9 @@ def build_executor(settings: dict, worker_id: str, threads: int | None = None):
                                  cost_model=settings["sim_cost_model"])
     if threads is not None:
         _set_torch_threads(threads)   # before the executor builds anything
+    from runtime.logs import route_library_logs
+
+    route_library_logs()   # before diffusers/transformers load: their messages use our handler
     from gpu_worker.executor import DiffusersExecutor  # heavy: torch + diffusers
     return DiffusersExecutor(settings["device"], models_dir=settings["models_dir"],
                              output_dir=settings["output_dir"], input_dir=settings["input_dir"],
