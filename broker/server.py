@@ -125,6 +125,9 @@ class Broker(WorkerSide):
             self.frontend = self._ctx.socket(zmq.ROUTER)
             self.frontend.setsockopt(zmq.LINGER, 0)
             self.frontend.setsockopt(zmq.MAXMSGSIZE, int(self.config.max_message_mb) * 2**20)
+            # a client that retries from a fresh socket with the same identity (a C# DEALER
+            # with Options.Identity) takes the identity over instead of being ignored
+            self.frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self._secure(self.frontend)
             self.frontend.bind(self.config.frontend)
             self.backend = self._ctx.socket(zmq.ROUTER)
@@ -181,6 +184,7 @@ class Broker(WorkerSide):
         self.local_frontend = self._ctx.socket(zmq.ROUTER)
         self.local_frontend.setsockopt(zmq.LINGER, 0)
         self.local_frontend.setsockopt(zmq.MAXMSGSIZE, int(self.config.max_message_mb) * 2**20)
+        self.local_frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.local_frontend.bind(endpoint)
         self.local_frontend_endpoint = self.local_frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("local frontend (no CURVE, loopback only) on %s", self.local_frontend_endpoint)

@@ -180,3 +180,36 @@ def test_images_land_in_the_output_root_and_precision_is_auto(start_serve, demo_
         assert printed.parent == folder and printed.is_file(), (save_path, done.stdout)
     refused = cli("generate", "an owl", *common, "--save-path", "../elsewhere", timeout_s=60)
     assert refused.returncode == 1 and "save_path" in refused.stderr
+
+
+def test_a_retry_from_a_fresh_socket_with_the_same_identity_gets_the_reply(start_serve):
+    """What the C# client does (clients/csharp): a DEALER with Options.Identity = request id
+    sends, goes silent, and a fresh DEALER with the same identity resends. The frontend
+    ROUTER hands the identity over (ROUTER_HANDOVER), so the new socket gets the reply."""
+    import zmq
+
+    from protocol import codec
+
+    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+                      "--sim-workers", "1", "--sim-step-s", "0.1"])
+    body = codec.encode({"message_type": "generate_sdxl_enhanced", "request_id": "handover-1",
+                         "prompt": "a fox", "model_base": "tiny-sdxl", "steps": 10,
+                         "width": 256, "height": 256}, "json")
+    ctx = zmq.Context()
+    try:
+        first = ctx.socket(zmq.DEALER)
+        first.setsockopt(zmq.IDENTITY, b"handover-1")
+        first.setsockopt(zmq.LINGER, 0)
+        first.connect(sp.endpoint)
+        first.send_multipart([b"", body])
+        time.sleep(0.3)   # accepted; the first socket now "hangs" (never read, never closed)
+        second = ctx.socket(zmq.DEALER)
+        second.setsockopt(zmq.IDENTITY, b"handover-1")
+        second.setsockopt(zmq.LINGER, 0)
+        second.connect(sp.endpoint)
+        second.send_multipart([b"", body])
+        assert second.poll(30_000), "the retry from a fresh socket with the same identity got nothing"
+        reply, _ = codec.decode(second.recv_multipart()[-1])
+        assert reply["request_id"] == "handover-1" and reply["success"] is True, reply
+    finally:
+        ctx.destroy(linger=0)
