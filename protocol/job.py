@@ -68,8 +68,10 @@ class PostprocessSpec(_Frozen):
 class PrecisionSpec(_Frozen):
     dtype: str = C.DEFAULT_DTYPE
     vae_dtype: str = C.DEFAULT_VAE_DTYPE
-    attention_slicing: bool = True
-    vae_slicing: bool = True
+    # None: the worker picks what is fastest on its device (off where torch's scaled-dot-product
+    # attention exists, on for DirectML); True/False: as the request asked
+    attention_slicing: Optional[bool] = None
+    vae_slicing: Optional[bool] = None
     vae_tiling: bool = False
     cpu_offload: bool = False
 

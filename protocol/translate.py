@@ -435,8 +435,10 @@ def job_to_nested(job: Job) -> dict:
         controlnet = _nested_controlnet_out(job.controlnets[0])
     else:
         controlnet = {"enabled": False}
-    precision = {"dtype": prec.dtype, "vae_dtype": prec.vae_dtype, "cpu_offload": prec.cpu_offload,
-                 "attention_slicing": prec.attention_slicing, "vae_slicing": prec.vae_slicing}
+    precision = {"dtype": prec.dtype, "vae_dtype": prec.vae_dtype, "cpu_offload": prec.cpu_offload}
+    for name in ("attention_slicing", "vae_slicing"):   # None: the worker's device default
+        if getattr(prec, name) is not None:
+            precision[name] = getattr(prec, name)
     if prec.vae_tiling:
         precision["vae_tiling"] = True
     output = {"format": out.format, "quality": out.quality, "save_path": out.save_path,

@@ -63,6 +63,25 @@ def test_same_seed_same_bytes_and_png_parameters(executor, plain, worker_dirs):
     assert plain["features_used"] == ["txt2img"]
 
 
+def test_slicing_defaults_to_the_fastest_and_explicit_values_are_honoured(executor, plain):
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
+
+    def processors() -> set:
+        _, pipe, _ = executor._base("tiny-sdxl", torch.float32, pin=False)
+        return {type(p) for p in pipe.unet.attn_processors.values()}
+
+    # unset on a CPU with scaled-dot-product attention: no slicing (faster), none reported
+    assert plain["features_used"] == ["txt2img"] and processors() == {AttnProcessor2_0}
+    sliced = run(executor, precision={"dtype": "float32", "attention_slicing": True, "vae_slicing": True})
+    assert sliced["features_used"] == ["txt2img", "attention_slicing", "vae_slicing"]
+    assert processors() == {SlicedAttnProcessor}
+    assert mean_abs(pixels(sliced), pixels(plain)) < 1.0   # the same image, computed in slices
+    only_vae = run(executor, precision={"dtype": "float32", "attention_slicing": False, "vae_slicing": True})
+    assert only_vae["features_used"] == ["txt2img", "vae_slicing"] and processors() == {AttnProcessor2_0}
+    assert run(executor)["features_used"] == ["txt2img"] and processors() == {AttnProcessor2_0}
+
+
 def test_float16_and_cpu_offload_on_cpu_run_float32_with_warnings(executor):
     result = run(executor, precision={"dtype": "float16", "cpu_offload": True})
     assert result["processing_metrics"]["model_info"]["dtype"] == "float32"
