@@ -10,6 +10,7 @@ component is made under its own fixed torch seed, so the same versions give the 
   tiny-sdxl/  tiny-sdxl.safetensors  tiny-sdxl-refiner/  tiny-vae/
   controlnet/tiny-canny/  controlnet/tiny-depth/
   loras/tiny-lora-a.safetensors  loras/tiny-lora-b.safetensors  embeddings/tiny-ti.safetensors
+  upscalers/tiny-esrgan.safetensors
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ VAE = "tiny-vae"
 CONTROLNETS = {"tiny-canny": "controlnet/tiny-canny", "tiny-depth": "controlnet/tiny-depth"}
 LORAS = {"tiny-lora-a": "loras/tiny-lora-a.safetensors", "tiny-lora-b": "loras/tiny-lora-b.safetensors"}
 TEXTUAL_INVERSIONS = {"tiny-ti": "embeddings/tiny-ti.safetensors"}
+UPSCALERS = {"tiny-esrgan": "upscalers/tiny-esrgan.safetensors"}  # 4x, ESRGAN (RRDBNet) layout
 
 # One seed per component: components do not shift when another one changes.
 SEEDS = {
     "te1": 101, "te2": 102, "unet": 103, "vae": 104, "refiner_unet": 105, "custom_vae": 106,
     "tiny-canny": 107, "tiny-depth": 108, "tiny-lora-a": 109, "tiny-lora-b": 110, "tiny-ti": 111,
+    "tiny-esrgan": 112,
 }
 
 # A handful of words get BPE merges so prompts tokenize to words, not only characters.
@@ -204,6 +207,21 @@ def _lora_state_dict(unet, seed: int) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
+def _esrgan_state_dict(seed: int) -> dict:
+    """A tiny random-weight ESRGAN (RRDBNet, 4x) built with spandrel's own architecture class,
+    so spandrel recognises the file as any ESRGAN download."""
+    import torch
+
+    from gpu_worker.upscalers import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.ESRGAN import ESRGAN as RRDBNet
+
+    torch.manual_seed(seed)
+    model = RRDBNet(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4).eval()
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
 def _save_tokenizer_check(folder: str) -> None:
     """The saved tokenizer must load offline (transformers 5 writes only tokenizer.json)."""
     from transformers import CLIPTokenizer
@@ -292,6 +310,12 @@ def build_demo_models(out_dir: str, progress: Callable[[str, float], None] | Non
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 save_file(tensors, path, metadata={"token": TI_TOKEN})
             timed(name, os.path.join(out_dir, rel), save_ti)
+
+        for name, rel in UPSCALERS.items():
+            def save_upscaler(path: str, seed: int = SEEDS[name]) -> None:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_file(_esrgan_state_dict(seed), path, metadata={"format": "pt"})
+            timed(name, os.path.join(out_dir, rel), save_upscaler)
     return paths
 
 
@@ -333,7 +357,7 @@ def _quiet_progress_bars() -> None:
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.description = (
         "Build the tiny random-weight SDXL kit (base folder and single file, refiner, VAE, "
-        "ControlNets canny/depth, two LoRAs, a textual inversion for <tiny-ti>) into --out. "
+        "ControlNets canny/depth, two LoRAs, a textual inversion for <tiny-ti>, a 4x ESRGAN upscaler) into --out. "
         "Deterministic; takes seconds; needs no model hub. Point a worker's --models-dir at it.")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to build the kit in (created if missing)")
     parser.add_argument("--check", action="store_true",

@@ -30,7 +30,7 @@ import torch
 from gpu_worker import file_hashes, job_adapters, postprocess
 from gpu_worker.executor_api import AbortFn, ProgressFn
 from gpu_worker.images import canny_edges, decode_image, looks_like_edge_map
-from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, VAE, PipelineCache, compose_pipeline,
+from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, UPSCALER, VAE, PipelineCache, compose_pipeline,
                                        free_device_memory)
 from gpu_worker.schedulers import make_scheduler, scheduler_class
 from protocol import constants as C
@@ -115,15 +115,15 @@ class DiffusersExecutor:
     def __init__(self, device: str = "cpu", *, models_dir: str, output_dir: str, input_dir: str,
                  cache_budget_mb: float | None = None, allow_pickle: bool = False,
                  worker_id: str = "", fault_injector: Callable[[str], None] | None = None,
-                 upscaler_model_path: str | None = None):
+                 upscaler: str | None = None, single_file_config: str | None = None):
         from gpu_worker import devices
         from gpu_worker.model_resolver import ModelResolver
+        from gpu_worker.upscalers import Upscalers
 
         self.device = device
         self.device_type = device.split(":")[0]
         self.worker_id = worker_id
         self.models_dir, self.output_dir, self.input_dir = models_dir, output_dir, input_dir
-        self.upscaler_model_path = upscaler_model_path
         self._devices = devices
         self._torch_device = devices.torch_device(device)
         self._memory_total_mb = float(devices.memory_stats(device).get("total_mb", 0.0))
@@ -132,7 +132,9 @@ class DiffusersExecutor:
             fraction = DEFAULT_BUDGET_FRACTION.get(self.device_type, DEFAULT_ACCELERATOR_BUDGET_FRACTION)
             cache_budget_mb = self._memory_total_mb * fraction
         self.cache = PipelineCache(cache_budget_mb)
-        self.resolver = ModelResolver(models_dir, allow_pickle=allow_pickle)
+        self.resolver = ModelResolver(models_dir, allow_pickle=allow_pickle,
+                                      single_file_config=single_file_config)
+        self.upscalers = Upscalers(self.resolver, default=upscaler)  # upscale_method -> model file
         if fault_injector is None and os.environ.get(_OOM_ENV):
             fault_injector = InjectedOOM(int(os.environ[_OOM_ENV]))
             log.warning("TEST HOOK %s active: the first %s inference attempts raise OOM",
@@ -666,8 +668,10 @@ class DiffusersExecutor:
                 state.feature("auto_contrast")
             factor = job.postprocess.upscale_factor
             if factor and factor != 1:
-                image = postprocess.upscale(image, factor, job.postprocess.upscale_method, self.upscaler_model_path)
-                state.feature(f"upscale_{job.postprocess.upscale_method.lower()}")
+                method = job.postprocess.upscale_method
+                image = postprocess.upscale(image, factor, method,
+                                            lambda small: self._model_upscale(method, small, state, model_info))
+                state.feature("upscale_lanczos" if method.lower() == "lanczos" else "upscale_realesrgan")
             parameters = self._infotext(job, seed, image, inputs, model_info, state)
             saved = postprocess.finish_image(
                 image, output_dir=self.output_dir, save_path=job.output.save_path, fmt=job.output.format,
@@ -681,6 +685,24 @@ class DiffusersExecutor:
         if len(seeds) > 1:
             state.feature("batch")
         return generated
+
+    def _model_upscale(self, method: str, image, state: _JobState, model_info: dict):
+        """Run the upscaler `method` names (spandrel, tiled), cached like any other model."""
+        from gpu_worker import upscalers
+
+        name, path = self.upscalers.resolve(method)
+        descriptor, _ = self._load((UPSCALER, path), name, UPSCALER,
+                                   lambda: upscalers.load(path).to(self._torch_device), state)
+        model_info["upscaler"] = name
+        return upscalers.run_tiled(descriptor, image)
+
+    @staticmethod
+    def _upscale_infotext(job: Job, model_info: dict) -> dict:
+        factor = job.postprocess.upscale_factor
+        if not factor or factor == 1:
+            return {}
+        return {"Postprocess upscale by": f"{factor:g}",
+                "Postprocess upscaler": model_info.get("upscaler") or "Lanczos"}
 
     def _infotext(self, job: Job, seed: int, image, inputs: dict, model_info: dict,
                   state: _JobState) -> str:
@@ -704,6 +726,7 @@ class DiffusersExecutor:
                    "Denoising strength": job.strength if inputs["init"] else None,
                    "Clip skip": job.clip_skip,
                    "Refiner": job.models.refiner if state.steps_run.get("refining") else None,
+                   **self._upscale_infotext(job, model_info),
                    "Lora hashes": ", ".join(f"{l['name']}: {l['hash']}" for l in model_info["loras"] if l.get("hash")),
                    "Hashes": {key: value for key, value in hashes.items() if value},
                    "Version": "sdxl-broker"})

@@ -103,7 +103,8 @@ def build_executor(settings: dict, worker_id: str, threads: int | None = None):
     return DiffusersExecutor(settings["device"], models_dir=settings["models_dir"],
                              output_dir=settings["output_dir"], input_dir=settings["input_dir"],
                              cache_budget_mb=settings["cache_budget_mb"],
-                             allow_pickle=settings["allow_pickle"], worker_id=worker_id)
+                             allow_pickle=settings["allow_pickle"], worker_id=worker_id,
+                             upscaler=settings["upscaler"], single_file_config=settings["single_file_config"])
 
 
 def run(args: argparse.Namespace) -> int:

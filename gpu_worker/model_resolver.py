@@ -171,10 +171,10 @@ class ModelResolver:
     def _weights_file(self, name: str, path: str | None, kind: str, folder: str) -> ResolvedModel:
         label = kind.replace("_", " ")
         if path:
-            full = self._inside_root(path, f"{label} path")
+            full = self.inside_root(path, f"{label} path")
             if not os.path.isfile(full):
                 raise JobError(C.MODEL_NOT_FOUND, f"{label} file {path!r} not found (looked at {full})")
-            self._check_suffix(full, label)
+            self.check_suffix(full, label)
             return ResolvedModel(name or _stem(full), full, kind, single_file=True)
         name = self._check_name(name, kind)
         candidates = [f"{folder}/{name}"]
@@ -208,7 +208,7 @@ class ModelResolver:
             raise JobError(C.VALIDATION_ERROR, f"{kind.replace('_', ' ')} name contains a NUL byte")
         return name.strip()
 
-    def _inside_root(self, path: str, what: str) -> str:
+    def inside_root(self, path: str, what: str) -> str:
         """Absolute real path of `path` (relative ones are taken from the model root), or a
         validation_error when it leaves the root, directly or through a symlink."""
         if "\x00" in path:
@@ -220,7 +220,7 @@ class ModelResolver:
                            f"{what} {path!r} is outside the model root {self.models_dir}")
         return real
 
-    def _check_suffix(self, path: str, label: str) -> None:
+    def check_suffix(self, path: str, label: str) -> None:
         suffix = os.path.splitext(path)[1].lower()
         if suffix in PICKLE_SUFFIXES and not self.allow_pickle:
             raise JobError(C.VALIDATION_ERROR,
@@ -238,19 +238,19 @@ class ModelResolver:
         looked: list[str] = []
         pickle_seen: str | None = None
         for candidate in candidates:
-            full = self._inside_root(candidate, label)
+            full = self.inside_root(candidate, label)
             looked.append(full)
             if os.path.isdir(full) and not files_only:
                 if marker and not os.path.isfile(os.path.join(full, marker)):
                     raise JobError(C.MODEL_NOT_FOUND, f"{label} folder {full} has no {marker}")
                 return full
             if os.path.isfile(full) and not refuse_files:
-                self._check_suffix(full, label)
+                self.check_suffix(full, label)
                 return full
         # a refused pickle next to the name is worth telling apart from "not there"
         if not self.allow_pickle and not _has_suffix(name) and not os.path.isabs(name):
             for candidate in candidates:
-                base = self._inside_root(candidate, label)
+                base = self.inside_root(candidate, label)
                 for suffix in PICKLE_SUFFIXES:
                     if os.path.isfile(base + suffix):
                         pickle_seen = base + suffix
@@ -258,7 +258,7 @@ class ModelResolver:
                 if pickle_seen:
                     break
         if pickle_seen:
-            self._check_suffix(pickle_seen, label)
+            self.check_suffix(pickle_seen, label)
         where = ", ".join(looked)
         known = self.available().get(kind, [])
         known_text = f"; available: {', '.join(known)}" if known else ""
@@ -326,7 +326,7 @@ class ModelResolver:
         looked: list[str] = []
         options: list[str] = []
         if self.single_file_config:
-            options.append(self._inside_root(self.single_file_config, "single-file config folder"))
+            options.append(self.inside_root(self.single_file_config, "single-file config folder"))
         stem = _stem(path)
         directory = os.path.dirname(path)
         options.append(os.path.join(directory, stem))

@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 _MB = 1024 * 1024
 
 # kinds of entries (also reported in heartbeats as models_loaded[].kind)
-BASE, VAE, REFINER, CONTROLNET, LORA, TEXTUAL_INVERSION = (
-    "base", "vae", "refiner", "controlnet", "lora", "textual_inversion")
+BASE, VAE, REFINER, CONTROLNET, LORA, TEXTUAL_INVERSION, UPSCALER = (
+    "base", "vae", "refiner", "controlnet", "lora", "textual_inversion", "upscaler")
 
 
 @dataclass

@@ -50,43 +50,19 @@ def auto_contrast(image: Image.Image, cutoff_percent: float = 0.5) -> Image.Imag
 
 
 def upscale(image: Image.Image, factor: float, method: str = "lanczos",
-            upscaler_model_path: str | None = None) -> Image.Image:
-    """Lanczos is built in; Real-ESRGAN (any spandrel-loadable model) only when configured."""
+            model_upscale=None) -> Image.Image:
+    """Lanczos is built in; any other method runs `model_upscale(image)` (a model upscaler's
+    output at its own fixed scale, gpu_worker/upscalers.py), brought to `factor` with Lanczos."""
     if not (1.0 <= factor <= MAX_UPSCALE_FACTOR):
         raise JobError(C.VALIDATION_ERROR, f"upscale_factor {factor} is outside 1..{MAX_UPSCALE_FACTOR:g}",
                        {"field": "upscale_factor"})
     method = (method or "lanczos").lower()
     if factor == 1.0:
         return image
-    if method == "lanczos":
-        size = (round(image.width * factor), round(image.height * factor))
-        return image.resize(size, Image.Resampling.LANCZOS)
-    if method in ("realesrgan", "real-esrgan", "esrgan"):
-        if not upscaler_model_path:
-            raise JobError(C.UNSUPPORTED_FEATURE,
-                           f"upscale_method {method!r} needs an upscaler model file, and this worker "
-                           "has none configured; use upscale_method 'lanczos'")
-        return _upscale_with_spandrel(image, factor, upscaler_model_path)
-    raise JobError(C.UNSUPPORTED_FEATURE, f"unknown upscale_method {method!r}; supported: lanczos, realesrgan")
-
-
-def _upscale_with_spandrel(image: Image.Image, factor: float, model_path: str) -> Image.Image:
-    try:
-        import spandrel  # optional extra: pip install sdxl-broker[upscale]
-    except ImportError:
-        raise JobError(C.UNSUPPORTED_FEATURE, "Real-ESRGAN upscaling needs the 'spandrel' package, "
-                                              "which is not installed on this worker") from None
-    import numpy as np
-    import torch
-
-    if not model_path.endswith(".safetensors"):
-        raise JobError(C.VALIDATION_ERROR, f"upscaler model {model_path} is not a .safetensors file")
-    model = spandrel.ModelLoader().load_from_file(model_path).eval()
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
-    with torch.inference_mode():
-        out = model(pixels.permute(2, 0, 1).unsqueeze(0)).clamp(0, 1)[0]
-    result = Image.fromarray((out.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
     wanted = (round(image.width * factor), round(image.height * factor))
+    if method == "lanczos":
+        return image.resize(wanted, Image.Resampling.LANCZOS)
+    result = model_upscale(image)
     # the network has a fixed scale (usually 4x): bring it to the requested factor
     return result if result.size == wanted else result.resize(wanted, Image.Resampling.LANCZOS)
 

@@ -126,6 +126,13 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="MB", readme=True),
     Setting("allow_pickle", boolean, False, "allow pickle checkpoints (.ckpt/.bin/.pt): unsafe",
             (S, B, W), readme=True),
+    Setting("upscaler", str, None,
+            "the model upscaler upscale_method 'realesrgan' means: a file stem under "
+            "MODELS_DIR/upscalers/ (or ESRGAN/, upscale_models/) or a path inside the model root",
+            (S, W), default_text="the only upscaler there is", metavar="NAME", readme=True),
+    Setting("single_file_config", str, None,
+            "a diffusers folder (inside the model root) whose configs serve every single-file "
+            "SDXL checkpoint of its architecture", (S, W), metavar="DIR", readme=True),
     # --- the broker ---
     Setting("state_dir", str, None, "directory of the job journal (jobs survive a restart)",
             (S, B), default_text="none (in memory)", metavar="DIR", readme=True),

@@ -23,6 +23,10 @@ STAMP="$VENV/.sdxl-broker-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "[setup] installing sdxl-broker and its dependencies"
   "${PIP[@]}" install -e "$ROOT[test]"
+  # Without their declared torchvision (PyPI's Linux torchvision is a CUDA build that breaks
+  # the CPU torch wheel): spandrel runs the upscalers (gpu_worker/upscalers.py says why this is
+  # safe); GPU installs with a matching torchvision can use the [upscale] extra instead.
+  "${PIP[@]}" install --no-deps "spandrel>=0.4,<0.5"
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

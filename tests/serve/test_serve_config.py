@@ -109,3 +109,13 @@ def test_wildcard_endpoints_become_loopback_for_local_workers():
     assert serve.connectable("tcp://*:5556") == "tcp://127.0.0.1:5556"
     assert serve.connectable("tcp://0.0.0.0:5556") == "tcp://127.0.0.1:5556"
     assert serve.connectable("ipc:///tmp/x") == "ipc:///tmp/x"
+
+
+def test_real_workers_get_the_model_file_settings():
+    settings = _resolve(_args(["--devices", "cpu", "--upscaler", "4x-UltraSharp",
+                               "--single-file-config", "sdxl-config"]), {})
+    argv = serve.worker_argv(serve.plan_workers(settings)[0], "tcp://127.0.0.1:7000", settings)
+    assert argv[argv.index("--upscaler") + 1] == "4x-UltraSharp"
+    assert argv[argv.index("--single-file-config") + 1] == "sdxl-config"
+    worker = _resolve(_args(argv[argv.index("worker") + 1:], "worker"), {}, "worker")
+    assert worker["upscaler"] == "4x-UltraSharp" and worker["single_file_config"] == "sdxl-config"

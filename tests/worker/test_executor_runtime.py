@@ -143,6 +143,6 @@ def test_jpeg_webp_with_postprocessing(executor):
     assert image["image"][:3] == b"\xff\xd8\xff"
     assert {"auto_contrast", "upscale_lanczos"} <= set(jpeg["features_used"])
     with pytest.raises(JobError) as info:
-        executor.run(make_job(postprocess={"upscale_factor": 2, "upscale_method": "realesrgan"}),
+        executor.run(make_job(postprocess={"upscale_factor": 2, "upscale_method": "no-such-upscaler"}),
                      lambda *a: None, lambda: False)
-    assert info.value.code == C.UNSUPPORTED_FEATURE
+    assert info.value.code == C.UNSUPPORTED_FEATURE and "tiny-esrgan" in info.value.message
