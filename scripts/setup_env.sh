@@ -7,6 +7,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+# constraints.txt pins every dependency to the versions the suite passed with, so every fresh
+# machine installs the same stack. UPGRADE=1 leaves it out: the newest versions pyproject.toml's
+# bounds allow (docs/dependencies.md says how to upgrade on purpose).
+CONSTRAINTS=(-c "$ROOT/constraints.txt")
+if [ "${UPGRADE:-0}" = 1 ]; then CONSTRAINTS=(); fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
@@ -16,17 +21,18 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing $TORCH_SPEC"
   # shellcheck disable=SC2086
-  "${PIP[@]}" install $TORCH_SPEC
+  "${PIP[@]}" install "${CONSTRAINTS[@]}" $TORCH_SPEC
 fi
 # Reinstall the project only when its metadata changed (keeps test.sh fast on a warm venv).
 STAMP="$VENV/.sdxl-broker-installed"
-if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$ROOT/constraints.txt" -nt "$STAMP" ] \
+   || [ "${UPGRADE:-0}" = 1 ]; then
   echo "[setup] installing sdxl-broker and its dependencies"
-  "${PIP[@]}" install -e "$ROOT[test]"
+  "${PIP[@]}" install "${CONSTRAINTS[@]}" -e "$ROOT[test]"
   # Without their declared torchvision (PyPI's Linux torchvision is a CUDA build that breaks
   # the CPU torch wheel): spandrel runs the upscalers (gpu_worker/upscalers.py says why this is
   # safe); GPU installs with a matching torchvision can use the [upscale] extra instead.
-  "${PIP[@]}" install --no-deps "spandrel>=0.4,<0.5"
+  "${PIP[@]}" install --no-deps "${CONSTRAINTS[@]}" "spandrel>=0.4,<0.5"
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
