@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from protocol.worker_protocol import Ready, Telemetry
+from protocol.worker_protocol import Ready, Telemetry, WorkerHeartbeat
 
 if TYPE_CHECKING:
     from broker.routing import DispatchEstimate
@@ -249,6 +249,45 @@ class WorkerRegistry:
         rec.expiry = now + self.expiry_s
         if telemetry is not None and rec.set_telemetry(telemetry):
             self._learn_sizes(rec)
+
+    def heartbeat(self, rec: WorkerRecord, beat: WorkerHeartbeat) -> None:
+        """A worker's HEARTBEAT: alive, its telemetry, and the job and step it is at."""
+        self.touch(rec, beat.telemetry)
+        rec.current_job = beat.current_job
+        rec.current_step = beat.current_step
+
+    # --- the jobs a worker holds (changed by the broker core as it dispatches and hears back) ---
+    def assign(self, rec: WorkerRecord, request_id: str, dispatch_id: int,
+               estimate: DispatchEstimate) -> None:
+        """The broker sent `rec` a job: it holds it, and routing counts `estimate` as its
+        backlog until it answers (estimates of jobs it no longer holds are dropped here)."""
+        rec.estimates = {r: e for r, e in rec.estimates.items() if r in rec.jobs}
+        rec.estimates[request_id] = estimate
+        rec.jobs[request_id] = dispatch_id
+
+    def release(self, rec: WorkerRecord, request_id: str, dispatch_id: int | None = None) -> bool:
+        """The worker no longer holds the job (answered, aborted); with `dispatch_id`, only if
+        it holds that dispatch of it. Returns whether it held it."""
+        held = rec.jobs.get(request_id)
+        if held is None or (dispatch_id is not None and held != dispatch_id):
+            return False
+        del rec.jobs[request_id]
+        return True
+
+    def take_jobs(self, rec: WorkerRecord) -> dict[str, int]:
+        """Everything the worker held (request_id -> dispatch_id), which it now holds no more."""
+        jobs, rec.jobs = rec.jobs, {}
+        return jobs
+
+    def count_answer(self, rec: WorkerRecord, success: bool) -> None:
+        if success:
+            rec.jobs_done += 1
+        else:
+            rec.jobs_failed += 1
+
+    def set_loading(self, rec: WorkerRecord, loading: bool) -> None:
+        """A model_load_request is (no longer) running on it (status shows it as loading)."""
+        rec.loading = loading
 
     def _learn_sizes(self, rec: WorkerRecord) -> None:
         sizes = self.model_sizes

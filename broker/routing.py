@@ -139,9 +139,10 @@ def unroutable_reason(job: Job, workers: Sequence[WorkerRecord]) -> str | None:
     return "; ".join(f"{w.worker_id}: {r}" for w, r in zip(live, reasons))
 
 
-def _eligible(needs: JobNeeds, workers: Sequence[WorkerRecord]) -> list[WorkerRecord]:
+def _eligible(needs: JobNeeds, workers: Sequence[WorkerRecord],
+              max_jobs: int = MAX_JOBS_PER_WORKER) -> list[WorkerRecord]:
     return [w for w in workers
-            if not w.lost and len(w.jobs) < MAX_JOBS_PER_WORKER
+            if not w.lost and len(w.jobs) < max_jobs
             and _static_reason(needs, w) is None and _fits_now(needs, w)]
 
 
@@ -300,11 +301,13 @@ def _same(a: tuple, b: tuple) -> bool:
 def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,
                   rr: RoundRobin, sizes: dict[str, float] | None = None,
                   waiting: int = 0, wanted: frozenset[str] = frozenset(),
-                  live_count: int | None = None, needs: JobNeeds | None = None) -> WorkerRecord | None:
+                  live_count: int | None = None, needs: JobNeeds | None = None,
+                  max_jobs: int = MAX_JOBS_PER_WORKER) -> WorkerRecord | None:
     """The worker to run `job` now, or None (no worker has room now, or none ever can).
     `waiting`: jobs in the broker's queue, which makes "smart" weigh model loads by the
     queue they hold up (load_weight_for); `wanted`: models queued jobs need, which "smart"
-    avoids evicting. `needs`: JobNeeds.of(job, sizes) when the caller keeps it per job."""
+    avoids evicting. `needs`: JobNeeds.of(job, sizes) when the caller keeps it per job.
+    `max_jobs`: how many jobs one worker may hold (the broker's max_jobs_per_worker)."""
     if needs is None:
         if sizes is None:
             sizes = known_model_sizes(w for w in workers if not w.lost)
@@ -313,7 +316,7 @@ def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,
         candidates = [w for w in workers if not w.lost and _static_reason(needs, w) is None
                       and _fits_now(needs, w)]
     else:
-        candidates = _eligible(needs, workers)
+        candidates = _eligible(needs, workers, max_jobs)
     if not candidates:
         return None
     if policy == "round-robin":
@@ -333,4 +336,4 @@ def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,
         live_count = sum(1 for w in workers if not w.lost)
     load_weight = load_weight_for(waiting, live_count)
     best = _best(candidates, lambda w: (round(_finish_s(needs, w, load_weight, wanted) / _TIE_S), len(w.models_loaded)), rr)
-    return best if len(best.jobs) < MAX_JOBS_PER_WORKER else None
+    return best if len(best.jobs) < max_jobs else None

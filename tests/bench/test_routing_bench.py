@@ -73,5 +73,5 @@ def test_replay_mirrors_the_broker_holding_jobs_for_the_best_worker():
     smart, rr = (replay(items, specs, cost, p) for p in ("smart", "round-robin"))
     assert len(smart.latencies_s) == len(rr.latencies_s) == 120
     assert smart.loads < rr.loads
-    remaining = replay(items, specs, cost, "smart", running_by_remaining=True)
+    remaining = replay(items, specs, cost, "smart", exact_progress=True)
     assert len(remaining.latencies_s) == 120 and remaining.loads >= cold_start_floor(items)

@@ -1,0 +1,751 @@
+"""BrokerCore: all of the broker's state and every handler, without sockets, threads or clock.
+
+Each entry point takes one decoded input and the time, changes the state, and returns what to
+send as a list of outputs (ToClient: a reply dict for a client peer; ToWorkers: one worker
+message for one or more worker identities). broker/server.py's loop owns the ROUTER sockets:
+it decodes what arrives, calls the core, sends what comes back, and calls tick() for timers.
+bench/replay.py drives the same core in simulated time.
+
+State: accepted jobs not yet finished (`jobs`, broker.jobs.JobState), the queue
+(broker.job_queue), the worker registry (broker.registry: records are changed only through its
+methods), the journal (broker.journal), management operations waiting for workers
+(broker.management.PendingOps). Every accepted request gets exactly one final reply per peer.
+
+Entry points (each returns the outputs):
+    open(journal, now, wall_now)              start with this journal; re-queue its pending jobs
+    on_client(request, now)                   a frontend message (generation or management)
+    on_worker(identity, message, now)         a decoded backend message (worker_protocol)
+    on_bad_worker_frame(identity, error, now) a backend frame that did not decode
+    tick(now)                                 timers (heartbeats + liveness, job deadlines,
+                                              management timeouts, journal expiry) and dispatch
+    close(now)                                the broker stops: answer what cannot survive it
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Union
+
+from protocol import codec
+from protocol import constants as C
+from protocol import worker_protocol as W
+from protocol.errors import ProtocolError
+from protocol.job import Job
+from protocol.replies import error_reply, final_reply, progress_message
+
+from broker import job_log, management, routing
+from broker.job_queue import JobQueue
+from broker.jobs import QUEUED, RUNNING, JobState, Peer
+from broker.metrics import BrokerMetrics
+from broker.registry import WorkerRecord, WorkerRegistry
+
+log = logging.getLogger("broker.server")   # the broker's log lines keep their logger name
+
+# queued jobs the dispatcher looks at per pass (in serving order): a job waiting for its best
+# worker does not block the ones behind it, but a pass stays bounded with a long queue
+DISPATCH_LOOKAHEAD = 64
+JOURNAL_EXPIRE_EVERY_S = 60.0
+FALLBACK_REPLY_TYPE = "error_response"  # a body too broken to tell what it asked for
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://127.0.0.1:5556"
+    state_dir: str | None = None       # SQLite journal lives here; None -> in-memory journal
+    max_queue: int = 1000
+    max_attempts: int = 2
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    routing: str = "smart"             # smart | round-robin | least-loaded | tiered
+    max_message_mb: int = C.DEFAULT_MAX_MESSAGE_MB
+    default_model_base: str | None = None
+    allow_pickle: bool = False
+    reply_ttl_s: float = 3600.0
+    curve_secret_key: str | None = None    # broker's .key_secret file: CURVE on both sockets
+    curve_allowed_keys: str | None = None  # dir of authorised peers' public .key files
+    curve_extra_keys: tuple = ()           # more authorised public .key files (serve's workers)
+    local_frontend: str | None = None      # a second, NULL-security client endpoint (loopback only)
+    # jobs one worker may hold (one running + one prefetched); bench/replay.py varies it
+    max_jobs_per_worker: int = W.MAX_JOBS_PER_WORKER
+
+
+# --- what goes in and out ------------------------------------------------------------------------
+def _not_req() -> bool:
+    return False
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    """One frontend message as the loop read it."""
+    envelope: tuple[bytes, ...]        # (identity,) or (identity, b"") as the request came
+    body: bytes                        # the last frame
+    body_frames: int = 1               # frames after the envelope (exactly 1 is valid)
+    local: bool = False                # came in on the local (NULL-security) frontend
+    # whether the peer is a REQ socket (asked only for streaming jobs: it costs a metadata call)
+    is_req_peer: Callable[[], bool] = _not_req
+
+
+@dataclass(slots=True)
+class ToClient:
+    peer: Peer
+    message: dict                      # encoded by the loop in the peer's codec
+
+
+@dataclass(slots=True)
+class ToWorkers:
+    identities: list[bytes]            # ROUTER identities of the workers' DEALERs
+    message: W.Message                 # encoded once by the loop, sent to each
+
+
+Output = Union[ToClient, ToWorkers]
+
+_parse_module = None
+
+
+def request_parser():
+    """protocol.parse (the one request parser), imported on first use rather than at module
+    import, so `sdxl-broker --help` (which imports every command module) does not build its
+    schemas; the loop calls this at start so the first request does not pay ~0.5 s."""
+    global _parse_module
+    if _parse_module is None:
+        from protocol import parse
+        _parse_module = parse
+    return _parse_module
+
+
+class BrokerCore:
+    def __init__(self, config: BrokerConfig, now: float, metrics: BrokerMetrics | None = None,
+                 first_dispatch_id: int | None = None):
+        if config.routing not in routing.POLICIES:
+            raise ValueError(f"unknown routing policy {config.routing!r}; one of {routing.POLICIES}")
+        self.config = config
+        self.metrics = metrics or BrokerMetrics()
+        self._now = now
+        # the registry reads the time of the input being handled
+        self.registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_liveness,
+                                       clock=lambda: self._now)
+        self.queue = JobQueue(config.max_queue)
+        self.jobs: dict[str, JobState] = {}     # accepted, not finished
+        self.journal = None                     # set by open()
+        self.counters = {"completed": 0, "failed": 0, "accepted": 0, "malformed": 0}
+        self._ops = management.PendingOps()
+        self._rr = routing.RoundRobin()
+        self._deadlines: list[tuple[float, str]] = []   # heap of (deadline, request_id)
+        self._dirty = False      # something changed that may let a queued job dispatch
+        self._out: list[Output] = []
+        self._started_at = now
+        self._stopping = False
+        self._drain_deadline: float | None = None
+        self._next_heartbeat = now + config.heartbeat_interval_s
+        self._next_journal_expire = now + JOURNAL_EXPIRE_EVERY_S
+        # unique across broker restarts, so a worker's answer to a dispatch of the previous
+        # broker process is never mistaken for one of this process
+        self._dispatch_ids: Iterator[int] = itertools.count(
+            time.time_ns() if first_dispatch_id is None else first_dispatch_id)
+        # message type -> handler(worker record, message), for registered workers (READY is
+        # handled before the sender is looked up)
+        self._worker_handlers: dict[type, Callable] = {
+            W.WorkerHeartbeat: self._on_heartbeat, W.JobProgress: self._on_progress,
+            W.JobResult: self._on_job_done, W.JobFailed: self._on_job_done,
+            W.ManageReply: self._on_manage_reply, W.Disconnect: self._on_disconnect}
+        # management message_type -> handler(peer, parsed)
+        self._manage_handlers: dict[str, Callable] = {
+            C.STATUS: self._on_status, C.STATUS_LEGACY: self._on_status,
+            C.INITIALIZE: self._on_initialize, C.MODEL_LOAD: self._on_model_load,
+            C.MODEL_LOAD_LEGACY: self._on_model_load, C.CLEANUP: self._on_cleanup,
+            C.CANCEL: self._on_cancel}
+
+    # --- entry points --------------------------------------------------------------------------
+    def open(self, journal, now: float, wall_now: float) -> list[Output]:
+        """Start with `journal`: re-queue the jobs it holds from before a restart."""
+        self.journal = journal
+        self._started_at = now
+        self._next_heartbeat = now + self.config.heartbeat_interval_s
+        self._next_journal_expire = now + JOURNAL_EXPIRE_EVERY_S
+        return self._handle(now, self._restore_from_journal, wall_now)
+
+    def on_client(self, request: ClientRequest, now: float) -> list[Output]:
+        return self._handle(now, self._on_client, request)
+
+    def on_worker(self, identity: bytes, message: W.FromWorker, now: float) -> list[Output]:
+        return self._handle(now, self._on_worker, identity, message)
+
+    def on_bad_worker_frame(self, identity: bytes, error: W.WorkerProtocolError,
+                            now: float) -> list[Output]:
+        if isinstance(error, W.WorkerVersionError) and error.kind == W.READY:
+            return self._handle(now, self._refuse_version, identity, error.worker_id, error.version)
+        log.warning("ignoring bad frame from worker %s: %s", identity.hex(), error)
+        return []
+
+    def tick(self, now: float) -> list[Output]:
+        """Fire what is due: heartbeats and liveness, job deadlines, management timeouts,
+        journal expiry; then dispatch if anything changed."""
+        return self._handle(now, self._tick, now)
+
+    def close(self, now: float) -> list[Output]:
+        """The broker stops: answer pending management requests; without a journal on disk,
+        fail the open jobs (they would be lost silently); with one they run after the next start."""
+        return self._handle(now, self._answer_unfinished_on_stop)
+
+    def stop_accepting(self, drain_deadline: float) -> None:
+        """No new jobs from now on; running ones get until `drain_deadline`."""
+        self._stopping = True
+        self._drain_deadline = drain_deadline
+
+    def drained(self, now: float) -> bool:
+        """Nothing is running any more, or the drain time is over."""
+        running = any(j.state == RUNNING for j in self.jobs.values())
+        return not running or (self._drain_deadline is not None and now >= self._drain_deadline)
+
+    @property
+    def busy(self) -> bool:
+        """A job or a management operation is in flight (worker messages need prompt reading)."""
+        return bool(self.jobs) or bool(self._ops)
+
+    def seconds_to_next_timer(self, now: float) -> float:
+        wait_s = self._next_heartbeat - now
+        if self._deadlines:
+            wait_s = min(wait_s, self._deadlines[0][0] - now)
+        return wait_s
+
+    def status(self, now: float) -> dict:
+        """The status_response `data`: broker counters and one row per worker."""
+        return {
+            "broker": {
+                "uptime_s": round(now - self._started_at, 3),
+                "queue_depth": len(self.queue),
+                "queue_depth_by_priority": self.queue.depth_by_priority(),
+                "inflight": sum(1 for j in self.jobs.values() if j.state == RUNNING),
+                "completed": self.counters["completed"],
+                "failed": self.counters["failed"],
+                "accepted": self.counters["accepted"],
+                "routing": self.config.routing,
+                "max_queue": self.config.max_queue,
+            },
+            "workers": [w.status_row(now) for w in self.registry.all()],
+        }
+
+    def _handle(self, now: float, handler, *args) -> list[Output]:
+        """Run one handler at `now`; a bug in it is logged and never stops the broker; what it
+        queued to send before failing is still sent."""
+        self._now = now
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("error in %s; continuing", getattr(handler, "__name__", handler))
+        out, self._out = self._out, []
+        return out
+
+    # --- output helpers ------------------------------------------------------------------------
+    def _send_to(self, peer: Peer, message: dict) -> None:
+        self._out.append(ToClient(peer, message))
+
+    def _send_to_workers(self, workers: list[WorkerRecord], message: W.Message) -> None:
+        self._out.append(ToWorkers([w.identity for w in workers], message))
+
+    def _send_error(self, peer: Peer, reply_type: str, rid, exc: ProtocolError) -> None:
+        self.metrics.request_rejected(exc.code)   # every caller refuses a request outright
+        self._send_to(peer, error_reply(reply_type, rid, exc))
+
+    def _send_duplicate(self, peer: Peer, reply_type: str, rid: str) -> None:
+        self._send_error(peer, reply_type, rid, ProtocolError(
+            C.DUPLICATE_REQUEST_ID, f"request_id {rid!r} is already used by a different request"))
+
+    # --- clients ---------------------------------------------------------------------------------
+    def _on_client(self, request: ClientRequest) -> None:
+        body = request.body
+        peer = Peer(request.envelope, codec.sniff(body) or C.CODEC_JSON, is_req=False,
+                    local=request.local)
+        parse = request_parser()
+        if request.body_frames != 1:
+            self.counters["malformed"] += 1
+            self._send_error(peer, FALLBACK_REPLY_TYPE, None, ProtocolError(
+                C.MALFORMED_MESSAGE, f"expected one body frame, got {request.body_frames}"))
+            return
+        decoded = None
+        try:
+            decoded, peer.codec = codec.decode(body)
+            parsed = parse.parse_request(decoded, default_model_base=self.config.default_model_base,
+                                         allow_pickle=self.config.allow_pickle)
+        except ProtocolError as exc:
+            if exc.code == C.MALFORMED_MESSAGE:
+                self.counters["malformed"] += 1
+            reply_type, request_id = parse.peek(decoded)
+            self._send_error(peer, reply_type or FALLBACK_REPLY_TYPE, request_id, exc)
+            return
+        if parsed.job is not None:
+            if parsed.job.stream:
+                peer.is_req = request.is_req_peer()
+            self._on_generate(peer, body, decoded, parsed)
+            return
+        handler = self._manage_handlers.get(parsed.message_type)
+        if handler is None:
+            self._send_to(peer, error_reply(parsed.reply_type or FALLBACK_REPLY_TYPE, parsed.request_id,
+                                            ProtocolError(C.UNKNOWN_MESSAGE_TYPE,
+                                                          f"unknown message type {parsed.message_type!r}")))
+            return
+        handler(peer, parsed)
+
+    def _on_generate(self, peer: Peer, body: bytes, decoded: dict, parsed) -> None:
+        job: Job = parsed.job
+        rid = parsed.request_id or job.request_id
+        fingerprint = request_parser().body_fingerprint(decoded)
+        active = self.jobs.get(rid)
+        if active is not None:
+            if active.fingerprint != fingerprint:
+                self._send_duplicate(peer, parsed.reply_type, rid)
+                return
+            active.attach(peer)
+            log.info("request %s resent while %s: attached", rid, active.state)
+            if job.stream and not peer.is_req:
+                # answered at once, so a client checking on a quiet job (a long model load, a
+                # long queue) hears the broker is alive and never has to warn
+                if active.state == QUEUED or active.last_progress is None:
+                    stage = "queued" if active.state == QUEUED else "loading"
+                    self._send_to(peer, progress_message(rid, stage, queue_position=self.queue.position(rid),
+                                                         worker_id=active.worker_id))
+                else:
+                    self._send_to(peer, active.last_progress)
+            return
+        stored = self.journal.stored_reply(rid)
+        if stored is not None:
+            if stored.fingerprint != fingerprint:
+                self._send_duplicate(peer, parsed.reply_type, rid)
+            else:
+                log.info("request %s resent after it finished: stored reply", rid)
+                self._send_to(peer, stored.reply)
+            return
+        if self._stopping:
+            self._send_error(peer, parsed.reply_type, rid, ProtocolError(
+                C.INTERNAL_ERROR, "broker is shutting down; not accepting new jobs"))
+            return
+        if len(self.queue) >= self.config.max_queue:
+            self._send_error(peer, parsed.reply_type, rid, ProtocolError(
+                C.QUEUE_FULL, f"queue is full ({self.config.max_queue} jobs waiting); retry later"))
+            return
+        now = self._now
+        state = JobState(request_id=rid, job=job, reply_type=parsed.reply_type,
+                         fingerprint=fingerprint, accepted_at=now, deadline=now + job.timeout_s,
+                         peers=[peer], warnings=list(parsed.warnings or []))
+        self.journal.accept(rid, body, fingerprint)
+        self._enqueue(state)
+        self.counters["accepted"] += 1
+        if state.wants_progress:
+            self._progress(state, "queued", queue_position=self.queue.position(rid))
+
+    def _enqueue(self, state: JobState, front: bool = False) -> None:
+        self.jobs[state.request_id] = state
+        state.state, state.worker_id, state.last_progress = QUEUED, None, None
+        if front:
+            self.queue.push_front(state.request_id, state.job.priority, None)
+        else:
+            self.queue.push(state.request_id, state.job.priority, None, force=True)
+        if len(self._deadlines) > 4 * len(self.jobs) + 1024:
+            # finished jobs leave their entries behind until their deadline; drop them
+            self._deadlines = [(d, rid) for d, rid in self._deadlines
+                               if rid in self.jobs and self.jobs[rid].deadline == d]
+            heapq.heapify(self._deadlines)
+        heapq.heappush(self._deadlines, (state.deadline, state.request_id))
+        self._dirty = True
+
+    # --- management requests ----------------------------------------------------------------------
+    def _on_status(self, peer: Peer, parsed) -> None:
+        self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
+                                        data=self.status(self._now), warnings=parsed.warnings or ()))
+
+    def _on_initialize(self, peer: Peer, parsed) -> None:
+        live = self.registry.live()
+        warnings = list(parsed.warnings or [])
+        if not live:
+            warnings.append("no worker is registered yet")
+        self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
+                                        data=management.initialize_data(live), warnings=warnings))
+
+    def _refuse_request(self, peer: Peer, parsed, exc: ProtocolError) -> None:
+        self._send_to(peer, error_reply(parsed.reply_type, parsed.request_id, exc,
+                                        warnings=parsed.warnings or ()))
+
+    def _on_model_load(self, peer: Peer, parsed) -> None:
+        target = management.load_target(parsed, self.registry.live())
+        if isinstance(target, ProtocolError):
+            self._refuse_request(peer, parsed, target)
+            return
+        self._start_op(peer, parsed, W.MANAGE_LOAD_MODEL, [target], management.load_args(parsed),
+                       management.LOAD_TIMEOUT_S)
+        self.registry.set_loading(target, True)
+
+    def _on_cleanup(self, peer: Peer, parsed) -> None:
+        targets = management.cleanup_targets(parsed, self.registry.live())
+        if isinstance(targets, ProtocolError):
+            self._refuse_request(peer, parsed, targets)
+            return
+        if not targets:
+            self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
+                                            data={"workers": {}}, warnings=["no worker is registered"]))
+            return
+        self._start_op(peer, parsed, W.MANAGE_CLEANUP, targets, management.cleanup_args(parsed),
+                       management.CLEANUP_TIMEOUT_S)
+
+    def _start_op(self, peer: Peer, parsed, op: str, workers: list[WorkerRecord],
+                  args: W.ManageArgs, timeout_s: float) -> None:
+        pending = self._ops.start(op, peer, parsed.reply_type, parsed.request_id,
+                                  {w.worker_id for w in workers}, self._now, timeout_s)
+        self._send_to_workers(workers, W.Manage(op_id=pending.op_id, op=op, args=args))
+        log.info("%s %s -> %s", op, args, ", ".join(w.worker_id for w in workers))
+
+    def _complete_ops(self, completed: list[management.ManageOp]) -> None:
+        for op in completed:
+            self._send_to(op.peer, management.reply_for(op, self._now, self._device_of))
+
+    def _device_of(self, worker_id: str) -> str | None:
+        worker = self.registry.get(worker_id)
+        return worker.device if worker is not None else None
+
+    def _on_cancel(self, peer: Peer, parsed) -> None:
+        target = management.param(parsed, "target_request_id", "cancel_request_id", "request_id",
+                                  default=parsed.request_id)
+        state = self.jobs.get(str(target)) if target is not None else None
+        if state is None:
+            self._refuse_request(peer, parsed, ProtocolError(
+                C.VALIDATION_ERROR, f"no queued or running job with request_id {target!r}"))
+            return
+        was = "queued" if state.state == QUEUED else "running"
+        self._abort(state, "cancelled")
+        self._finish(state, error_reply(state.reply_type, state.request_id, ProtocolError(
+            C.CANCELLED, f"cancelled while {was}"), warnings=state.warnings,
+            execution_time=self._now - state.accepted_at))
+        log.info("job %s cancelled while %s", state.request_id, was)
+        self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
+                                        data={"request_id": state.request_id, "cancelled": True,
+                                              "state": was}))
+
+    # --- workers -------------------------------------------------------------------------------------
+    def _on_worker(self, identity: bytes, msg: W.FromWorker) -> None:
+        if type(msg) is W.Ready:
+            self._on_ready(identity, msg)
+            return
+        worker = self.registry.by_identity(identity)
+        if worker is None:
+            if isinstance(msg, (W.JobResult, W.JobFailed)):
+                log.warning("discarding late %s for %s from a lost or unknown worker",
+                            type(msg).__name__, msg.request_id)
+            if type(msg) is not W.Disconnect:
+                self._out.append(ToWorkers([identity], W.Disconnect(
+                    reason="not registered; send READY again")))
+            return
+        self._worker_handlers[type(msg)](worker, msg)
+
+    def _refuse_version(self, identity: bytes, worker_id, version) -> None:
+        log.error("refusing worker %s: it speaks worker protocol version %s, this broker "
+                  "speaks %d", worker_id, version, W.PROTOCOL_VERSION)
+        self._out.append(ToWorkers([identity], W.Disconnect(
+            fatal=True,
+            reason=f"protocol version {version} not supported; broker speaks {W.PROTOCOL_VERSION}")))
+
+    def _on_ready(self, identity: bytes, msg: W.Ready) -> None:
+        if msg.v != W.PROTOCOL_VERSION:
+            self._refuse_version(identity, msg.worker_id, msg.v)
+            return
+        worker, previous = self.registry.register(identity, msg)
+        if previous is not None:
+            # a fresh READY for a registered id: the old process (or the old transport) holds
+            # nothing any more; its jobs and pending management ops are handled as lost
+            self._requeue_jobs_of(previous, "re-registered")
+            self._complete_ops(self._ops.worker_lost(previous.worker_id))
+        self._out.append(ToWorkers([identity], W.BrokerHeartbeat(registered=True)))
+        log.info("worker %s registered: %s %s, %.0f MB, pid %d on %s%s", worker.worker_id,
+                 worker.device, worker.device_name, worker.memory_total_mb, worker.pid, worker.host,
+                 " (SIMULATED)" if worker.simulated else "")
+        self._dirty = True
+
+    def _on_heartbeat(self, worker: WorkerRecord, msg: W.WorkerHeartbeat) -> None:
+        self.registry.heartbeat(worker, msg)
+        if self.queue:
+            self._dirty = True   # fresh telemetry can change what fits
+
+    def _on_progress(self, worker: WorkerRecord, msg: W.JobProgress) -> None:
+        self.registry.touch(worker)
+        state = self._current_job(worker, msg)
+        if state is not None and state.wants_progress:
+            self._progress(state, msg.stage, step=msg.step, total_steps=msg.total_steps,
+                           worker_id=worker.worker_id)
+
+    def _on_manage_reply(self, worker: WorkerRecord, msg: W.ManageReply) -> None:
+        self.registry.touch(worker)
+        op = self._ops.answer(worker.worker_id, msg)
+        if op is None:
+            return
+        if op.op == W.MANAGE_LOAD_MODEL:
+            self.registry.set_loading(worker, False)
+        self._dirty = True
+        if op.done:
+            self._complete_ops([op])
+
+    def _on_disconnect(self, worker: WorkerRecord, msg: W.Disconnect) -> None:
+        log.info("worker %s disconnected: %s", worker.worker_id, msg.reason)
+        self._worker_lost(worker, "disconnected")
+        self.registry.remove(worker)
+
+    def _current_job(self, worker: WorkerRecord,
+                     msg: W.JobProgress | W.JobResult | W.JobFailed) -> JobState | None:
+        """The job this message is about, if it still runs on this worker as that dispatch."""
+        state = self.jobs.get(msg.request_id)
+        if (state is None or state.state != RUNNING or state.worker_id != worker.worker_id
+                or state.dispatch_id != msg.dispatch_id):
+            return None
+        return state
+
+    def _on_job_done(self, worker: WorkerRecord, msg: W.JobResult | W.JobFailed) -> None:
+        self.registry.touch(worker)
+        rid = msg.request_id
+        self.registry.release(worker, rid, msg.dispatch_id)
+        self._dirty = True
+        state = self._current_job(worker, msg)
+        if state is None:
+            log.info("discarding %s for %s (dispatch %s) from %s: job no longer runs there",
+                     type(msg).__name__, rid, msg.dispatch_id, worker.worker_id)
+            return
+        now = self._now
+        success = type(msg) is W.JobResult
+        self.registry.count_answer(worker, success)
+        if success:
+            data = msg.data
+            metrics = data.get("processing_metrics")
+            if isinstance(metrics, dict):
+                # from acceptance until the worker started it: the broker's queue, plus the wait
+                # of a job prefetched behind another on the worker (so queue + total = elapsed)
+                worker_total_s = metrics.get("total_time")
+                if isinstance(worker_total_s, (int, float)):
+                    queue_s = now - state.accepted_at - worker_total_s
+                else:
+                    queue_s = state.dispatched_at - state.accepted_at
+                metrics["queue_time"] = round(max(queue_s, 0.0), 6)
+                metrics.setdefault("worker_id", worker.worker_id)
+            self._finish(state, final_reply(
+                state.reply_type, rid, success=True, data=data,
+                warnings=state.warnings + msg.warnings, execution_time=now - state.accepted_at))
+        else:
+            code = msg.code if msg.code in C.ERROR_CODES else C.INTERNAL_ERROR
+            self._finish(state, error_reply(
+                state.reply_type, rid, ProtocolError(code, msg.message or code),
+                warnings=state.warnings, execution_time=now - state.accepted_at))
+
+    # --- liveness -----------------------------------------------------------------------------------
+    def _check_liveness(self) -> None:
+        """Heartbeat every live worker (one message, encoded once) and declare the silent ones
+        lost."""
+        self._out.append(ToWorkers([w.identity for w in self.registry.live()], W.BrokerHeartbeat()))
+        for worker in self.registry.expire():
+            log.warning("worker %s lost: no heartbeat for %.1f s", worker.worker_id,
+                        self.registry.expiry_s)
+            try:   # a failure for one lost worker must not skip the others' jobs
+                self.metrics.heartbeat_missed(worker.worker_id)
+                self._worker_lost(worker, "stopped heart-beating")
+            except Exception:
+                log.exception("error while handling lost worker %s; the orphan sweep re-queues "
+                              "its jobs", worker.worker_id)
+        self._requeue_orphans()
+
+    def _requeue_orphans(self) -> None:
+        """Safety net for "never lost silently": a running job whose dispatch no live worker
+        record holds any more (its worker is lost, forgotten or re-registered and a path above
+        failed to move it) is re-queued or failed here, once per liveness pass at most."""
+        for state in list(self.jobs.values()):
+            if state.state != RUNNING:
+                continue
+            worker = self.registry.get(state.worker_id or "")
+            if (worker is not None and not worker.lost
+                    and worker.jobs.get(state.request_id) == state.dispatch_id):
+                continue
+            log.error("job %s was running on worker %s (dispatch %s) which no longer holds it; "
+                      "treating it as lost", state.request_id, state.worker_id, state.dispatch_id)
+            self._job_lost(state, state.worker_id or "?", "no longer holds it")
+
+    def _worker_lost(self, worker: WorkerRecord, why: str) -> None:
+        if not worker.lost:
+            self.registry.mark_lost(worker)
+        self._requeue_jobs_of(worker, why)
+        self._complete_ops(self._ops.worker_lost(worker.worker_id))
+
+    def _requeue_jobs_of(self, worker: WorkerRecord, why: str) -> None:
+        for rid, dispatch_id in self.registry.take_jobs(worker).items():
+            state = self.jobs.get(rid)
+            if (state is None or state.state != RUNNING or state.worker_id != worker.worker_id
+                    or state.dispatch_id != dispatch_id):
+                continue
+            self._job_lost(state, worker.worker_id, why)
+
+    def _job_lost(self, state: JobState, worker_id: str, why: str) -> None:
+        """The worker running `state` is gone: re-queue it, or fail it with worker_lost once
+        max_attempts dispatches were used."""
+        rid = state.request_id
+        state.lost_workers.append(worker_id)
+        if state.attempt >= self.config.max_attempts:
+            log.warning("job %s: worker %s %s; %d attempt(s) used, giving up", rid,
+                        worker_id, why, state.attempt)
+            self._finish(state, error_reply(state.reply_type, rid, ProtocolError(
+                C.WORKER_LOST, f"worker(s) {', '.join(state.lost_workers)} lost while running "
+                               f"the job ({state.attempt} of {self.config.max_attempts} attempts)"),
+                warnings=state.warnings, execution_time=self._now - state.accepted_at))
+        else:
+            log.warning("job %s: worker %s %s; re-queued (attempt %d of %d used)", rid,
+                        worker_id, why, state.attempt, self.config.max_attempts)
+            self._enqueue(state, front=True)
+
+    # --- timers ---------------------------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+            self._check_liveness()
+        if self._deadlines and self._deadlines[0][0] <= now:
+            self._expire_deadlines(now)
+        if self._ops:
+            self._complete_ops(self._ops.expire(now))
+        if now >= self._next_journal_expire:
+            self._next_journal_expire = now + JOURNAL_EXPIRE_EVERY_S
+            self.journal.expire()
+        if self._dirty:
+            self._dirty = False
+            self._dispatch()
+
+    def _expire_deadlines(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, rid = heapq.heappop(self._deadlines)
+            state = self.jobs.get(rid)
+            if state is None or state.deadline != deadline:
+                continue
+            if state.state == QUEUED:
+                reason = routing.unroutable_reason(state.job, self.registry.live())
+                why = (f"no worker can run it: {reason}" if reason
+                       else f"still queued (position {self.queue.position(rid)})")
+            else:
+                why = f"running on worker {state.worker_id}"
+            self._abort(state, "timeout")
+            self._finish(state, error_reply(state.reply_type, rid, ProtocolError(
+                C.TIMEOUT, f"timed out after {state.job.timeout_s:g} s, {why}"),
+                warnings=state.warnings, execution_time=now - state.accepted_at))
+
+    # --- dispatch ---------------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        if not len(self.queue):
+            return
+        max_jobs = self.config.max_jobs_per_worker
+        live = self.registry.live()
+        if not any(len(w.jobs) < max_jobs for w in live):
+            return
+        window = [self.jobs[rid] for rid, _ in self.queue.head(DISPATCH_LOOKAHEAD)]
+        needs = [self._needs(state) for state in window]
+        waiting = len(self.queue)
+        # models the jobs about to be considered need: smart routing avoids evicting them
+        wanted = frozenset(m for n in needs for m in n.models)
+        for state, job_needs in zip(window, needs):
+            rid = state.request_id
+            worker = routing.choose_worker(state.job, live, self.config.routing, self._rr,
+                                           waiting=waiting, wanted=wanted, live_count=len(live),
+                                           needs=job_needs, max_jobs=max_jobs)
+            if worker is None:
+                continue
+            self.queue.remove(rid)
+            waiting -= 1
+            state.state, state.worker_id = RUNNING, worker.worker_id
+            state.attempt += 1
+            state.dispatch_id = next(self._dispatch_ids)
+            state.dispatched_at = self._now
+            self.registry.assign(worker, rid, state.dispatch_id,
+                                 routing.dispatch_estimate(state.job, worker, job_needs))
+            if state.wire is None:
+                state.wire = state.job.to_wire()
+            self._out.append(ToWorkers([worker.identity], W.RunJob(
+                request_id=rid, attempt=state.attempt, dispatch_id=state.dispatch_id, job=state.wire)))
+            log.debug("job %s -> worker %s (attempt %d)", rid, worker.worker_id, state.attempt)
+            if not any(len(w.jobs) < max_jobs for w in live):
+                return
+
+    def _needs(self, state: JobState) -> routing.JobNeeds:
+        """The job's routing needs, computed once per job (again only when a worker reports a
+        model size that changes its memory estimate)."""
+        version = self.registry.model_sizes_version
+        if state.needs is None or state.needs_sizes_version != version:
+            state.needs = routing.JobNeeds.of(state.job, self.registry.model_sizes)
+            state.needs_sizes_version = version
+        return state.needs
+
+    def _abort(self, state: JobState, reason: str) -> None:
+        """Take a job off the queue, or tell its worker to stop it (it is then forgotten)."""
+        if state.state == QUEUED:
+            self.queue.remove(state.request_id)
+            return
+        worker = self.registry.get(state.worker_id or "")
+        if worker is not None:
+            self.registry.release(worker, state.request_id)
+            if not worker.lost:
+                self._out.append(ToWorkers([worker.identity], W.AbortJob(
+                    request_id=state.request_id, dispatch_id=state.dispatch_id, reason=reason)))
+        self._dirty = True
+
+    # --- replies -----------------------------------------------------------------------------------------
+    def _finish(self, state: JobState, reply: dict) -> None:
+        """The one final reply: to every attached peer once, into the journal, job forgotten."""
+        if self.jobs.pop(state.request_id, None) is None:
+            return
+        self.queue.remove(state.request_id)
+        self.counters["completed" if reply.get("success") else "failed"] += 1
+        job_log.log_finished(state, reply, now=self._now)
+        self.metrics.job_finished(reply, total_s=self._now - state.accepted_at,
+                                  queue_s=state.dispatched_at - state.accepted_at if state.attempt else None,
+                                  steps=state.job.steps)
+        for peer in state.peers:
+            self._send_to(peer, reply)
+        codec_name = state.peers[0].codec if state.peers else C.CODEC_JSON
+        self.journal.finish(state.request_id, state.fingerprint, codec_name, reply)
+        self._dirty = True
+
+    def _progress(self, state: JobState, stage: str, **fields) -> None:
+        if stage not in C.STAGES:
+            return
+        message = progress_message(state.request_id, stage, **fields)
+        state.last_progress = message
+        for peer in state.peers:
+            if not peer.is_req:
+                self._send_to(peer, message)
+
+    # --- start and stop ------------------------------------------------------------------------------------
+    def _restore_from_journal(self, wall_now: float) -> None:
+        pending = self.journal.pending()
+        if not pending:
+            return
+        parse = request_parser()
+        now = self._now
+        for row in pending:
+            try:
+                parsed = parse.parse_request(codec.decode(row.body)[0],
+                                             default_model_base=self.config.default_model_base,
+                                             allow_pickle=self.config.allow_pickle)
+            except ProtocolError as exc:
+                log.error("journal: job %s no longer parses (%s); dropping it", row.request_id, exc)
+                continue
+            if parsed.job is None:
+                continue
+            age_s = max(wall_now - row.accepted_at, 0.0)
+            state = JobState(request_id=row.request_id, job=parsed.job, reply_type=parsed.reply_type,
+                             fingerprint=row.fingerprint, accepted_at=now - age_s,
+                             deadline=now - age_s + parsed.job.timeout_s,
+                             warnings=list(parsed.warnings or []))
+            self._enqueue(state)
+        log.info("journal: re-queued %d unfinished job(s) from before the restart", len(pending))
+
+    def _answer_unfinished_on_stop(self) -> None:
+        # management requests are never journaled
+        self._complete_ops(self._ops.abandon_all("the broker stopped before the worker answered"))
+        if self.config.state_dir or self.journal is None:
+            return
+        for state in list(self.jobs.values()):
+            self._abort(state, "cancelled")
+            self._finish(state, error_reply(state.reply_type, state.request_id, ProtocolError(
+                C.INTERNAL_ERROR, "the broker stopped before the job finished (no --state-dir "
+                                  "journal to resume it)"), warnings=state.warnings))

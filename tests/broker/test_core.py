@@ -1,0 +1,158 @@
+"""BrokerCore without sockets: inputs are decoded messages and a time, outputs are what the loop
+would send. Every path here also runs through real sockets in test_broker_integration.py and
+test_lost_jobs.py; these pin the core's interface (what it sends, to whom, when)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from broker.core import BrokerConfig, BrokerCore, ClientRequest, ToClient, ToWorkers
+from broker.journal import MemoryJournal
+from protocol import worker_protocol as W
+
+from broker_harness import flat_request
+
+CLIENT = (b"client-1", b"")
+
+
+def _core(**config) -> BrokerCore:
+    core = BrokerCore(BrokerConfig(**config), now=0.0, first_dispatch_id=100)
+    assert core.open(MemoryJournal(), 0.0, wall_now=0.0) == []
+    return core
+
+
+def _submit(core, rid: str, now: float, **fields) -> list:
+    body = json.dumps(flat_request(rid, **fields)).encode()
+    return core.on_client(ClientRequest(CLIENT, body), now)
+
+
+def _register(core, worker_id: str, now: float) -> bytes:
+    identity = f"id-{worker_id}".encode()
+    out = core.on_worker(identity, W.Ready(worker_id=worker_id, memory_total_mb=8000.0,
+                                           capabilities=["txt2img"]), now)
+    assert [(o.identities, o.message) for o in out] == [([identity], W.BrokerHeartbeat(registered=True))]
+    return identity
+
+
+def _to_workers(outputs, kind) -> list[tuple[list[bytes], W.Message]]:
+    return [(o.identities, o.message) for o in outputs
+            if isinstance(o, ToWorkers) and isinstance(o.message, kind)]
+
+
+def _finals(outputs) -> list[dict]:
+    return [o.message for o in outputs if isinstance(o, ToClient) and o.message.get("final")]
+
+
+def test_a_job_is_dispatched_on_tick_and_its_result_is_the_one_final_reply():
+    core = _core()
+    w = _register(core, "w1", 0.0)
+    assert _submit(core, "a", 1.0) == []          # accepted quietly (no stream)
+    sent = _to_workers(core.tick(1.0), W.RunJob)
+    assert len(sent) == 1 and sent[0][0] == [w]
+    job = sent[0][1]
+    assert (job.request_id, job.attempt, job.dispatch_id) == ("a", 1, 100)
+    assert job.job["prompt"] == "a red cube"
+    assert core.status(1.5)["broker"]["inflight"] == 1
+    out = core.on_worker(w, W.JobResult(request_id="a", dispatch_id=100,
+                                        data={"generated_images": [],
+                                              "processing_metrics": {"total_time": 2.0}}), 4.0)
+    [reply] = _finals(out)
+    assert reply["success"] is True and reply["request_id"] == "a"
+    # accepted at 1 s, answered at 4 s after 2 s on the worker: 1 s waiting
+    assert reply["data"]["processing_metrics"]["queue_time"] == 1.0
+    assert reply["execution_time"] == 3.0
+    # a resend of the same body gets the stored reply; the worker holds nothing any more
+    [again] = _finals(_submit(core, "a", 5.0))
+    assert again["success"] is True
+    assert core.status(5.0)["workers"][0]["current_jobs"] == []
+
+
+def test_a_silent_worker_is_lost_on_tick_and_its_job_goes_to_the_next_worker():
+    core = _core(heartbeat_interval_s=1.0, heartbeat_liveness=3, max_attempts=2)
+    silent = _register(core, "silent", 0.0)
+    _submit(core, "a", 0.0)
+    assert _to_workers(core.tick(0.1), W.RunJob)[0][0] == [silent]
+    beats = _to_workers(core.tick(1.0), W.BrokerHeartbeat)
+    assert beats == [([silent], W.BrokerHeartbeat())]   # one message for every live worker
+    helper = _register(core, "helper", 2.5)
+    core.on_worker(helper, W.WorkerHeartbeat(), 3.0)
+    out = core.tick(3.5)                                 # silent since 0.0: lost after 3 s
+    assert {row["worker_id"]: row["state"] for row in core.status(3.5)["workers"]} == \
+        {"silent": "lost", "helper": "busy"}
+    [(to, job)] = _to_workers(out, W.RunJob)
+    assert to == [helper] and job.attempt == 2 and job.dispatch_id == 101
+    # the lost worker's late answer is refused and it is told to register again
+    late = core.on_worker(silent, W.JobResult(request_id="a", dispatch_id=100), 4.0)
+    assert _to_workers(late, W.Disconnect)[0][1].reason.startswith("not registered")
+    assert _finals(late) == []
+
+
+def test_progress_goes_to_a_streaming_client_and_only_for_the_current_dispatch():
+    core = _core()
+    w = _register(core, "w1", 0.0)
+    queued = _submit(core, "s", 0.0, stream=True)
+    assert [o.message["stage"] for o in queued] == ["queued"]
+    core.tick(0.0)
+    out = core.on_worker(w, W.JobProgress(request_id="s", dispatch_id=100, stage="denoising",
+                                          step=2, total_steps=4), 1.0)
+    assert [(o.message["stage"], o.message["step"]) for o in out] == [("denoising", 2)]
+    assert core.on_worker(w, W.JobProgress(request_id="s", dispatch_id=99, stage="denoising",
+                                           step=3, total_steps=4), 1.0) == []
+
+
+def test_model_load_goes_to_one_worker_and_times_out_on_tick():
+    core = _core()
+    w = _register(core, "w1", 0.0)
+    body = json.dumps({"message_type": "model_load_request", "request_id": "ld",
+                       "data": {"model_name": "tiny-sdxl"}}).encode()
+    [(to, manage)] = _to_workers(core.on_client(ClientRequest(CLIENT, body), 1.0), W.Manage)
+    assert to == [w] and manage.op == W.MANAGE_LOAD_MODEL and manage.args.model_name == "tiny-sdxl"
+    assert core.status(1.0)["workers"][0]["state"] == "loading"
+    core.on_worker(w, W.WorkerHeartbeat(), 600.5)          # alive, but silent about the op
+    [reply] = _finals(core.tick(601.5))
+    assert reply["error_code"] == "timeout" and reply["success"] is False
+
+
+def test_a_management_reply_completes_the_operation():
+    core = _core()
+    a, b = _register(core, "a", 0.0), _register(core, "b", 0.0)
+    body = json.dumps({"message_type": "cleanup", "request_id": "cl"}).encode()
+    [(to, manage)] = _to_workers(core.on_client(ClientRequest(CLIENT, body), 1.0), W.Manage)
+    assert sorted(to) == sorted([a, b])               # one message, both workers
+    assert core.on_worker(a, W.ManageReply(op_id=manage.op_id, success=True,
+                                           data={"unloaded": ["m"]}), 2.0) == []
+    [reply] = _finals(core.on_worker(b, W.ManageReply(op_id=manage.op_id, success=True,
+                                                      data={"unloaded": []}), 3.0))
+    assert reply["success"] is True and reply["data"]["workers"]["a"] == {"unloaded": ["m"]}
+
+
+def test_a_ready_of_another_version_is_refused_with_a_fatal_disconnect():
+    core = _core()
+    out = core.on_worker(b"x", W.Ready(v=7, worker_id="future"), 0.0)
+    [(to, msg)] = _to_workers(out, W.Disconnect)
+    assert to == [b"x"] and msg.fatal and "version 7" in msg.reason
+    assert core.status(0.0)["workers"] == []
+
+
+def test_a_bug_in_a_handler_is_logged_and_the_core_keeps_working(caplog):
+    core = _core()
+    w = _register(core, "w1", 0.0)
+    _submit(core, "a", 0.0)
+    core.tick(0.0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    core.metrics.job_finished = broken    # fails in the middle of finishing the job
+    core.on_worker(w, W.JobResult(request_id="a", dispatch_id=100), 1.0)
+    assert any("simulated bug" in r.getMessage() or r.exc_info for r in caplog.records)
+    _submit(core, "b", 2.0)
+    assert _to_workers(core.tick(2.0), W.RunJob)[0][1].request_id == "b"
+
+
+def test_the_core_module_imports_no_zmq():
+    code = "import sys, broker.core; print('zmq' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
