@@ -473,7 +473,7 @@ class BrokerCore:
         state = self._current_job(worker, msg)
         if state is not None and state.wants_progress:
             self._progress(state, msg.stage, step=msg.step, total_steps=msg.total_steps,
-                           worker_id=worker.worker_id)
+                           worker_id=worker.worker_id, eta_s=msg.eta_s, preview=msg.preview)
 
     def _on_manage_reply(self, worker: WorkerRecord, msg: W.ManageReply) -> None:
         self.registry.touch(worker)

@@ -30,6 +30,7 @@ import torch
 from gpu_worker import file_hashes, job_adapters, postprocess
 from gpu_worker.executor_api import AbortFn, ProgressFn
 from gpu_worker.images import canny_edges, decode_image, looks_like_edge_map
+from gpu_worker.previews import PreviewThrottle, encode_preview
 from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, UPSCALER, VAE, PipelineCache, compose_pipeline,
                                        free_device_memory)
 from gpu_worker.schedulers import make_scheduler, scheduler_class
@@ -103,6 +104,7 @@ class _JobState:
     offloaded: bool = False  # model CPU offload hooks are on the shared modules
     steps_run: dict = field(default_factory=dict)  # stage -> denoising steps actually run
     karras_applied: bool = False  # Karras sigmas really used (ignored with a warning otherwise)
+    previews: PreviewThrottle = field(default_factory=PreviewThrottle)  # when a preview is due
 
     def feature(self, name: str) -> None:
         if name not in self.features:
@@ -565,8 +567,9 @@ class DiffusersExecutor:
                 raise JobError(C.UNSUPPORTED_FEATURE, f"the refiner cannot follow {type(pipe).__name__}")
             kwargs["denoising_end"] = job.refiner_switch
         with torch.inference_mode():
+            refiner_steps = round(job.steps * (1 - job.refiner_switch)) if refiner is not None else 0
             latents = pipe(**kwargs, callback_on_step_end=self._step_callback(
-                "denoising", progress, should_abort, state, step_key)).images
+                "denoising", progress, should_abort, state, step_key, job, refiner_steps)).images
             if state.aborted:
                 raise JobError(C.CANCELLED, "cancelled during denoising")
             if refiner is not None:
@@ -579,7 +582,8 @@ class DiffusersExecutor:
                     image=latents, num_inference_steps=job.steps, denoising_start=job.refiner_switch,
                     guidance_scale=job.guidance_scale, generator=generators, output_type="latent",
                     callback_on_step_end=self._step_callback("refining", progress, should_abort, state,
-                                                             f"{job.models.refiner}@{job.width}x{job.height}"),
+                                                             f"{job.models.refiner}@{job.width}x{job.height}",
+                                                             job),
                 ).images
                 if state.aborted:
                     raise JobError(C.CANCELLED, "cancelled during refining")
@@ -615,7 +619,9 @@ class DiffusersExecutor:
         return kwargs
 
     def _step_callback(self, stage: str, progress: ProgressFn, should_abort: AbortFn, state: _JobState,
-                       step_key: str):
+                       step_key: str, job: Job, later_steps: int = 0):
+        """diffusers' callback_on_step_end: step timing, progress (with eta_s from the measured
+        step time, and a latent preview when the job asked and one is due), abort."""
         last = [time.perf_counter()]
 
         def on_step_end(pipe, step: int, _timestep, callback_kwargs: dict) -> dict:
@@ -624,7 +630,19 @@ class DiffusersExecutor:
             last[0] = now
             state.steps_run[stage] = state.steps_run.get(stage, 0) + 1
             state.memory_peak_mb = max(state.memory_peak_mb, self._current_memory_mb())
-            progress(stage, step + 1, int(getattr(pipe, "num_timesteps", 0) or 0))
+            total = int(getattr(pipe, "num_timesteps", 0) or 0)
+            extra = {}
+            if job.stream:
+                with self._stats_lock:
+                    step_s = self._step_time_s.get(step_key, 0.0)
+                extra["eta_s"] = round(max(0, total - step - 1 + later_steps) * step_s, 3)
+                latents = callback_kwargs.get("latents")
+                if job.preview and latents is not None and state.previews.due(step + 1):
+                    try:
+                        extra["preview"] = encode_preview(latents, job.preview_size)
+                    except Exception as exc:  # a preview is a nicety: never fail the job for it
+                        log.warning("job %s: no preview: %s", job.request_id, exc)
+            progress(stage, step + 1, total, **extra)
             if should_abort():
                 pipe._interrupt = True  # stops the loop; the image it still returns is discarded
                 state.aborted = True

@@ -12,8 +12,10 @@ from typing import Callable, Protocol
 
 from protocol.job import Job
 
-# progress(stage, step, total_steps): stage is one of protocol.constants.STAGES
-ProgressFn = Callable[[str, int, int], None]
+# progress(stage, step, total_steps, *, eta_s=None, preview=None): stage is one of
+# protocol.constants.STAGES; eta_s (seconds left, from measured step times) and preview (JPEG
+# bytes of the current latents, only for jobs with `preview`) are optional keywords
+ProgressFn = Callable[..., None]
 # should_abort(): True once the job was cancelled or timed out; checked at every step
 AbortFn = Callable[[], bool]
 

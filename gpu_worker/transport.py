@@ -261,12 +261,13 @@ class WorkerTransport:
                 raise JobError(C.CANCELLED, "aborted before it started")
             job = Job.from_wire(task.job)
 
-            def progress(stage: str, step: int, total_steps: int) -> None:
+            def progress(stage: str, step: int, total_steps: int, eta_s: float | None = None,
+                         preview: bytes | None = None) -> None:
                 self._current_step = step
                 if job.stream:
                     self._send(W.encode(W.JobProgress(
                         request_id=request_id, dispatch_id=dispatch_id, stage=stage,
-                        step=step, total_steps=total_steps)))
+                        step=step, total_steps=total_steps, eta_s=eta_s, preview=preview)))
 
             data = self.executor.run(job, progress, lambda: key in self._aborted)
             if key in self._aborted:  # finished anyway (e.g. a pipeline that decodes after interrupt)

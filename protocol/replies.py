@@ -47,9 +47,12 @@ def error_reply(message_type: str, request_id: str | None, exc: ProtocolError,
 
 
 def progress_message(request_id: str, stage: str, *, step: int = 0, total_steps: int = 0,
-                     queue_position: int | None = None, worker_id: str | None = None) -> dict:
+                     queue_position: int | None = None, worker_id: str | None = None,
+                     eta_s: float | None = None, preview: bytes | None = None) -> dict:
+    """A progress event; `eta_s` and `preview` (JPEG bytes: msgpack binary, base64 in JSON)
+    only when known, so streams without previews stay as they were."""
     assert stage in C.STAGES, stage
-    return {
+    message = {
         "message_type": C.PROGRESS,
         "request_id": request_id,
         "final": False,
@@ -59,3 +62,8 @@ def progress_message(request_id: str, stage: str, *, step: int = 0, total_steps:
         "queue_position": queue_position,
         "worker_id": worker_id,
     }
+    if eta_s is not None:
+        message["eta_s"] = eta_s
+    if preview is not None:
+        message["preview"] = preview
+    return message

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from protocol import constants as C
 
@@ -126,3 +126,6 @@ class ProgressMessage(Reply):
     total_steps: int
     queue_position: Optional[int] = None
     worker_id: Optional[str] = None
+    eta_s: Optional[float] = None  # seconds left, from measured step times
+    preview: Optional[str] = Field(None, description="JPEG of the current latents (base64 in "
+                                                     "JSON, binary in msgpack); preview: true only")

@@ -64,6 +64,7 @@ Count = Annotated[int, Meta(ge=0)]
 Seconds = Annotated[float, Meta(ge=0)]
 MegaBytes = Annotated[float, Meta(ge=0)]
 RequestId = Annotated[str, Meta(max_length=C.MAX_ID_CHARS)]
+PreviewBytes = Annotated[bytes, Meta(max_length=4 * 1024 * 1024)]  # a preview is a few KB
 Name = Annotated[str, Meta(max_length=C.MAX_NAME_CHARS)]
 Text = Annotated[str, Meta(max_length=64 * 1024)]   # error messages, reasons
 DispatchId = Annotated[int, Meta(ge=0)]
@@ -152,6 +153,8 @@ class JobProgress(Message, tag=PROGRESS):
     stage: Name
     step: Count = 0
     total_steps: Count = 0
+    eta_s: Optional[Seconds] = None        # seconds left, from measured step times
+    preview: Optional[PreviewBytes] = None  # JPEG of the latents, jobs with `preview` only
 
 
 class JobResult(Message, tag=RESULT):
