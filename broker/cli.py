@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cleanup": ("clients.cli_manage", "unload models and free device memory"),
     "cancel": ("clients.cli_manage", "cancel a queued or running job"),
     "keys": ("runtime.curve", "make CURVE key pairs"),
+    "gateway": ("gateway.cli", "HTTP/WebSocket gateway: the A1111 API, /v1, live dashboard"),
 }
 
 
