@@ -185,6 +185,66 @@ def worker_env(plan: WorkerPlan, environ: dict[str, str] | None = None) -> dict[
     return env
 
 
+# --- the gateway (--http) ------------------------------------------------------------------
+def check_gateway(settings: dict) -> None:
+    """ConfigError when --http is malformed, or exposed beyond loopback without a token or
+    --http-insecure, or cannot reach a plain frontend."""
+    if not settings.get("http"):
+        return
+    from gateway.cli import exposure_problem, parse_host_port
+
+    try:
+        host, _port = parse_host_port(settings["http"])
+    except Exception as exc:
+        raise ConfigError(f"--http: {exc}") from None
+    problem = exposure_problem(host, settings["http_token"], settings["http_insecure"])
+    if problem:
+        raise ConfigError(problem)
+    if settings.get("curve_secret_key") and not settings.get("local_frontend"):
+        raise ConfigError("--http with CURVE needs --local-frontend: the gateway connects there")
+
+
+def gateway_child(settings: dict, endpoint: str):
+    """The `sdxl-broker gateway` child for --http, a ZeroMQ client of `endpoint` (the plain
+    frontend: the local one when CURVE guards the main one). The token goes in the
+    environment, not on a command line everyone can read."""
+    from broker.supervisor import ChildSpec
+
+    argv = [sys.executable, "-m", "broker.cli", "gateway", "--endpoint", endpoint,
+            "--http", settings["http"], "--output-dir", settings["output_dir"],
+            "--http-max-body-mb", str(settings["http_max_body_mb"]),
+            "--log-level", str(settings["log_level"]).lower()]
+    if settings["http_insecure"]:
+        argv.append("--http-insecure")
+    if settings.get("default_model_base"):
+        argv += ["--http-default-model", settings["default_model_base"]]
+    for origin in (settings["http_cors_origin"] or "").split(","):
+        if origin.strip():
+            argv += ["--http-cors-origin", origin.strip()]
+    env = dict(os.environ)
+    env.pop("SDXL_BROKER_HTTP_TOKEN", None)
+    if settings["http_token"]:
+        env["SDXL_BROKER_HTTP_TOKEN"] = settings["http_token"]
+    return ChildSpec(name="gateway", argv=argv, env=env)
+
+
+def _wait_for_gateway(http: str, stop: threading.Event, deadline: float) -> None:
+    """`ready` is printed once the gateway accepts connections too."""
+    import socket
+
+    host, _, port = http.rpartition(":")
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                log.info("gateway listening on http://%s", http)
+                return
+        except OSError:
+            stop.wait(0.2)
+    log.warning("the gateway is not accepting on %s yet", http)
+
+
 # --- the pool -------------------------------------------------------------------------------
 class LocalWorkers:
     """serve's worker processes: started with the Supervisor (restarted when they crash),
@@ -215,7 +275,8 @@ class LocalWorkers:
         log.info("CURVE on; the local workers use the key pair in %s", directory)
         self._curve_argv = ["--curve-server-key", broker_public, "--curve-client-key", worker_secret]
 
-    def start(self, backend_endpoint: str) -> None:
+    def start(self, backend_endpoint: str, gateway_endpoint: str | None = None) -> None:
+        """The workers, and with --http the gateway (a client of `gateway_endpoint`)."""
         from broker.supervisor import ChildSpec
 
         backend = connectable(backend_endpoint)
@@ -229,6 +290,8 @@ class LocalWorkers:
                 name=plan.worker_id,
                 argv=worker_argv(plan, backend, self.settings) + self._curve_argv,
                 env=worker_env(plan), cpu_affinity=plan.cpu_affinity))
+        if self.settings.get("http") and gateway_endpoint:
+            self.supervisor.add(gateway_child(self.settings, connectable(gateway_endpoint)))
         self.supervisor.start()
 
     def wait_registered(self, registered: Callable[[], set[str]], stop: threading.Event,
@@ -241,6 +304,8 @@ class LocalWorkers:
             missing = expected - registered()
             if not missing:
                 log.info("all %d worker(s) registered: %s", len(expected), ", ".join(sorted(expected)))
+                if self.settings.get("http"):
+                    _wait_for_gateway(self.settings["http"], stop, deadline)
                 return True
             failed = set(self.supervisor.down()) & missing
             if failed:

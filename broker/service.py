@@ -94,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
     workers = None
     if command == "serve":
-        from broker.serve import LocalWorkers, plan_workers
+        from broker.serve import LocalWorkers, check_gateway, plan_workers
 
         try:
+            check_gateway(settings)
             plans = plan_workers(settings)
         except ConfigError as exc:
             log.error("%s", exc)
@@ -145,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
                 exit_code = 1
                 return exit_code
         if workers is not None:
-            workers.start(broker.backend_endpoint)
+            workers.start(broker.backend_endpoint,
+                          gateway_endpoint=broker.local_frontend_endpoint or broker.frontend_endpoint)
             if not workers.wait_registered(lambda: _registered_ids(broker), signals.stop,
                                            settings["ready_timeout_s"]):
                 if not signals.stop.is_set():

@@ -396,6 +396,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         base64 when `return_images`). `Idempotency-Key` becomes the request id."""
         try:
             body = await request.json()
+        except StarletteHTTPException:  # the body cap (gateway.security)
+            raise
         except Exception:
             return JSONResponse(error_body(C.MALFORMED_MESSAGE, "the body is not JSON"), status_code=400)
         if not isinstance(body, dict):

@@ -177,6 +177,18 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     Setting("log_format", str, "text", "text, or json: one JSON object per line", (S, B, W),
             choices=("text", "json"), readme=True),
+    # --- serve's HTTP/WebSocket gateway (gateway/) ---
+    Setting("http", str, None, "also run the HTTP/WebSocket gateway (A1111 API, /v1, dashboard) "
+            "at HOST:PORT, a ZeroMQ client of this broker", (S,), default_text="off",
+            metavar="HOST:PORT", readme=True),
+    Setting("http_token", str, None, "gateway: require Authorization: Bearer TOKEN (needed to "
+            "bind --http to a non-loopback address)", (S,), metavar="TOKEN"),
+    Setting("http_insecure", boolean, False, "gateway: allow a non-loopback --http without a token",
+            (S,)),
+    Setting("http_cors_origin", str, None, "gateway: comma list of origins CORS allows", (S,),
+            default_text="CORS off", metavar="ORIGINS"),
+    Setting("http_max_body_mb", float, 64.0, "gateway: largest request body accepted", (S,),
+            metavar="MB"),
     # --- serve's supervision ---
     Setting("ready_timeout_s", float, 300.0, "give up if the workers are not registered by then",
             (S,), metavar="SECONDS"),
