@@ -59,7 +59,7 @@ def add_http_arguments(parser: argparse.ArgumentParser, *, http_default: str | N
                         help="A1111's sd_model_checkpoint until a client sets one via /sdapi/v1/options")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, _command: str = "gateway") -> None:
     from clients.client import add_connection_arguments
 
     add_connection_arguments(parser)
