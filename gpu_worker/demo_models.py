@@ -10,7 +10,7 @@ component is made under its own fixed torch seed, so the same versions give the 
   tiny-sdxl/  tiny-sdxl.safetensors  tiny-sdxl-refiner/  tiny-vae/
   controlnet/tiny-canny/  controlnet/tiny-depth/
   loras/tiny-lora-a.safetensors  loras/tiny-lora-b.safetensors  embeddings/tiny-ti.safetensors
-  upscalers/tiny-esrgan.safetensors
+  upscalers/tiny-esrgan.safetensors  loras/tiny-lora-kohya.safetensors (kohya layout)
 """
 
 from __future__ import annotations
@@ -45,13 +45,15 @@ VAE = "tiny-vae"
 CONTROLNETS = {"tiny-canny": "controlnet/tiny-canny", "tiny-depth": "controlnet/tiny-depth"}
 LORAS = {"tiny-lora-a": "loras/tiny-lora-a.safetensors", "tiny-lora-b": "loras/tiny-lora-b.safetensors"}
 TEXTUAL_INVERSIONS = {"tiny-ti": "embeddings/tiny-ti.safetensors"}
+# kohya/A1111 layout (lora_unet_* / lora_te1_* / lora_te2_* with alphas), UNet + both encoders
+KOHYA_LORAS = {"tiny-lora-kohya": "loras/tiny-lora-kohya.safetensors"}
 UPSCALERS = {"tiny-esrgan": "upscalers/tiny-esrgan.safetensors"}  # 4x, ESRGAN (RRDBNet) layout
 
 # One seed per component: components do not shift when another one changes.
 SEEDS = {
     "te1": 101, "te2": 102, "unet": 103, "vae": 104, "refiner_unet": 105, "custom_vae": 106,
     "tiny-canny": 107, "tiny-depth": 108, "tiny-lora-a": 109, "tiny-lora-b": 110, "tiny-ti": 111,
-    "tiny-esrgan": 112,
+    "tiny-esrgan": 112, "tiny-lora-kohya": 113,
 }
 
 # A handful of words get BPE merges so prompts tokenize to words, not only characters.
@@ -207,6 +209,34 @@ def _lora_state_dict(unet, seed: int) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
+def _kohya_lora_state_dict(unet, te1, te2, seed: int) -> dict:
+    """A rank-4 peft LoRA on the UNet attention and both text encoders' attention projections,
+    converted to the kohya/A1111 layout by diffusers' own converter (not by this product, so the
+    loading test is not the product checking itself)."""
+    import copy
+
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    peft_state = {}
+    for prefix, module, targets in (("unet", unet, ["to_q", "to_k", "to_v", "to_out.0"]),
+                                    ("text_encoder", te1, ["q_proj", "k_proj", "v_proj", "out_proj"]),
+                                    ("text_encoder_2", te2, ["q_proj", "k_proj", "v_proj", "out_proj"])):
+        # lora_alpha = r: the converter writes alpha = rank, so the file means what peft meant
+        model = inject_adapter_in_model(
+            LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets), copy.deepcopy(module))
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                # peft's state-dict names (no adapter name); B scaled up so the effect shows
+                # through the tiny model's noise
+                value = param.detach() * (4.0 if ".lora_B." in name else 1.0)
+                peft_state[f"{prefix}.{name.replace('.default.', '.')}"] = value
+    kohya = convert_state_dict_to_kohya(peft_state)
+    return {k: v.detach().clone().contiguous() for k, v in sorted(kohya.items())}
+
+
 def _esrgan_state_dict(seed: int) -> dict:
     """A tiny random-weight ESRGAN (RRDBNet, 4x) built with spandrel's own architecture class,
     so spandrel recognises the file as any ESRGAN download."""
@@ -299,6 +329,12 @@ def build_demo_models(out_dir: str, progress: Callable[[str, float], None] | Non
                     folder, unet_lora_layers=_lora_state_dict(unet, seed), weight_name=weight_name,
                     safe_serialization=True)
             timed(name, os.path.join(out_dir, rel), save_lora)
+
+        for name, rel in KOHYA_LORAS.items():
+            def save_kohya(path: str, seed: int = SEEDS[name]) -> None:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_file(_kohya_lora_state_dict(unet, te1, te2, seed), path, metadata={"format": "pt"})
+            timed(name, os.path.join(out_dir, rel), save_kohya)
 
         for name, rel in TEXTUAL_INVERSIONS.items():
             def save_ti(path: str, seed: int = SEEDS[name]) -> None:

@@ -99,6 +99,7 @@ class _JobState:
     features: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     ti_tokens: list = field(default_factory=list)  # embeddings to unload after the job
+    loras_attached: bool = False  # LoRAs went onto the shared modules: unload them after the job
     aborted: bool = False
     memory_peak_mb: float = 0.0
     offloaded: bool = False  # model CPU offload hooks are on the shared modules
@@ -467,13 +468,14 @@ class DiffusersExecutor:
         if pipe is None:
             return
         try:
-            job_adapters.detach(job, pipe, state.ti_tokens)
+            job_adapters.detach(job, pipe, state.ti_tokens, state.loras_attached)
         except Exception:
             # a half-detached base would leak into later jobs: drop it from the cache instead
             log.exception("could not detach adapters; evicting the base model")
             self.cache.evict(lambda entry: entry.kind == BASE, include_pinned=True, reason="adapter reset failed")
         finally:
             state.ti_tokens.clear()
+            state.loras_attached = False
             if state.offloaded:
                 pipe.remove_all_hooks()
                 pipe.to(self._torch_device)

@@ -17,6 +17,26 @@ from protocol import constants as C
 from protocol.errors import JobError
 from protocol.job import Job
 
+# LyCORIS algorithms diffusers cannot load, by a key fragment only their files have
+_LYCORIS_MARKERS = (("hada_w1", "LoHa"), ("lokr_w1", "LoKr"), ("oft_blocks", "OFT"), ("oft_diag", "OFT"),
+                    ("a1.weight", "GLoRA"), (".diff", "full-diff (LyCORIS)"))
+
+
+def lora_format(keys) -> str:
+    """kohya (A1111), diffusers or peft layout; a LyCORIS file is unsupported_feature naming it."""
+    keys = list(keys)
+    for marker, algorithm in _LYCORIS_MARKERS:
+        if any(marker in key for key in keys):
+            raise JobError(C.UNSUPPORTED_FEATURE,
+                           f"LyCORIS {algorithm} file: this worker loads LoRA (and LoCon) weights in "
+                           "kohya/A1111, diffusers and peft layouts only; convert it to a plain LoRA")
+    if any(key.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")) for key in keys):
+        return "kohya"
+    if any(".lora_A." in key or ".lora_B." in key for key in keys):
+        return "peft"
+    return "diffusers"
+
+
 # load_cached(key, name, kind, load) -> the cached value (pinned for the job)
 LoadCached = Callable[[tuple, str, str, Callable[[], Any]], Any]
 
@@ -34,14 +54,16 @@ def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info:
                 tensors = load_cached((LORA, resolved.path), spec.name, LORA,
                                       lambda path=resolved.path: load_file(path))
                 source = dict(tensors)  # diffusers pops keys from the dict it is given
+                layout = lora_format(tensors)
             else:  # a pickle format the operator allowed: diffusers reads it (weights only)
-                source = resolved.path
+                source, layout = resolved.path, "pickle"
             adapter = f"job_lora_{index}"
+            state.loras_attached = True  # before loading: a half-done load is undone too
             pipe.load_lora_weights(source, adapter_name=adapter)
             names.append(adapter)
             weights.append(float(spec.weight))
             model_info["loras"].append({"name": spec.name, "weight": float(spec.weight),
-                                        "hash": short_hash(resolved.path)})
+                                        "hash": short_hash(resolved.path), "format": layout})
         pipe.set_adapters(names, adapter_weights=weights)
         state.feature("lora" if len(names) == 1 else "multi_lora")
 
@@ -70,10 +92,10 @@ def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info:
         state.feature("textual_inversion")
 
 
-def detach(job: Job, pipe, ti_tokens: list[str]) -> None:
+def detach(job: Job, pipe, ti_tokens: list[str], loras_attached: bool = True) -> None:
     """Undo `attach`. Raises when the modules could not be restored (the caller evicts them)."""
-    if job.loras:
-        pipe.unload_lora_weights()
+    if job.loras or loras_attached:
+        pipe.unload_lora_weights()  # the UNet and both text encoders
     for token in ti_tokens:
         for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
             if token in tokenizer.get_vocab():
