@@ -1,20 +1,19 @@
 """Worker side of the backend: a DEALER to the broker's backend ROUTER.
 
-Two threads, one job each:
-- the IO thread owns the DEALER socket: READY, heartbeats both ways, receives JOB / ABORT /
-  MANAGE, forwards what the busy thread produced; it reconnects (new socket, READY again with
-  what is loaded) when the broker stays silent for heartbeat_liveness intervals or says
-  DISCONNECT.
+Two threads, one job each, and one owner per socket (the vLLM EngineCoreProc pattern):
+- the IO thread owns the DEALER and nothing else touches it: READY, heartbeats both ways,
+  receives JOB / ABORT / MANAGE, sends what the busy thread produced; it reconnects (new
+  socket, READY again with what is loaded) when the broker stays silent for heartbeat_liveness
+  intervals or says DISCONNECT. On reconnect every job the worker holds is aborted: the broker
+  has re-routed them already.
 - the busy thread runs executor.run / load_model / cleanup, so a long job never stops the
-  heartbeat. It sends its own PROGRESS / RESULT / ERROR on the DEALER, under a lock.
-Sharing the socket: ZeroMQ allows a socket to pass between threads behind a full memory barrier
-(the lock), but not a blocking zmq_poll in one thread while another sends. So the IO thread
-waits on the socket's ZMQ_FD (an OS file descriptor: waiting on it does not touch the socket)
-and reads under the lock. ZMQ_FD is edge-triggered and any socket call may consume its signal,
-so after each send the busy thread checks ZMQ_EVENTS and wakes the IO thread (a pipe) when a
-message is waiting, and the IO thread waits only after a ZMQ_EVENTS check found nothing. This replaced an inproc PUSH/PULL hop through the IO thread per message:
-one thread wake-up less per job (bench/broker_overhead.py).
-On reconnect every job the worker holds is aborted: the broker has re-routed them already.
+  heartbeat. It gets its tasks from a queue (the broker's RunJob / Manage messages themselves)
+  and hands its PROGRESS / RESULT / ERROR / MANAGE_REPLY frames back through the outbox queue,
+  then wakes the IO thread with an empty message on an inproc PUSH socket that only it uses;
+  the IO thread owns the PULL end and polls it beside the DEALER (a real zmq_poll, level
+  triggered: no edge-triggered ZMQ_FD rules to get right).
+- what both threads read or change about the jobs (held, aborted, current, counters) lives in
+  _JobBook, behind one lock.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import select
 import socket as pysocket
 import threading
 import time
@@ -36,6 +34,65 @@ from protocol.errors import JobError
 from protocol.job import Job
 
 log = logging.getLogger(__name__)
+
+JobKey = tuple[str, int]   # (request_id, dispatch_id)
+
+
+class _JobBook:
+    """The jobs this worker holds, shared by the IO thread (receives, aborts, reports) and the
+    busy thread (runs, finishes): every read and change under one lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: set[JobKey] = set()      # received and not yet answered
+        self._aborted: set[JobKey] = set()   # held, and the broker (or a reconnect) aborted it
+        self._current: JobKey | None = None
+        self._step = 0
+        self._done = 0
+        self._failed = 0
+
+    def hold(self, key: JobKey) -> None:
+        with self._lock:
+            self._held.add(key)
+
+    def abort(self, key: JobKey) -> bool:
+        """Mark a held job aborted; False when it is not held (finished already)."""
+        with self._lock:
+            if key not in self._held:
+                return False
+            self._aborted.add(key)
+            return True
+
+    def abort_all(self) -> None:
+        with self._lock:
+            self._aborted |= self._held
+
+    def is_aborted(self, key: JobKey) -> bool:
+        with self._lock:
+            return key in self._aborted
+
+    def start(self, key: JobKey) -> None:
+        with self._lock:
+            self._current, self._step = key, 0
+
+    def step(self, step: int) -> None:
+        with self._lock:
+            self._step = step
+
+    def finish(self, key: JobKey, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._done += 1
+            else:
+                self._failed += 1
+            self._current, self._step = None, 0
+            self._held.discard(key)
+            self._aborted.discard(key)
+
+    def snapshot(self) -> tuple[JobKey | None, int, int, int]:
+        """(current job, its step, jobs done, jobs failed), consistent with each other."""
+        with self._lock:
+            return self._current, self._step, self._done, self._failed
 
 
 class BrokerRefused(RuntimeError):
@@ -61,18 +118,13 @@ class WorkerTransport:
         self.heartbeat_liveness = heartbeat_liveness
         self.context = context or zmq.Context.instance()
         self._stop = threading.Event()
-        self._tasks: queue.Queue = queue.Queue()
-        self._aborted: set[tuple[str, int]] = set()   # (request_id, dispatch_id)
-        self._held: set[tuple[str, int]] = set()   # jobs received and not yet answered
-        self._current: tuple[str, int] | None = None
-        self._current_step = 0
-        self._jobs_done = 0
-        self._jobs_failed = 0
-        self._dealer: zmq.Socket | None = None      # used by both threads, only under the lock
-        self._dealer_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()      # busy thread -> IO thread: "a message waits"
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()     # IO thread -> busy thread
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()    # busy thread -> IO thread (frames)
+        self._jobs = _JobBook()
+        # the inproc wake-up: PULL owned by the IO thread, PUSH by the busy thread
+        self._wake_endpoint = f"inproc://worker-wake-{uuid.uuid4().hex}"
+        self._wake_push: zmq.Socket | None = None   # busy thread only
+        self._dealer: zmq.Socket | None = None      # IO thread only
         self._busy_thread = threading.Thread(target=self._busy_loop, name="worker-busy", daemon=True)
         self.fatal: str | None = None
         self.registered = threading.Event()
@@ -89,31 +141,36 @@ class WorkerTransport:
 
     def run(self) -> int:
         """The IO loop, in the calling thread, until stop() or a fatal refusal. Returns an exit code."""
+        wake_pull = self.context.socket(zmq.PULL)
+        wake_pull.setsockopt(zmq.LINGER, 0)
+        wake_pull.bind(self._wake_endpoint)     # before the busy thread connects its PUSH
         self._busy_thread.start()
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        dealer_fd = self._reconnect(poller, None)
+        poller = zmq.Poller()
+        poller.register(wake_pull, zmq.POLLIN)
+        self._dealer = self._connect()
+        poller.register(self._dealer, zmq.POLLIN)
         interval_s = self.heartbeat_interval_s
         next_heartbeat = time.monotonic() + interval_s
         broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                beat = None
-                if now >= next_heartbeat:   # telemetry is gathered outside the lock
-                    beat = W.encode(self._heartbeat())
+                if now >= next_heartbeat:
+                    self._send_now(W.encode(self._heartbeat()))
                     next_heartbeat = now + interval_s
-                with self._dealer_lock:
-                    if beat is not None:
-                        self._dealer.send(beat)
-                    # last call on the socket before waiting: ZMQ_FD signals anything after it
-                    frames = _read_all(self._dealer)
+                timeout_ms = max(0.0, min(next_heartbeat - time.monotonic(), 0.1)) * 1000
+                events = dict(poller.poll(timeout_ms))
+                if wake_pull in events:
+                    _drain(wake_pull)
+                self._flush_outbox()   # after draining: a frame queued later brings a new wake-up
                 reconnect = False
-                if frames:
-                    broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
-                for frame in frames:
-                    if self._handle(frame) == "reconnect":
-                        reconnect = True
+                if self._dealer in events:
+                    frames = _read_all(self._dealer)
+                    if frames:
+                        broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
+                    for frame in frames:
+                        if self._handle(frame) == "reconnect":
+                            reconnect = True
                 if self.fatal:
                     return 1
                 if not reconnect and time.monotonic() > broker_deadline:
@@ -122,54 +179,44 @@ class WorkerTransport:
                     reconnect = True
                 if reconnect:
                     self._abort_all()
-                    dealer_fd = self._reconnect(poller, dealer_fd)
+                    poller.unregister(self._dealer)
+                    self._dealer.close(linger=0)
+                    self._dealer = self._connect()
+                    poller.register(self._dealer, zmq.POLLIN)
                     broker_deadline = time.monotonic() + interval_s * self.heartbeat_liveness
-                    continue   # read (ZMQ_EVENTS) before the first wait on the new socket
-                # wait only after a ZMQ_EVENTS check found nothing: a new socket's ZMQ_FD does
-                # not signal its first message until one has (a 100 ms stall on the first job)
-                timeout_ms = max(0.0, min(next_heartbeat - time.monotonic(), 0.1)) * 1000
-                if any(fd == self._wake_r for fd, _ in poller.poll(timeout_ms)):
-                    _drain_pipe(self._wake_r)
-            with self._dealer_lock:
-                self._dealer.send(W.encode(W.Disconnect(reason="worker stopping")))
+            self._flush_outbox()
+            self._send_now(W.encode(W.Disconnect(reason="worker stopping")))
             return 0
         finally:
             self._tasks.put(None)
-            with self._dealer_lock:
-                if self._dealer is not None:
-                    self._dealer.close(linger=200)
-                    self._dealer = None
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-
-    def _reconnect(self, poller, old_fd: int | None) -> int:
-        """A new DEALER (READY sent) in place of the old one; returns its ZMQ_FD, registered."""
-        with self._dealer_lock:
             if self._dealer is not None:
-                self._dealer.close(linger=0)
-            self._dealer = self._connect()
-            fd = self._dealer.getsockopt(zmq.FD)
-        if old_fd is not None:
-            poller.unregister(old_fd)
-        poller.register(fd, select.POLLIN)
-        return fd
+                self._dealer.close(linger=200)
+                self._dealer = None
+            wake_pull.close(linger=0)
+
+    def _send_now(self, frame: bytes) -> None:
+        """IO thread: send on the DEALER without blocking (a broker that has not read for a long
+        time loses the frame; it re-runs the job when the worker is declared lost)."""
+        try:
+            self._dealer.send(frame, _NOBLOCK)
+        except zmq.Again:
+            log.warning("worker %s: broker not reading; message dropped", self.worker_id)
+
+    def _flush_outbox(self) -> None:
+        while True:
+            try:
+                frame = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._send_now(frame)
 
     def _send(self, frame: bytes) -> None:
-        """Send from the busy thread; wake the IO thread if the call consumed a ZMQ_FD signal
-        for a message that is now waiting."""
-        with self._dealer_lock:
-            dealer = self._dealer
-            if dealer is None:   # stopping
-                return
-            try:
-                dealer.send(frame, _NOBLOCK)
-            except zmq.Again:   # the broker has not read for a long time; it re-runs the job
-                log.warning("worker %s: broker not reading; message dropped", self.worker_id)
-            if dealer.getsockopt(_EVENTS) & _POLLIN:
-                try:
-                    os.write(self._wake_w, b"!")
-                except BlockingIOError:   # the pipe is full of wake-ups already
-                    pass
+        """Busy thread: queue a frame for the IO thread, then wake it."""
+        self._outbox.put(frame)
+        try:
+            self._wake_push.send(b"", _NOBLOCK)
+        except zmq.Again:   # wake-ups are queued already: the IO thread is coming
+            pass
 
     # --- IO thread ---------------------------------------------------------------------------
     def _connect(self) -> zmq.Socket:
@@ -207,12 +254,12 @@ class WorkerTransport:
             log.info("worker %s ready on %s", self.worker_id, self.executor.describe().get("device"))
 
     def _on_job(self, msg: W.RunJob) -> None:
-        self._held.add((msg.request_id, msg.dispatch_id))
+        self._jobs.hold((msg.request_id, msg.dispatch_id))
         self._tasks.put(msg)
 
     def _on_abort(self, msg: W.AbortJob) -> None:
-        log.info("worker %s: abort %s (%s)", self.worker_id, msg.request_id, msg.reason)
-        self._aborted.add((msg.request_id, msg.dispatch_id))
+        if self._jobs.abort((msg.request_id, msg.dispatch_id)):
+            log.info("worker %s: abort %s (%s)", self.worker_id, msg.request_id, msg.reason)
 
     def _on_manage(self, msg: W.Manage) -> None:
         self._tasks.put(msg)
@@ -226,7 +273,7 @@ class WorkerTransport:
         return "reconnect"
 
     def _abort_all(self) -> None:
-        self._aborted.update(self._held)
+        self._jobs.abort_all()
         self.registered.clear()
 
     def _safe_telemetry(self) -> W.Telemetry:
@@ -237,61 +284,65 @@ class WorkerTransport:
             return W.Telemetry.from_dict(self.process_info)
 
     def _heartbeat(self) -> W.WorkerHeartbeat:
-        current = self._current
+        current, step, done, failed = self._jobs.snapshot()
         return W.WorkerHeartbeat(
             telemetry=self._safe_telemetry(), busy=current is not None,
-            current_job=current[0] if current else None, current_step=self._current_step,
-            jobs_done=self._jobs_done, jobs_failed=self._jobs_failed)
+            current_job=current[0] if current else None, current_step=step,
+            jobs_done=done, jobs_failed=failed)
 
     # --- busy thread -------------------------------------------------------------------------
     def _busy_loop(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            self._runners[type(task)](task)
+        self._wake_push = self.context.socket(zmq.PUSH)
+        self._wake_push.setsockopt(zmq.LINGER, 0)
+        self._wake_push.connect(self._wake_endpoint)
+        try:
+            while True:
+                task = self._tasks.get()
+                if task is None:
+                    return
+                self._runners[type(task)](task)
+        finally:
+            self._wake_push.close(linger=0)
 
     def _run_job(self, task: W.RunJob) -> None:
         request_id, dispatch_id = task.request_id, task.dispatch_id
         key = (request_id, dispatch_id)
         started = time.perf_counter()
-        self._current, self._current_step = key, 0
+        jobs = self._jobs
+        jobs.start(key)
+        ok = False
         try:
-            if key in self._aborted:
+            if jobs.is_aborted(key):
                 raise JobError(C.CANCELLED, "aborted before it started")
             job = Job.from_wire(task.job)
 
             def progress(stage: str, step: int, total_steps: int, eta_s: float | None = None,
                          preview: bytes | None = None) -> None:
-                self._current_step = step
+                jobs.step(step)
                 if job.stream:
                     self._send(W.encode(W.JobProgress(
                         request_id=request_id, dispatch_id=dispatch_id, stage=stage,
                         step=step, total_steps=total_steps, eta_s=eta_s, preview=preview)))
 
-            data = self.executor.run(job, progress, lambda: key in self._aborted)
-            if key in self._aborted:  # finished anyway (e.g. a pipeline that decodes after interrupt)
+            data = self.executor.run(job, progress, lambda: jobs.is_aborted(key))
+            if jobs.is_aborted(key):  # finished anyway (e.g. a pipeline that decodes after interrupt)
                 raise JobError(C.CANCELLED, "aborted")
             warnings = list(data.pop("warnings", []) or [])
             self._send(W.encode(W.JobResult(
                 request_id=request_id, dispatch_id=dispatch_id, data=data,
                 warnings=[str(w) for w in warnings], execution_time=time.perf_counter() - started)))
-            self._jobs_done += 1
+            ok = True
         except JobError as exc:
-            self._jobs_failed += 1
             self._send(W.encode(W.JobFailed(request_id=request_id, dispatch_id=dispatch_id,
                                             code=exc.code, message=exc.message,
                                             details=dict(exc.details or {}))))
         except Exception as exc:  # an executor bug fails this job, never the worker
-            self._jobs_failed += 1
             log.exception("worker %s: job %s failed", self.worker_id, request_id)
             self._send(W.encode(W.JobFailed(request_id=request_id, dispatch_id=dispatch_id,
                                             code=C.INTERNAL_ERROR,
                                             message=f"{type(exc).__name__}: {exc}")))
         finally:
-            self._current, self._current_step = None, 0
-            self._held.discard(key)
-            self._aborted.discard(key)
+            jobs.finish(key, ok)
 
     def _run_manage(self, task: W.Manage) -> None:
         op_id, op, args = task.op_id, task.op, task.args
@@ -327,9 +378,10 @@ def _read_all(sock: zmq.Socket) -> list[bytes]:
     return frames
 
 
-def _drain_pipe(fd: int) -> None:
+def _drain(sock: zmq.Socket) -> None:
+    """Read every waiting wake-up (they carry nothing)."""
     try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
+        while True:
+            sock.recv(_NOBLOCK)
+    except zmq.Again:
         pass

@@ -73,3 +73,51 @@ def test_worker_transport_end_to_end(cluster):
     assert ready.worker_id == "tw"
     router.send_multipart([identity, W.encode(W.Disconnect(fatal=True, reason="test: go away"))])
     assert proc.wait(timeout=10) == 1
+
+
+def test_abort_of_a_queued_job_cancels_it_without_touching_the_running_one(cluster):
+    """JOB j2 runs, j3 waits behind it on the busy thread's queue; an ABORT for j3 (received by
+    the IO thread) cancels j3 before it starts while j2 goes on; an ABORT for a job the worker
+    does not hold changes nothing; the heartbeat counts both outcomes."""
+    router = cluster.ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(f"ipc://{cluster.tmp}/be2")
+    cluster.start_worker("tq", step_s=0.05, backend=f"ipc://{cluster.tmp}/be2")
+    identity, _ = _next(router, (W.Ready,))
+    router.send_multipart([identity, W.encode(W.BrokerHeartbeat(registered=True))])
+    job = Job(request_id="j2", prompt="p", models=ModelSpec(base="m"), width=256, height=256,
+              steps=60, stream=True).to_wire()
+    router.send_multipart([identity, W.encode(W.RunJob(request_id="j2", attempt=1, dispatch_id=1, job=job))])
+    router.send_multipart([identity, W.encode(W.RunJob(request_id="j3", attempt=1, dispatch_id=2,
+                                                       job=dict(job, request_id="j3", steps=2)))])
+    _, progress = _next(router, (W.JobProgress,))
+    assert progress.request_id == "j2"
+    router.send_multipart([identity, W.encode(W.AbortJob(request_id="j3", dispatch_id=2))])
+    router.send_multipart([identity, W.encode(W.AbortJob(request_id="nobody", dispatch_id=9))])
+    finals = []
+    while len(finals) < 2:
+        _, msg = _next(router, (W.JobResult, W.JobFailed), timeout_s=30.0)
+        finals.append(msg)
+    assert isinstance(finals[0], W.JobResult) and finals[0].request_id == "j2"   # ran to the end
+    assert isinstance(finals[1], W.JobFailed) and finals[1].request_id == "j3"
+    assert finals[1].code == "cancelled" and "before it started" in finals[1].message
+    _, beat = _next(router, (W.WorkerHeartbeat,))
+    assert (beat.jobs_done, beat.jobs_failed, beat.busy) == (1, 1, False)
+
+
+def test_job_book_keeps_both_threads_views_consistent():
+    from gpu_worker.transport import _JobBook
+
+    book = _JobBook()
+    assert book.abort(("a", 1)) is False          # not held: nothing to abort, nothing kept
+    book.hold(("a", 1))
+    book.hold(("b", 2))
+    book.start(("a", 1))
+    book.step(3)
+    assert book.snapshot() == (("a", 1), 3, 0, 0)
+    book.abort_all()                              # a reconnect: every held job is aborted
+    assert book.is_aborted(("a", 1)) and book.is_aborted(("b", 2))
+    book.finish(("a", 1), ok=False)
+    assert book.snapshot() == (None, 0, 0, 1) and not book.is_aborted(("a", 1))
+    book.finish(("b", 2), ok=True)
+    assert book.snapshot() == (None, 0, 1, 1) and book.abort(("b", 2)) is False
