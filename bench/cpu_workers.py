@@ -8,11 +8,14 @@ worker pinned to its cores, no attention/VAE slicing). Prints figures, asserts n
 The same 6 requests (tiny kit, SIZE x SIZE, STEPS steps, Euler, float32 = the CPU default,
 seeds 0..5) run:
 - in-process: plain diffusers in this process, one after another, each image saved as PNG
-  (what a worker also does), torch with its default threads (every core);
+  (what a worker also does), torch with its default threads (every core) and, unless
+  --baseline-omp-passive, OpenMP's default wait policy (serve's workers run with
+  OMP_WAIT_POLICY=PASSIVE: on a busy host that alone is worth 10x with 2 threads);
 - through `serve --devices cpu --cpu-workers N` (a real broker and N real worker processes):
   all 6 sent at once, from the first send to the last final reply. Every worker is warm first
   (it has run a job, so its model is loaded).
-Each setup runs --runs times. Goals (issue 17): N=2 finishes in at most 1.1x the in-process time
+Every setup is started and warm first; then the runs go round robin (in-process, serve 1,
+serve 2, in-process, ...), each setup --runs times. Goals (issue 17): N=2 finishes in at most 1.1x the in-process time
 (median), and the slowest of the runs is within 1.3x of the fastest. The machine may be shared:
 each run also prints the CPU that other processes used meanwhile (in cores), so a slow run
 can be told from a noisy neighbour.
@@ -81,31 +84,36 @@ class OtherLoad:
 
 
 # --- in-process -------------------------------------------------------------------------------
-def in_process_runs(models_dir: str, out_dir: str, args) -> tuple[list[float], list[float], int]:
-    import diffusers
-    import torch
+class InProcess:
+    """Plain diffusers in this process: the pipeline loaded and warm, one run = the jobs one
+    after another, each image saved as PNG."""
 
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
-        os.path.join(models_dir, MODEL), dtype=torch.float32, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    def __init__(self, models_dir: str, out_dir: str, args):
+        import diffusers
+        import torch
 
-    def one(seed: int, path: str) -> None:
-        image = pipe(prompt=PROMPT, width=args.size, height=args.size, num_inference_steps=args.steps,
-                     guidance_scale=5.0, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-        image.save(path, format="PNG")
+        self.torch, self.args, self.out_dir = torch, args, out_dir
+        self.pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+            os.path.join(models_dir, MODEL), dtype=torch.float32, local_files_only=True)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        self.runs = 0
+        self._one(0, "warm")
 
-    one(0, os.path.join(out_dir, "warm.png"))
-    walls, others = [], []
-    for run in range(args.runs):
-        with OtherLoad([os.getpid()]) as load:
-            for seed in range(args.jobs):
-                one(seed, os.path.join(out_dir, f"inproc-{run}-{seed}.png"))
-        walls.append(load.wall_s)
-        others.append(load.other_cores)
-    threads = torch.get_num_threads()
-    del pipe
-    return walls, others, threads
+    def _one(self, seed: int, tag: str) -> None:
+        a = self.args
+        image = self.pipe(prompt=PROMPT, width=a.size, height=a.size, num_inference_steps=a.steps,
+                          guidance_scale=5.0,
+                          generator=self.torch.Generator("cpu").manual_seed(seed)).images[0]
+        image.save(os.path.join(self.out_dir, f"{tag}-{seed}.png"), format="PNG")
+
+    def run(self) -> None:
+        self.runs += 1
+        for seed in range(self.args.jobs):
+            self._one(seed, f"run{self.runs}")
+
+    def threads(self) -> int:
+        return self.torch.get_num_threads()
 
 
 # --- through serve --------------------------------------------------------------------------------
@@ -179,23 +187,6 @@ class Serve:
         self._log.close()
 
 
-def serve_runs(workers: int, models_dir: str, run_dir: str, args) -> tuple[list[float], list[float], list]:
-    serve = Serve(workers, models_dir, run_dir)
-    try:
-        serve.warm_up(workers, args)
-        walls, others = [], []
-        for _ in range(args.runs):
-            with OtherLoad([serve.proc.pid, os.getpid()]) as load:
-                serve.generate_all(list(range(args.jobs)), args)
-            walls.append(load.wall_s)
-            others.append(load.other_cores)
-        rows = [(r["worker_id"], r.get("cpu_threads"), r.get("cpu_affinity"), r.get("jobs_done"))
-                for r in serve.status()["workers"]]
-        return walls, others, rows
-    finally:
-        serve.stop()
-
-
 # --- output ---------------------------------------------------------------------------------------
 def _runs(walls: list[float]) -> str:
     return ", ".join(f"{w:.2f}" for w in walls) + " s"
@@ -209,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workers", default="1,2", help="comma list of --cpu-workers to measure")
+    parser.add_argument("--baseline-omp-passive", action="store_true",
+                        help="run the in-process baseline with OMP_WAIT_POLICY=PASSIVE too (as "
+                             "serve's workers run), for a like-for-like comparison on a busy host")
     args = parser.parse_args(argv)
+    if args.baseline_omp_passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"   # before torch loads (in_process_runs)
     worker_counts = [int(n) for n in args.workers.split(",") if n.strip()]
 
     with tempfile.TemporaryDirectory(prefix="cpu-workers-bench-") as tmp:
@@ -222,16 +218,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, float32, {MODEL}, "
               f"{args.runs} runs each; this machine: {cores} cores")
         os.makedirs(os.path.join(tmp, "inproc"))
-        base_walls, base_other, base_threads = in_process_runs(models_dir, os.path.join(tmp, "inproc"), args)
-        results = {}
-        for n in worker_counts:
-            results[n] = serve_runs(n, models_dir, os.path.join(tmp, f"serve-{n}"), args)
+        # every setup is up and warm before the first run; the runs then go round robin
+        # (in-process, serve 1, serve 2, in-process, ...) so a neighbour's load hits all alike,
+        # and the setups not running sit idle (their OpenMP threads sleep)
+        in_process = InProcess(models_dir, os.path.join(tmp, "inproc"), args)
+        serves: dict[int, Serve] = {}
+        try:
+            for n in worker_counts:
+                serves[n] = Serve(n, models_dir, os.path.join(tmp, f"serve-{n}"))
+                serves[n].warm_up(n, args)
+            base_walls, base_other = [], []
+            results = {n: ([], [], []) for n in worker_counts}
+            for _ in range(args.runs):
+                with OtherLoad([os.getpid()]) as load:
+                    in_process.run()
+                base_walls.append(load.wall_s)
+                base_other.append(load.other_cores)
+                for n, serve in serves.items():
+                    with OtherLoad([serve.proc.pid, os.getpid()]) as load:
+                        serve.generate_all(list(range(args.jobs)), args)
+                    results[n][0].append(load.wall_s)
+                    results[n][1].append(load.other_cores)
+            for n, serve in serves.items():
+                results[n][2].extend((r["worker_id"], r.get("cpu_threads"), r.get("cpu_affinity"),
+                                      r.get("jobs_done")) for r in serve.status()["workers"])
+            base_threads = in_process.threads()
+        finally:
+            for serve in serves.values():
+                serve.stop()
 
     base = statistics.median(base_walls)
     print(f"\n| setup | wall time for {args.jobs} jobs ({args.runs} runs) | median | / in-process "
           f"| slowest / fastest | other processes' CPU per run (cores) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| plain diffusers in one process ({base_threads} torch threads) | {_runs(base_walls)} | "
+    wait = " OMP_WAIT_POLICY=PASSIVE," if args.baseline_omp_passive else ""
+    print(f"| plain diffusers in one process ({base_threads} torch threads,{wait} no slicing) | {_runs(base_walls)} | "
           f"{base:.2f} s | 1.00x | {max(base_walls) / min(base_walls):.2f}x | "
           f"{', '.join(f'{o:.2f}' for o in base_other)} |")
     for n, (walls, others, rows) in results.items():

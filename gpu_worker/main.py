@@ -73,6 +73,7 @@ def apply_cpu_threads(requested: int | None, environ=os.environ) -> int:
             requested = len(cpu_affinity() or []) or os.cpu_count() or 1
     for name in _THREAD_VARIABLES:
         environ[name] = str(requested)
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see broker/serve.py worker_env
     return requested
 
 

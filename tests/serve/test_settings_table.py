@@ -137,7 +137,9 @@ def test_cpu_threads_are_shared_and_pinned_only_when_they_fit():
         plan(["--cpu-threads-per-worker", "0"], [0, 1])
     env = serve.worker_env(serve.WorkerPlan("cpu-0", "cpu", cpu_threads=2),
                            {"PATH": "/bin", "SDXL_BROKER_MAX_QUEUE": "3", "OMP_NUM_THREADS": "8"})
-    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert serve.worker_env(serve.WorkerPlan("cpu-0", "cpu", cpu_threads=2),
+                            {"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"   # the user's wins
 
 
 def test_a_lone_worker_sets_its_thread_variables_before_torch_loads():
@@ -145,7 +147,8 @@ def test_a_lone_worker_sets_its_thread_variables_before_torch_loads():
 
     env = {"OMP_NUM_THREADS": "3"}
     assert apply_cpu_threads(None, env) == 3 and env["MKL_NUM_THREADS"] == "3"   # kept (serve's)
-    assert apply_cpu_threads(2, env) == 2 and env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert apply_cpu_threads(2, env) == 2 and env == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                                                      "OMP_WAIT_POLICY": "PASSIVE"}
     env = {}
     assert apply_cpu_threads(None, env) == len(cpu_affinity() or []) == int(env["OMP_NUM_THREADS"])
     with pytest.raises(ConfigError):
@@ -208,6 +211,7 @@ def test_real_serve_keeps_torch_out_of_the_broker_and_shares_the_cpus(start_serv
         assert row["cpu_threads"] == share
         assert process.environ()["OMP_NUM_THREADS"] == str(share)
         assert process.environ()["MKL_NUM_THREADS"] == str(share)
+        assert process.environ()["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         assert not any(k.startswith("SDXL_BROKER_") for k in process.environ())
         assert sorted(process.cpu_affinity()) == sorted(row["cpu_affinity"])
         if pinned:
