@@ -38,6 +38,7 @@ from protocol.job import Job
 from protocol.replies import error_reply, final_reply, progress_message
 
 from broker import job_log, management, routing
+from broker.eta import queued_eta_s
 from broker.job_queue import JobQueue
 from broker.jobs import QUEUED, RUNNING, JobState, Peer
 from broker.metrics import BrokerMetrics
@@ -336,7 +337,9 @@ class BrokerCore:
         self._enqueue(state)
         self.counters["accepted"] += 1
         if state.wants_progress:
-            self._progress(state, "queued", queue_position=self.queue.position(rid))
+            position = self.queue.position(rid)
+            self._progress(state, "queued", queue_position=position,
+                           eta_s=queued_eta_s(job, position, self.registry.live()))
 
     def _enqueue(self, state: JobState, front: bool = False) -> None:
         self.jobs[state.request_id] = state
