@@ -130,7 +130,7 @@ class BrokerCore:
         # the registry reads the time of the input being handled
         self.registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_liveness,
                                        clock=lambda: self._now)
-        self.queue = JobQueue(config.max_queue)
+        self.queue = JobQueue()   # its size limit is checked here, at acceptance
         self.jobs: dict[str, JobState] = {}     # accepted, not finished
         self.journal = None                     # set by open()
         self.counters = {"completed": 0, "failed": 0, "accepted": 0, "malformed": 0}
@@ -294,7 +294,7 @@ class BrokerCore:
 
     def _on_generate(self, peer: Peer, body: bytes, decoded: dict, parsed) -> None:
         job: Job = parsed.job
-        rid = parsed.request_id or job.request_id
+        rid = parsed.request_id   # decided by protocol.parse (== job.request_id)
         fingerprint = request_parser().body_fingerprint(decoded)
         active = self.jobs.get(rid)
         if active is not None:
@@ -347,7 +347,7 @@ class BrokerCore:
         if front:
             self.queue.push_front(state.request_id, state.job.priority, None)
         else:
-            self.queue.push(state.request_id, state.job.priority, None, force=True)
+            self.queue.push(state.request_id, state.job.priority, None)
         if len(self._deadlines) > 4 * len(self.jobs) + 1024:
             # finished jobs leave their entries behind until their deadline; drop them
             self._deadlines = [(d, rid) for d, rid in self._deadlines

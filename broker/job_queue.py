@@ -1,8 +1,9 @@
-"""The broker's waiting room: priorities high > normal > low, FIFO within one, a size limit.
+"""The broker's waiting room: priorities high > normal > low, FIFO within one.
 
 Jobs wait here (not on workers) so each can go to whichever worker frees up first. The
 dispatcher walks the queue in order and may skip a job no worker can take right now (its model
-does not fit anywhere free) so it does not block the jobs behind it.
+does not fit anywhere free) so it does not block the jobs behind it. The size limit
+(--max-queue) is the broker core's: it refuses new jobs past it, but never a job it re-queues.
 """
 
 from __future__ import annotations
@@ -14,13 +15,8 @@ from typing import Iterator
 from protocol import constants as C
 
 
-class QueueFull(Exception):
-    pass
-
-
 class JobQueue:
-    def __init__(self, max_size: int = 1000):
-        self.max_size = max_size
+    def __init__(self) -> None:
         # one insertion-ordered dict per priority: O(1) append, remove and membership
         self._lanes: dict[str, OrderedDict[str, object]] = {p: OrderedDict() for p in C.PRIORITIES}
 
@@ -38,11 +34,8 @@ class JobQueue:
     def __contains__(self, request_id: str) -> bool:
         return any(request_id in lane for lane in self._lanes.values())
 
-    def push(self, request_id: str, priority: str, item: object, *, force: bool = False) -> None:
-        """Append; raises QueueFull past max_size (force: re-queue a job that was already
-        accepted, e.g. after its worker died, which must never be refused)."""
-        if not force and len(self) >= self.max_size:
-            raise QueueFull(f"queue is full ({self.max_size} jobs waiting)")
+    def push(self, request_id: str, priority: str, item: object) -> None:
+        """Append at the end of its priority."""
         lane = self._lanes.get(priority, self._lanes[C.PRIORITY_NORMAL])
         lane[request_id] = item
 

@@ -100,11 +100,6 @@ def _static_reason(needs: JobNeeds, worker: WorkerRecord) -> str | None:
     return None
 
 
-def static_reason(job: Job, worker: WorkerRecord, sizes: dict[str, float]) -> str | None:
-    """Why this worker can never run the job (None: it can, given time and memory)."""
-    return _static_reason(JobNeeds.of(job, sizes), worker)
-
-
 def _fits_now(needs: JobNeeds, worker: WorkerRecord) -> bool:
     """The job's remaining need fits in free memory plus models it could evict."""
     memory = worker.memory
@@ -144,15 +139,6 @@ def _eligible(needs: JobNeeds, workers: Sequence[WorkerRecord],
     return [w for w in workers
             if not w.lost and len(w.jobs) < max_jobs
             and _static_reason(needs, w) is None and _fits_now(needs, w)]
-
-
-def eligible_now(job: Job, workers: Sequence[WorkerRecord],
-                 sizes: dict[str, float] | None = None) -> list[WorkerRecord]:
-    """Workers that pass every hard filter and have room for one more job right now.
-    `sizes`: known_model_sizes(workers), when the caller already computed it for many jobs."""
-    if sizes is None:
-        sizes = known_model_sizes(w for w in workers if not w.lost)
-    return _eligible(JobNeeds.of(job, sizes), workers)
 
 
 def _own_cost_s(needs: JobNeeds, worker: WorkerRecord, have) -> tuple[float, float]:
@@ -290,12 +276,8 @@ class RoundRobin:
 def _best(candidates: list[WorkerRecord], key, rr: RoundRobin) -> WorkerRecord:
     keys = [key(w) for w in candidates]
     best_key = min(keys)
-    tied = [w for w, k in zip(candidates, keys) if _same(k, best_key)]
+    tied = [w for w, k in zip(candidates, keys) if k == best_key]
     return rr.pick(tied)
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return a == b
 
 
 def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,

@@ -236,7 +236,7 @@ class PipelineCache:
         return {"models_loaded": loaded, "models_loading": loading,
                 "cache_used_mb": round(sum(item["size_mb"] for item in loaded), 2),
                 "cache_budget_mb": self.budget_mb, "load_time_s": load_times,
-                "evictions": self.evictions, "cache_hits": self.hits, "cache_misses": self.misses,
+                "cache_hits": self.hits, "cache_misses": self.misses,
                 "cache_evictions": self.evictions}
 
 

@@ -5,16 +5,10 @@ base64 strings in JSON."""
 from __future__ import annotations
 
 import base64
-import json
-import math
 from typing import Any
 
 import msgpack
-
-try:  # parses request bodies ~3x faster than json (see _json_body), encodes replies ~5x
-    import orjson
-except ImportError:  # the stdlib parser alone gives the same objects, only slower
-    orjson = None
+import orjson
 
 from protocol import constants as C
 from protocol.errors import ProtocolError
@@ -74,39 +68,16 @@ def _depth_ok(obj: Any) -> bool:
     return not any(level)  # a non-empty container at the limit holds values past it
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# built once: json.loads(..., parse_constant=...) builds a new decoder on every call
-_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-def _json_loads(text: str) -> Any:
-    """json.loads(text, parse_constant=_reject_constant) without building a decoder per call."""
-    if text.startswith("\ufeff"):  # what json.loads says about a second BOM
-        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-    return _JSON_DECODER.decode(text)
-
-
-# orjson turns an integer beyond 64 bits into a float (json keeps the int); such an integer
-# has at least 19 digits, so a frame with no run of 19 digits parses the same in both
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_LONG_DIGIT_RUN = b"0" * 19
-_ORJSON_UP_TO_BYTES = 1 << 20  # bigger frames (image bytes in base64): stdlib, as before
+_BOM = b"\xef\xbb\xbf"
 
 
 def _json_body(frame: bytes) -> Any:
-    """The frame's JSON value, as json.loads(frame.decode("utf-8-sig")) gives it. orjson
-    parses it when it is sure to give the same objects; for anything orjson refuses (a BOM,
-    NaN, 1e400, a lone surrogate, bad JSON) the stdlib parser decides and words the error."""
-    if (orjson is not None and len(frame) <= _ORJSON_UP_TO_BYTES
-            and _LONG_DIGIT_RUN not in frame.translate(_DIGITS_AS_ZERO)):
-        try:
-            return orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            pass
-    return _json_loads(frame.decode("utf-8-sig"))
+    """The frame's JSON value (orjson: NaN, Infinity, numbers beyond a double, lone surrogates
+    and invalid UTF-8 are malformed; an integer beyond 64 bits reads as a float). One leading
+    UTF-8 BOM is allowed, as sniff() allows it."""
+    if frame.startswith(_BOM):
+        frame = frame[len(_BOM):]
+    return orjson.loads(frame)
 
 
 def decode(frame: bytes) -> tuple[dict, str]:
@@ -139,41 +110,17 @@ def _json_default(obj: Any):
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
-def _finite(obj: Any) -> Any:
-    """NaN and infinities are not JSON; replace them with None rather than emit bad JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-# built once: json.dumps(obj, default=..., ...) builds a new encoder on every call
-_JSON_ENCODER = json.JSONEncoder(default=_json_default, allow_nan=False, separators=(",", ":"))
-_JSON_ENCODER_NAN_AS_NULL = json.JSONEncoder(default=_json_default, separators=(",", ":"))
-
-
-# orjson: a reply JSON-encodes ~5x faster than with the stdlib (it was the broker's largest
-# single cost per request). The text can differ from json.dumps only in spelling (1e-5 for
-# 1e-05, "é" unescaped), never in the value a JSON parser reads back; NaN becomes null in both.
-_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS if orjson is not None else 0
+# Replies: NaN and infinities become null; a str key is required unless it is an int, float,
+# bool or None (OPT_NON_STR_KEYS writes those as strings); an int beyond 64 bits cannot be
+# encoded (TypeError: the broker then answers internal_error, see broker/server.py).
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
 def encode(obj: dict, codec: str) -> bytes:
     """Encode a reply in the given codec (bytes become base64 in JSON)."""
     if codec == C.CODEC_MSGPACK:
         return msgpack.packb(obj, use_bin_type=True, default=_json_default_msgpack)
-    if orjson is not None:
-        try:
-            return orjson.dumps(obj, default=_json_default, option=_ORJSON_OPTIONS)
-        except TypeError:   # e.g. an int beyond 64 bits: the stdlib encoder handles it
-            pass
-    try:
-        return _JSON_ENCODER.encode(obj).encode()
-    except ValueError:
-        return _JSON_ENCODER_NAN_AS_NULL.encode(_finite(obj)).encode()
+    return orjson.dumps(obj, default=_json_default, option=_ORJSON_OPTIONS)
 
 
 def _json_default_msgpack(obj: Any):

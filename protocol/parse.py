@@ -14,11 +14,6 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-try:  # only to tell, in C, whether a body's keys are all str (see _keys_all_str)
-    import orjson
-except ImportError:  # then every fingerprint takes the slower, same-result way
-    orjson = None
-
 from protocol import constants as C
 from protocol import models as M
 from protocol import rules, translate
@@ -31,13 +26,16 @@ ERROR_REPLY_TYPE = "error_response"  # the reply type for a body whose type is u
 _TRANSPORT_ONLY = ("stream", "preview", "preview_size")  # fields that change delivery, not the job
 _TRANSPORT_ONLY_SET = frozenset(_TRANSPORT_ONLY)
 _STR_ONLY = frozenset({str})
+_GENERATION = frozenset({C.GENERATE_FLAT, C.GENERATE_NESTED, C.GENERATE_LEGACY_ACTION})
 
 
 @dataclass(frozen=True)
 class ParsedRequest:
     message_type: str  # as received (legacy generate bodies -> "generate"; load_model as sent)
     reply_type: str  # protocol.constants.REPLY_TYPE[message_type]
-    request_id: Optional[str]  # the id the client sent; None when it sent none (job has one)
+    # the request's id: the one the client sent, or for a generation request that sent none a
+    # new one (also job.request_id); None only for a management message that sent none
+    request_id: Optional[str]
     job: Optional[Job]  # the three generation forms
     params: dict = field(default_factory=dict)  # management messages' validated fields
     warnings: list[str] = field(default_factory=list)
@@ -57,7 +55,7 @@ def _id(value: Any) -> Optional[str]:
 
 
 def _request_id(body: dict, message_type: Any) -> Optional[str]:
-    """The id the client sent, looked up where the translation looks for it."""
+    """The id the client sent, wherever its form keeps it (None: it sent none)."""
     if message_type == C.GENERATE_LEGACY_ACTION:  # the legacy form's id is its session_id
         return _id(body.get("session_id")) or _id(body.get("request_id"))
     rid = _id(body.get("request_id"))
@@ -225,16 +223,21 @@ def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> 
 
     warnings = _unknown_warnings(body, type(model))
     reply_type = C.REPLY_TYPE[mt]
+    # the one place that decides a request's id: what the client sent, else (generation) a new one
     request_id = _request_id(body, mt)
+    if request_id is None and mt in _GENERATION:
+        request_id = translate.new_request_id()
     job = None
     params: dict = {}
     if mt == C.GENERATE_FLAT:
-        job = translate.flat_to_job(model, default_model_base=default_model_base)
+        job = translate.flat_to_job(model, request_id=request_id,
+                                    default_model_base=default_model_base)
     elif mt == C.GENERATE_NESTED:
-        job = translate.nested_to_job(model, default_model_base=default_model_base,
-                                      warnings=warnings)
+        job = translate.nested_to_job(model, request_id=request_id,
+                                      default_model_base=default_model_base, warnings=warnings)
     elif mt == C.GENERATE_LEGACY_ACTION:
-        job = translate.legacy_to_job(model, default_model_base=default_model_base)
+        job = translate.legacy_to_job(model, request_id=request_id,
+                                      default_model_base=default_model_base)
     elif mt in (C.MODEL_LOAD, C.MODEL_LOAD_LEGACY):
         data = model.data or M.ModelLoadData()
         params = {"model_name": data.model_name or model.model_name,
@@ -262,21 +265,39 @@ def _dedupe(errors: list[FieldError]) -> list[FieldError]:
     return out
 
 
+_JSON_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
 def _canonical(obj: Any) -> Any:
+    """The body as JSON can hold it: str keys (sorted as strings by the encoder), bytes as their
+    hash, anything else as its repr. Exact types first: a decoded body is nearly all of them."""
+    kind = type(obj)
+    if kind in _JSON_SCALARS:
+        return obj
+    if kind is dict:
+        return {k if type(k) is str else str(k): v if type(v) in _JSON_SCALARS else _canonical(v)
+                for k, v in obj.items()}
+    if kind is list or kind is tuple:
+        return [v if type(v) in _JSON_SCALARS else _canonical(v) for v in obj]
     if isinstance(obj, dict):
         return {str(k): _canonical(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_canonical(v) for v in obj]
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return {"$bytes": hashlib.sha256(bytes(obj)).hexdigest()}
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
+    if isinstance(obj, (str, int, float, bool)):
         return obj
     return repr(obj)
 
 
+# built once (json.dumps builds an encoder per call). The text must not change: journals on
+# disk hold fingerprints of finished requests, and a resend is matched against them.
+_FINGERPRINT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def body_fingerprint(body: dict) -> str:
-    """Stable hash of a request body minus transport-only fields (stream), for the broker's
-    duplicate_request_id check (same id + different body)."""
+    """Stable hash of a request body minus transport-only fields (stream, preview), for the
+    broker's duplicate_request_id check (same id + different body)."""
     trimmed = {k: v for k, v in body.items() if k not in _TRANSPORT_ONLY} \
         if isinstance(body, dict) else body
     data = trimmed.get("data") if isinstance(trimmed, dict) else None
@@ -284,45 +305,5 @@ def body_fingerprint(body: dict) -> str:
             and not _TRANSPORT_ONLY_SET.isdisjoint(data["metadata"]):
         meta = {k: v for k, v in data["metadata"].items() if k not in _TRANSPORT_ONLY_SET}
         trimmed = {**trimmed, "data": {**data, "metadata": meta}}
-    if _keys_all_str(trimmed):  # what decoded JSON always is: no rebuilding needed
-        text = _FINGERPRINT_ENCODER.encode(trimmed)
-    else:
-        text = json.dumps(_canonical(trimmed), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False, default=repr)
+    text = _FINGERPRINT_ENCODER.encode(_canonical(trimmed))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _fingerprint_default(obj: Any) -> Any:
-    """What _canonical makes of a value json cannot encode itself."""
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"$bytes": hashlib.sha256(bytes(obj)).hexdigest()}
-    return repr(obj)
-
-
-# Encodes a body whose dict keys are all str exactly as json.dumps(_canonical(body), ...) does:
-# json takes str/int/float/bool/None, dicts, lists and tuples as _canonical leaves them and
-# hands anything else to the default, which makes of it what _canonical would. Other keys
-# need _canonical: it sorts str(key) (json would sort 2 before 10; _canonical "10" first).
-_FINGERPRINT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                                        default=_fingerprint_default)
-
-
-def _keys_all_str(body: dict) -> bool:
-    """Whether every dict in the body has str keys. orjson refuses any other key, in C, far
-    faster than a Python walk; anything else it refuses (a huge int, a lone surrogate) only
-    sends the body the slow, always-right way."""
-    if orjson is None:
-        return False
-    try:
-        orjson.dumps(body, default=_skip)
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return False
-    return True
-
-
-def _skip(obj: Any) -> None:
-    """orjson's default: bytes, sets, ... hold no dicts json would sort. A tuple subclass
-    (a namedtuple) json walks but orjson does not, so it sends the body the slow way."""
-    if isinstance(obj, (dict, list, tuple)):
-        raise TypeError("json walks this; orjson did not")
-    return None

@@ -101,10 +101,10 @@ class _JobBuilder:
                 karras = alias_karras  # "DPM++ 2M Karras" means Karras sigmas unless told otherwise
         self.set("use_karras_sigmas", karras)
 
-    def build(self, *, form: str, request_id: Optional[str], prompt: str, base: str,
+    def build(self, *, form: str, request_id: str, prompt: str, base: str,
               refiner: Optional[str], vae: Optional[str], worker_type: Optional[str] = None) -> Job:
         f = self.fields
-        f["request_id"] = request_id or new_request_id()
+        f["request_id"] = request_id
         f["form"] = form
         f["prompt"] = prompt
         f["models"] = {"base": base, "refiner": refiner, "vae": vae}
@@ -160,7 +160,9 @@ _FLAT_IN_SECTIONS = (("output_format", "output", "format"), ("output_quality", "
                      *((name, "precision", name) for name in _PRECISION_FIELDS))
 
 
-def flat_to_job(m: M.FlatGenerateRequest, *, default_model_base: Optional[str] = None) -> Job:
+def flat_to_job(m: M.FlatGenerateRequest, *, request_id: str,
+                default_model_base: Optional[str] = None) -> Job:
+    """`request_id`: decided by protocol.parse, the one place that does."""
     b = _JobBuilder()
     fields, explicit, sections = b.fields, b.explicit, b.sections
     given = m.__dict__  # the validated field values (pydantic keeps them in __dict__)
@@ -205,7 +207,7 @@ def flat_to_job(m: M.FlatGenerateRequest, *, default_model_base: Optional[str] =
         if value is not None:
             sections[section][name] = value
             explicit.add(_EXPLICIT_NAMES[section][name])
-    return b.build(form=C.FORM_FLAT, request_id=m.request_id or m.session_id, prompt=m.prompt,
+    return b.build(form=C.FORM_FLAT, request_id=request_id, prompt=m.prompt,
                    base=m.model_base or default_model_base, refiner=m.model_refiner,
                    vae=m.model_vae)
 
@@ -221,7 +223,8 @@ def _nested_controlnet(cn: M.NestedControlNet) -> dict:
                                       else resolution)}
 
 
-def nested_to_job(m: M.NestedGenerateRequest, *, default_model_base: Optional[str] = None,
+def nested_to_job(m: M.NestedGenerateRequest, *, request_id: str,
+                  default_model_base: Optional[str] = None,
                   warnings: Optional[list[str]] = None) -> Job:
     d = m.data
     warnings = warnings if warnings is not None else []
@@ -292,12 +295,13 @@ def nested_to_job(m: M.NestedGenerateRequest, *, default_model_base: Optional[st
                                 "upscale_method": method})
     if d.precision is not None:
         b.copy_in("precision", d.precision.__dict__, _PRECISION_FIELDS)
-    return b.build(form=C.FORM_NESTED, request_id=m.request_id or meta.request_id,
+    return b.build(form=C.FORM_NESTED, request_id=request_id,
                    prompt=d.prompt, base=models.base or d.model_name or default_model_base,
                    refiner=models.refiner, vae=models.vae, worker_type=d.worker_type)
 
 
-def legacy_to_job(m: M.LegacyGenerateRequest, *, default_model_base: Optional[str] = None) -> Job:
+def legacy_to_job(m: M.LegacyGenerateRequest, *, request_id: str,
+                  default_model_base: Optional[str] = None) -> Job:
     ps = m.prompt_submission
     cond = ps.conditioning
     model = ps.model or _EMPTY[M.LegacyModel]
@@ -336,7 +340,7 @@ def legacy_to_job(m: M.LegacyGenerateRequest, *, default_model_base: Optional[st
     b.update(_delivery(m.stream if m.stream is not None else meta.stream,
                        m.preview if m.preview is not None else meta.preview,
                        m.preview_size if m.preview_size is not None else meta.preview_size))
-    return b.build(form=C.FORM_LEGACY, request_id=m.session_id or m.request_id, prompt=cond.prompt,
+    return b.build(form=C.FORM_LEGACY, request_id=request_id, prompt=cond.prompt,
                    base=model.base or default_model_base, refiner=model.refiner, vae=model.vae)
 
 

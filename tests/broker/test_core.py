@@ -156,3 +156,18 @@ def test_the_core_module_imports_no_zmq():
     code = "import sys, broker.core; print('zmq' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_queue_full_refuses_new_jobs_never_requeued_ones():
+    core = _core(max_queue=2, heartbeat_interval_s=1.0, heartbeat_liveness=3)
+    _submit(core, "a", 0.0)
+    _submit(core, "b", 0.0)
+    [full] = _finals(_submit(core, "c", 0.0))
+    assert full["request_id"] == "c" and full["error_code"] == "queue_full"
+    w = _register(core, "w", 0.0)
+    assert len(_to_workers(core.tick(0.0), W.RunJob)) == 2       # a and b leave the queue
+    _submit(core, "d", 0.5)
+    _submit(core, "e", 0.5)
+    core.tick(3.5)                                                # w silent: lost, a and b back
+    assert core.status(3.5)["broker"]["queue_depth"] == 4          # past max_queue, none refused
+    assert _finals(core.on_worker(w, W.Disconnect(), 3.6)) == []

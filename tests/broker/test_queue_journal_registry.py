@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from broker.job_queue import JobQueue, QueueFull
+from broker.job_queue import JobQueue
 from broker.journal import Journal, MemoryJournal
 from broker.registry import WorkerRegistry
 from protocol.worker_protocol import Ready, Telemetry
 
 
 def test_priorities_then_fifo_and_positions():
-    q = JobQueue(max_size=10)
+    q = JobQueue()
     for rid, prio in [("n1", "normal"), ("l1", "low"), ("h1", "high"), ("n2", "normal"), ("h2", "high")]:
         q.push(rid, prio, None)
     assert [rid for rid, _ in q] == ["h1", "h2", "n1", "n2", "l1"]
@@ -21,14 +21,7 @@ def test_priorities_then_fifo_and_positions():
     assert q.remove("n1") is None and "n1" not in q and len(q) == 5
 
 
-def test_queue_full_but_requeue_is_never_refused():
-    q = JobQueue(max_size=2)
-    q.push("a", "normal", None)
-    q.push("b", "normal", None)
-    with pytest.raises(QueueFull):
-        q.push("c", "normal", None)
-    q.push("d", "normal", None, force=True)
-    assert len(q) == 3
+# the size limit moved to the broker core: test_core.py::test_queue_full_refuses_new_jobs_never_requeued_ones
 
 
 def test_journal_survives_reopen_and_expires(tmp_path):

@@ -298,14 +298,16 @@ def test_peek_never_raises_and_addresses_replies():
 
 
 def test_request_id_is_generated_when_missing():
+    # parse decides the id once: the job carries it and the broker answers with it
     parsed = parse_request({k: v for k, v in BASE.items() if k != "request_id"})
-    assert parsed.request_id is None and len(parsed.job.request_id) == 32
+    assert len(parsed.request_id) == 32 and parsed.job.request_id == parsed.request_id
     assert parse_request({**BASE, "request_id": None, "session_id": "sess"}).job.request_id == "sess"
-    # the id the broker addresses replies to is the job's id whenever the client sent one
     for body in (nested(), {**nested(), "request_id": None, "session_id": "s"}, legacy(),
                  {**legacy(), "session_id": None, "request_id": "q"}, flat(session_id="s2")):
         parsed = parse_request(body)
-        assert parsed.request_id in (None, parsed.job.request_id)
+        assert parsed.request_id == parsed.job.request_id
+    assert parse_request(flat(session_id="s2", request_id=None)).request_id == "s2"
+    assert parse_request({**legacy(), "session_id": None, "request_id": "q"}).request_id == "q"
 
 
 def test_stream_flag_in_every_form():
