@@ -48,7 +48,8 @@ DEFAULT_BUDGET_FRACTION = {"cpu": 0.25}
 DEFAULT_ACCELERATOR_BUDGET_FRACTION = 0.7
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _OOM_ENV = "SDXL_BROKER_TEST_INJECT_OOM"
-_STEP_TIME_SMOOTHING = 0.3  # weight of the newest sample in the per-step moving average
+_STEP_TIME_SMOOTHING = 0.3
+_CLIP_WINDOW_TOKENS = 75  # a 77-token CLIP window less its start and end markers  # weight of the newest sample in the per-step moving average
 
 
 class InjectedOOM:
@@ -100,6 +101,7 @@ class _JobState:
     warnings: list = field(default_factory=list)
     ti_tokens: list = field(default_factory=list)  # embeddings to unload after the job
     loras_attached: bool = False  # LoRAs went onto the shared modules: unload them after the job
+    prompts: Any = None  # gpu_worker.executor.PromptPlan
     aborted: bool = False
     memory_peak_mb: float = 0.0
     offloaded: bool = False  # model CPU offload hooks are on the shared modules
@@ -112,13 +114,89 @@ class _JobState:
             self.features.append(name)
 
 
+@dataclass
+class PromptPlan:
+    """A job's prompts as the encoders get them: <lora:> tags taken out, A1111 weighting parsed.
+    `weighted` (syntax, or a prompt past one CLIP window) routes them through compel."""
+    prompt: str
+    prompt_2: str | None
+    negative_prompt: str
+    negative_prompt_2: str | None
+    loras: tuple = ()
+    weighted: bool = False
+    literal: bool = False
+
+    @classmethod
+    def build(cls, job: Job, literal: bool) -> "PromptPlan":
+        from gpu_worker import prompt_syntax
+        from protocol.job import LoraSpec
+
+        if literal:
+            return cls(job.prompt, job.prompt_2, job.negative_prompt, job.negative_prompt_2, literal=True)
+        texts, tags = [], []
+        for text in (job.prompt, job.prompt_2, job.negative_prompt, job.negative_prompt_2):
+            cleaned, found = prompt_syntax.extract_loras(text) if text is not None else (None, [])
+            texts.append(cleaned)
+            tags.extend(found)
+        named = {spec.name for spec in job.loras}
+        loras = []
+        for tag in tags:
+            if not C.MIN_LORA_WEIGHT <= tag.weight <= C.MAX_LORA_WEIGHT:
+                raise JobError(C.VALIDATION_ERROR, f"<lora:{tag.name}:{tag.weight:g}> in the prompt: weight outside "
+                               f"{C.MIN_LORA_WEIGHT:g}..{C.MAX_LORA_WEIGHT:g}", {"field": "prompt"})
+            if tag.name not in named:  # a LoRA named twice is applied once (the request's wins)
+                named.add(tag.name)
+                loras.append(LoraSpec(name=tag.name, weight=tag.weight))
+        weighted = any(prompt_syntax.has_syntax(t) for t in texts)
+        return cls(texts[0], texts[1], texts[2] or "", texts[3], tuple(loras), weighted)
+
+    def route_long_prompts(self, pipe) -> bool:
+        """A prompt past one CLIP window goes through compel too (in 77-token chunks) instead of
+        being cut at 77 tokens. Returns True when that switched this plan to compel."""
+        if self.weighted or self.literal:
+            return False
+        from gpu_worker.prompt_encoding import token_count
+
+        tokenizer = pipe.tokenizer_2 or pipe.tokenizer
+        texts = (self.prompt, self.prompt_2, self.negative_prompt, self.negative_prompt_2)
+        self.weighted = any(text and token_count(tokenizer, text) > _CLIP_WINDOW_TOKENS for text in texts)
+        return self.weighted
+
+    def _fragments(self, text: str | None, fallback: str) -> list:
+        from gpu_worker.prompt_syntax import parse_weights
+        return parse_weights(text if text is not None else fallback)
+
+    def embeddings(self, pipe, refiner: bool) -> dict:
+        from gpu_worker.prompt_encoding import sdxl_embeddings
+
+        if refiner:  # only the second encoder, fed prompt_2 (else prompt)
+            positive = [self._fragments(self.prompt_2, self.prompt)]
+            negative = [self._fragments(self.negative_prompt_2, self.negative_prompt)]
+        else:
+            positive = [self._fragments(self.prompt, ""), self._fragments(self.prompt_2, self.prompt)]
+            negative = [self._fragments(self.negative_prompt, ""),
+                        self._fragments(self.negative_prompt_2, self.negative_prompt)]
+        zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+        return sdxl_embeddings(pipe, positive, negative, zero_empty_negative=zeros)
+
+    def refiner_kwargs(self, refiner, count: int) -> dict:
+        """One prompt per latent: with a single prompt the refiner repeats the whole batch of
+        latents per prompt and its embeddings no longer match (batch 2 -> 4 vs 2)."""
+        if not self.weighted:
+            return {"prompt": [self.prompt_2 or self.prompt] * count,
+                    "negative_prompt": [self.negative_prompt_2 or self.negative_prompt] * count}
+        return {name: tensor.repeat(count, *([1] * (tensor.dim() - 1)))
+                for name, tensor in self.embeddings(refiner, refiner=True).items()}
+
+
 class DiffusersExecutor:
     """gpu_worker.executor_api.Executor on real diffusers pipelines."""
 
     def __init__(self, device: str = "cpu", *, models_dir: str, output_dir: str, input_dir: str,
                  cache_budget_mb: float | None = None, allow_pickle: bool = False,
                  worker_id: str = "", fault_injector: Callable[[str], None] | None = None,
-                 upscaler: str | None = None, single_file_config: str | None = None):
+                 upscaler: str | None = None, single_file_config: str | None = None,
+                 literal_prompts: bool = False):
         from gpu_worker import devices
         from gpu_worker.model_resolver import ModelResolver
         from gpu_worker.upscalers import Upscalers
@@ -138,6 +216,7 @@ class DiffusersExecutor:
         self.resolver = ModelResolver(models_dir, allow_pickle=allow_pickle,
                                       single_file_config=single_file_config)
         self.upscalers = Upscalers(self.resolver, default=upscaler)  # upscale_method -> model file
+        self.literal_prompts = literal_prompts  # server switch: no A1111 prompt syntax at all
         if fault_injector is None and os.environ.get(_OOM_ENV):
             fault_injector = InjectedOOM(int(os.environ[_OOM_ENV]))
             log.warning("TEST HOOK %s active: the first %s inference attempts raise OOM",
@@ -208,6 +287,7 @@ class DiffusersExecutor:
             progress("loading", 0, 0)
             prep_started = time.perf_counter()
             inputs = self._decode_inputs(job, state)
+            state.prompts = self._prompt_plan(job, state)
             pipe, refiner, vae, model_info = self._assemble(job, dtype, vae_dtype, inputs, state)
             self._attach_adapters(job, pipe, state, model_info)
             self._apply_memory_switches(job, pipe, state)
@@ -220,6 +300,7 @@ class DiffusersExecutor:
             images = self._infer_with_oom_retry(job, pipe, refiner, vae, inputs, seeds, progress,
                                                 should_abort, state)
             inference_time = time.perf_counter() - infer_started
+            model_info["prompt_weighting"] = state.prompts.weighted  # compel built the embeddings
 
             post_started = time.perf_counter()
             progress("postprocessing", 0, len(images))
@@ -457,11 +538,26 @@ class DiffusersExecutor:
                  ("inpaint", True): "StableDiffusionXLControlNetInpaintPipeline"}
         return getattr(diffusers, names[(mode, with_controlnet)])
 
+    # --- prompts: A1111 syntax, <lora:> tags, long prompts (gpu_worker/prompt_syntax.py) ------
+    def _prompt_plan(self, job: Job, state: _JobState | None) -> "PromptPlan":
+        literal = job.literal_prompt or self.literal_prompts
+        plan = PromptPlan.build(job, literal)
+        if state is not None:
+            if plan.loras:
+                state.feature("prompt_lora")
+            if plan.weighted:
+                state.feature("prompt_weighting")
+                if job.clip_skip:
+                    state.warnings.append("clip_skip is not applied to weighted or long prompts "
+                                          "(compel takes the penultimate layer); send literal_prompt to use it")
+        return plan
+
     # --- LoRA and textual inversion lifecycle (gpu_worker/job_adapters.py) -------------------
     def _attach_adapters(self, job: Job, pipe, state: _JobState, model_info: dict) -> None:
         def load_cached(key: tuple, name: str, kind: str, load: Callable[[], Any]):
             return self._load(key, name, kind, load, state)[0]
-        job_adapters.attach(job, pipe, self.resolver, load_cached, state, model_info)
+        job_adapters.attach(job, pipe, self.resolver, load_cached, state, model_info,
+                            extra_loras=state.prompts.loras if state.prompts else ())
 
     def _detach_adapters(self, pipe, job: Job, state: _JobState) -> None:
         """Take the job's LoRAs and embeddings off the shared modules, whatever happened."""
@@ -563,7 +659,7 @@ class DiffusersExecutor:
             self._fault_injector(attempt)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         step_key = f"{job.models.base}@{job.width}x{job.height}"
-        kwargs = self._call_kwargs(job, pipe, inputs, len(seeds), generators)
+        kwargs = self._call_kwargs(job, pipe, inputs, len(seeds), generators, state)
         if refiner is not None:
             if "denoising_end" not in self._parameters(pipe):
                 raise JobError(C.UNSUPPORTED_FEATURE, f"the refiner cannot follow {type(pipe).__name__}")
@@ -579,8 +675,7 @@ class DiffusersExecutor:
                 # of latents per prompt and its embeddings no longer match (batch 2 -> 4 vs 2)
                 count = len(latents)
                 latents = refiner(
-                    prompt=[job.prompt_2 or job.prompt] * count,
-                    negative_prompt=[job.negative_prompt_2 or job.negative_prompt] * count,
+                    **state.prompts.refiner_kwargs(refiner, count),
                     image=latents, num_inference_steps=job.steps, denoising_start=job.refiner_switch,
                     guidance_scale=job.guidance_scale, generator=generators, output_type="latent",
                     callback_on_step_end=self._step_callback("refining", progress, should_abort, state,
@@ -599,13 +694,21 @@ class DiffusersExecutor:
         import inspect
         return set(inspect.signature(pipe.__call__).parameters)
 
-    def _call_kwargs(self, job: Job, pipe, inputs: dict, count: int, generators) -> dict:
+    def _call_kwargs(self, job: Job, pipe, inputs: dict, count: int, generators,
+                     state: _JobState | None = None) -> dict:
+        plan: PromptPlan = self._prompt_plan(job, None) if state is None else state.prompts
+        if plan.route_long_prompts(pipe) and state is not None:
+            state.feature("long_prompt")
         kwargs: dict[str, Any] = {
-            "prompt": job.prompt, "prompt_2": job.prompt_2, "negative_prompt": job.negative_prompt or None,
-            "negative_prompt_2": job.negative_prompt_2, "num_inference_steps": job.steps,
+            "num_inference_steps": job.steps,
             "guidance_scale": job.guidance_scale, "num_images_per_prompt": count, "generator": generators,
-            "output_type": "latent", "clip_skip": job.clip_skip or None,
+            "output_type": "latent",
         }
+        if plan.weighted:  # compel's embeddings (after the LoRAs: they act on the encoders too)
+            kwargs.update(plan.embeddings(pipe, refiner=False))
+        else:
+            kwargs.update(prompt=plan.prompt, prompt_2=plan.prompt_2, negative_prompt=plan.negative_prompt or None,
+                          negative_prompt_2=plan.negative_prompt_2, clip_skip=job.clip_skip or None)
         accepted = self._parameters(pipe)
         if "height" in accepted:  # inpainting would default to the UNet's native size otherwise
             kwargs["height"], kwargs["width"] = job.height, job.width
@@ -716,6 +819,12 @@ class DiffusersExecutor:
         model_info["upscaler"] = name
         return upscalers.run_tiled(descriptor, image)
 
+    def _weighting_infotext(self, job: Job, state: _JobState) -> str | None:
+        """What became of the prompt syntax: compel weighting, or taken literally on request."""
+        if job.literal_prompt or self.literal_prompts:
+            return "off (literal prompt)"
+        return "compel" if state.prompts is not None and state.prompts.weighted else None
+
     @staticmethod
     def _upscale_infotext(job: Job, model_info: dict) -> dict:
         factor = job.postprocess.upscale_factor
@@ -748,6 +857,7 @@ class DiffusersExecutor:
                    "Refiner": job.models.refiner if state.steps_run.get("refining") else None,
                    **self._upscale_infotext(job, model_info),
                    "Lora hashes": ", ".join(f"{l['name']}: {l['hash']}" for l in model_info["loras"] if l.get("hash")),
+                   "Prompt weighting": self._weighting_infotext(job, state),
                    "Hashes": {key: value for key, value in hashes.items() if value},
                    "Version": "sdxl-broker"})
 

@@ -41,14 +41,17 @@ def lora_format(keys) -> str:
 LoadCached = Callable[[tuple, str, str, Callable[[], Any]], Any]
 
 
-def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info: dict) -> None:
-    """Attach the job's LoRAs and embeddings. `state` gets features, warnings and `ti_tokens`
-    (appended before loading, so a half-done load is still undone by `detach`)."""
+def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info: dict,
+           extra_loras=()) -> None:
+    """Attach the job's LoRAs (and `extra_loras`, from <lora:> prompt tags) and embeddings.
+    `state` gets features, warnings and `ti_tokens` (appended before loading, so a half-done load
+    is still undone by `detach`)."""
     from safetensors.torch import load_file
 
-    if job.loras:
+    loras = (*job.loras, *extra_loras)
+    if loras:
         names, weights = [], []
-        for index, spec in enumerate(job.loras):
+        for index, spec in enumerate(loras):
             resolved = resolver.lora(spec.name, spec.path)
             if resolved.path.endswith(".safetensors"):
                 tensors = load_cached((LORA, resolved.path), spec.name, LORA,

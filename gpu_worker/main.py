@@ -105,7 +105,8 @@ def build_executor(settings: dict, worker_id: str, threads: int | None = None):
                              output_dir=settings["output_dir"], input_dir=settings["input_dir"],
                              cache_budget_mb=settings["cache_budget_mb"],
                              allow_pickle=settings["allow_pickle"], worker_id=worker_id,
-                             upscaler=settings["upscaler"], single_file_config=settings["single_file_config"])
+                             upscaler=settings["upscaler"], single_file_config=settings["single_file_config"],
+                             literal_prompts=settings["literal_prompts"])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -95,6 +95,7 @@ class Job(_Frozen):
     scheduler: str = C.DEFAULT_SCHEDULER  # a diffusers class name from C.SCHEDULERS
     use_karras_sigmas: bool = False
     clip_skip: Optional[int] = None
+    literal_prompt: bool = False  # True: prompts go to the encoders as typed (no A1111 syntax)
     refiner_switch: float = C.DEFAULT_REFINER_SWITCH  # fraction of steps the base runs
 
     loras: tuple[LoraSpec, ...] = ()

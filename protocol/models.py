@@ -164,6 +164,7 @@ class FlatGenerateRequest(Edge):
     scheduler: Optional[SchedulerName] = None
     use_karras_sigmas: Optional[bool] = None
     clip_skip: Optional[ClipSkip] = None
+    literal_prompt: Optional[bool] = None  # extension: no A1111 weighting / <lora:> tags
     model_base: Optional[ModelRef] = None
     model_refiner: Optional[ModelRef] = None
     model_vae: Optional[ModelRef] = None
@@ -306,6 +307,7 @@ class NestedData(Edge):
     prompt: Prompt
     negative_prompt: Optional[Text] = None
     prompt_2: Optional[Text] = None  # extension
+    literal_prompt: Optional[bool] = None  # extension: no A1111 weighting / <lora:> tags
     negative_prompt_2: Optional[Text] = None  # extension
     model_name: Optional[ModelRef] = None
     hyperparameters: Optional[NestedHyperparameters] = None
@@ -370,6 +372,7 @@ class LegacyConditioning(Edge):
     prompt: Prompt
     negative_prompt: Optional[Text] = None
     prompt_2: Optional[Text] = None
+    literal_prompt: Optional[bool] = None  # extension: no A1111 weighting / <lora:> tags
     negative_prompt_2: Optional[Text] = None
     loras: Optional[_items(LegacyLora)] = None
     controlnets: Optional[_items(LegacyControlNet)] = None

@@ -149,7 +149,7 @@ def _delivery(stream, preview: Optional[bool], preview_size: Optional[int]) -> d
 # flat fields that keep their name in the Job
 _FLAT_SAME_NAME = ("prompt_2", "negative_prompt", "negative_prompt_2", "width", "height", "steps",
                    "guidance_scale", "seed", "strength", "clip_skip", "refiner_switch",
-                   "batch_size", "init_image", "mask_image", "device", "priority")
+                   "batch_size", "init_image", "mask_image", "device", "priority", "literal_prompt")
 # flat field -> (Job section, field in it)
 _FLAT_IN_SECTIONS = (("output_format", "output", "format"), ("output_quality", "output", "quality"),
                      ("save_path", "output", "save_path"),
@@ -245,7 +245,7 @@ def nested_to_job(m: M.NestedGenerateRequest, *, request_id: str,
         "width": d.width if d.width is not None else dims.width,
         "height": d.height if d.height is not None else dims.height,
         "clip_skip": hyper.clip_skip, "refiner_switch": hyper.refiner_switch,
-        "negative_prompt": d.negative_prompt, "prompt_2": d.prompt_2,
+        "negative_prompt": d.negative_prompt, "prompt_2": d.prompt_2, "literal_prompt": d.literal_prompt,
         "negative_prompt_2": d.negative_prompt_2, "init_image": d.init_image,
         "mask_image": d.mask_image, "device": d.device,
         "batch_size": d.batch.size if d.batch is not None else None,
@@ -308,7 +308,7 @@ def legacy_to_job(m: M.LegacyGenerateRequest, *, request_id: str,
     hyper = ps.hyperparameters or _EMPTY[M.LegacyHyperparameters]
     b = _JobBuilder()
     b.copy(cond.__dict__, ("negative_prompt", "prompt_2", "negative_prompt_2", "init_image",
-                           "mask_image"))
+                           "mask_image", "literal_prompt"))
     b.set("steps", hyper.steps if hyper.steps is not None else hyper.num_inference_steps)
     b.copy(hyper.__dict__, ("width", "height", "guidance_scale", "seed", "strength", "clip_skip",
                             "refiner_switch", "batch_size"))
@@ -360,7 +360,7 @@ def job_to_legacy(job: Job) -> dict:
     if job.models.vae is not None:
         model["vae"] = job.models.vae
     cond: dict[str, Any] = {"prompt": job.prompt}
-    for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
+    for name in ("negative_prompt", "prompt_2", "negative_prompt_2", "literal_prompt"):
         if name in ex:
             cond[name] = getattr(job, name)
     if job.loras:
@@ -478,6 +478,8 @@ def job_to_nested(job: Job) -> dict:
     }
     if job.use_karras_sigmas:
         data["use_karras_sigmas"] = True
+    if job.literal_prompt:
+        data["literal_prompt"] = True
     for name in ("prompt_2", "negative_prompt_2", "init_image", "mask_image", "device"):
         if getattr(job, name) is not None:
             data[name] = getattr(job, name)
@@ -508,7 +510,7 @@ def job_to_flat(job: Job, *, full: bool = False) -> dict:
     for name in ("prompt_2", "negative_prompt", "negative_prompt_2", "width", "height", "steps",
                  "guidance_scale", "seed", "strength", "scheduler", "use_karras_sigmas",
                  "clip_skip", "refiner_switch", "batch_size", "init_image", "mask_image",
-                 "device", "priority", "stream", "preview", "preview_size"):
+                 "device", "priority", "stream", "preview", "preview_size", "literal_prompt"):
         if want(name) and (getattr(job, name) is not None):
             body[name] = getattr(job, name)
     if want("timeout_s"):

@@ -130,6 +130,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the model upscaler upscale_method 'realesrgan' means: a file stem under "
             "MODELS_DIR/upscalers/ (or ESRGAN/, upscale_models/) or a path inside the model root",
             (S, W), default_text="the only upscaler there is", metavar="NAME", readme=True),
+    Setting("literal_prompts", boolean, False,
+            "send every prompt to the text encoders as typed: no A1111 (word:1.2) weighting, no "
+            "lora:NAME:W prompt tags, no long-prompt chunking (a request can ask the same with "
+            "literal_prompt)", (S, W), readme=True),
     Setting("single_file_config", str, None,
             "a diffusers folder (inside the model root) whose configs serve every single-file "
             "SDXL checkpoint of its architecture", (S, W), metavar="DIR", readme=True),
