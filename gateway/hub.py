@@ -20,10 +20,13 @@ from typing import Any, Optional
 
 from clients.client import AsyncBrokerClient
 from protocol import constants as C
+from protocol.parse import body_fingerprint
 
 log = logging.getLogger(__name__)
 
-FINISHED_KEPT = 200  # finished jobs remembered for re-attaching listeners and the dashboard
+# finished jobs remembered (with their inline images) for re-attaching listeners and the
+# dashboard; older ones are still answered by the broker's stored replies
+FINISHED_KEPT = 64
 
 
 @dataclass
@@ -64,8 +67,13 @@ class JobHub:
     # --- submitting and attaching -------------------------------------------------------------
     def submit(self, request_id: str, body: dict, source: str) -> TrackedJob:
         """Start the job, or return the running / remembered one with this id (an idempotent
-        resubmission). The broker decides duplicate_request_id for a different body."""
+        resubmission of the same body). The same id with a different body goes to the broker
+        on its own, untracked, and gets the broker's duplicate_request_id."""
         tracked = self.jobs.get(request_id)
+        if tracked is not None and body_fingerprint(tracked.body) != body_fingerprint(body):
+            stray = TrackedJob(request_id=request_id, body=body, source=source)
+            stray.task = asyncio.create_task(self._run(stray, notify=False), name=f"duplicate {request_id}")
+            return stray
         if tracked is not None and (tracked.final is None or tracked.final.get("success")):
             return tracked
         tracked = TrackedJob(request_id=request_id, body=body, source=source)
@@ -103,12 +111,13 @@ class JobHub:
         return [t for t in self.jobs.values() if t.final is not None]
 
     # --- the exchange -------------------------------------------------------------------------
-    async def _run(self, tracked: TrackedJob) -> None:
+    async def _run(self, tracked: TrackedJob, notify: bool = True) -> None:
         final = None
         try:
             async for message in self.client.stream(tracked.body):
                 if message.get("message_type") == C.PROGRESS:
-                    self._on_progress(tracked, message)
+                    if notify:
+                        self._on_progress(tracked, message)
                 else:
                     final = message
         except Exception as exc:  # broker unreachable after every resend, or a client bug
@@ -118,7 +127,11 @@ class JobHub:
                      "error_code": C.TIMEOUT if "no reply" in str(exc) else C.INTERNAL_ERROR,
                      "errors": [], "warnings": [], "execution_time": 0.0,
                      "timestamp": time.time(), "data": None}
-        self._on_final(tracked, final)
+        if notify:
+            self._on_final(tracked, final)
+        else:
+            tracked.final = final
+            tracked.done.set()
 
     def _on_progress(self, tracked: TrackedJob, message: dict) -> None:
         preview = message.get("preview")

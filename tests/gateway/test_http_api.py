@@ -90,6 +90,11 @@ def test_idempotency_key_makes_a_retry_the_same_job(sim_rig):
     assert first["request_id"] == second["request_id"] == key
     assert first["data"]["generated_images"][0]["seed"] == second["data"]["generated_images"][0]["seed"]
     assert after - before == 1
+    other = requests.post(sim_rig.url + "/v1/generate", json={**FLAT, "prompt": "another"},
+                          headers={"Idempotency-Key": key}, timeout=60)
+    assert other.status_code == 409 and other.json()["error_code"] == "duplicate_request_id"
+    job = requests.get(f"{sim_rig.url}/v1/jobs/{key}", timeout=10).json()
+    assert job["reply"]["success"], job  # the first job's record is untouched
 
 
 def test_errors_are_http_statuses_with_the_contract_body(sim_rig):
