@@ -298,6 +298,7 @@ def to_response(params: GenerationParams, body: dict, reply: dict, warnings: lis
         "infotexts": [item.get("infotext", "") for item in images],
         "request_id": reply.get("request_id"), "paths": [item.get("path") for item in images],
         "worker_id": metrics.get("worker_id"), "device_name": metrics.get("device_name"),
+        "features_used": list(data.get("features_used") or []),
         "warnings": [*warnings, *(reply.get("warnings") or [])],
     }
     parameters = params.model_dump(mode="json")

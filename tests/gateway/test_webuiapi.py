@@ -57,6 +57,20 @@ def test_controlnet_unit_runs(api):
     assert not [w for w in result.info["warnings"] if "ControlNet" in w]
 
 
+def test_enable_hr_upscales_and_refiner_checkpoint_refines(api):
+    hires = api.txt2img(prompt="a fox", width=256, height=256, steps=2, seed=5, enable_hr=True,
+                        hr_scale=2, hr_upscaler="Lanczos")
+    assert hires.images[0].size == (512, 512)
+    assert "upscale_lanczos" in hires.info["features_used"]
+    assert any("enable_hr" in w for w in hires.info["warnings"])
+    # webuiapi has no refiner arguments; its custom_post sends A1111's own field names
+    refined = api.custom_post("txt2img", {"prompt": "a fox", "width": 256, "height": 256,
+                                          "steps": 4, "seed": 5, "refiner_checkpoint": "tiny-sdxl-refiner",
+                                          "refiner_switch_at": 0.5}, baseurl=True)
+    assert refined.images[0].size == (256, 256)
+    assert "refiner" in refined.info["features_used"]
+
+
 def test_progress_polling_sees_steps_and_a_preview_while_a_job_runs(api):
     seen: list[dict] = []
     done = threading.Event()
