@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("clients.cli_manage", "load a model onto a worker"),
     "cleanup": ("clients.cli_manage", "unload models and free device memory"),
     "cancel": ("clients.cli_manage", "cancel a queued or running job"),
+    "models": ("clients.cli_manage", "every model the workers can load, by kind"),
+    "queue": ("clients.cli_manage", "running and queued jobs"),
+    "history": ("clients.cli_manage", "recent finished jobs"),
     "keys": ("runtime.curve", "make CURVE key pairs"),
     "gateway": ("gateway.cli", "HTTP/WebSocket gateway: the A1111 API, /v1, live dashboard"),
 }

@@ -37,7 +37,7 @@ from protocol.errors import ProtocolError
 from protocol.job import Job
 from protocol.replies import error_reply, final_reply, progress_message
 
-from broker import job_log, management, routing
+from broker import job_log, listings, management, routing
 from broker.eta import queued_eta_s
 from broker.job_queue import JobQueue
 from broker.jobs import QUEUED, RUNNING, JobState, Peer
@@ -159,7 +159,8 @@ class BrokerCore:
             C.STATUS: self._on_status, C.STATUS_LEGACY: self._on_status,
             C.INITIALIZE: self._on_initialize, C.MODEL_LOAD: self._on_model_load,
             C.MODEL_LOAD_LEGACY: self._on_model_load, C.CLEANUP: self._on_cleanup,
-            C.CANCEL: self._on_cancel}
+            C.CANCEL: self._on_cancel, C.LIST_MODELS: self._on_list_models,
+            C.LIST_QUEUE: self._on_list_queue, C.LIST_HISTORY: self._on_list_history}
 
     # --- entry points --------------------------------------------------------------------------
     def open(self, journal, now: float, wall_now: float) -> list[Output]:
@@ -393,6 +394,27 @@ class BrokerCore:
             return
         self._start_op(peer, parsed, W.MANAGE_CLEANUP, targets, management.cleanup_args(parsed),
                        management.CLEANUP_TIMEOUT_S)
+
+    def _on_list_models(self, peer: Peer, parsed) -> None:
+        live = self.registry.live()
+        if not live:
+            self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
+                                            data=listings.models_view({}, {}),
+                                            warnings=[*(parsed.warnings or ()), "no worker is registered"]))
+            return
+        self._start_op(peer, parsed, W.MANAGE_LIST_MODELS, live, W.ManageArgs(),
+                       listings.LIST_MODELS_TIMEOUT_S)
+
+    def _on_list_queue(self, peer: Peer, parsed) -> None:
+        self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
+                                        data=listings.queue_view(self.jobs, self.queue, self._now),
+                                        warnings=parsed.warnings or ()))
+
+    def _on_list_history(self, peer: Peer, parsed) -> None:
+        limit = management.param(parsed, "limit", default=C.DEFAULT_HISTORY_LIMIT)
+        self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
+                                        data=listings.history_view(self.journal, limit),
+                                        warnings=parsed.warnings or ()))
 
     def _start_op(self, peer: Peer, parsed, op: str, workers: list[WorkerRecord],
                   args: W.ManageArgs, timeout_s: float) -> None:

@@ -102,6 +102,15 @@ class Journal:
             return None
         return StoredReply(request_id, row[0], row[1], _unpack_reply(row[2]))
 
+    def recent(self, limit: int) -> list[tuple[str, float, dict]]:
+        """(request_id, finished_at, reply) of the newest stored replies within the TTL, newest
+        first (list_history)."""
+        cutoff = self.wall_clock() - self.reply_ttl_s
+        rows = self._db.execute(
+            "SELECT request_id, finished_at, reply FROM replies WHERE finished_at >= ? "
+            "ORDER BY finished_at DESC LIMIT ?", (cutoff, int(limit)))
+        return [(r[0], r[1], _unpack_reply(r[2])) for r in rows]
+
     def pending(self) -> list[PendingJob]:
         """Accepted jobs without a final reply, oldest first (to re-queue after a restart)."""
         rows = self._db.execute(
@@ -179,6 +188,16 @@ class MemoryJournal:
             return None
         fingerprint, codec, blob, _ = entry
         return StoredReply(request_id, fingerprint, codec, _unpack_reply(blob))
+
+    def recent(self, limit: int) -> list[tuple[str, float, dict]]:
+        cutoff = self.wall_clock() - self.reply_ttl_s
+        out = []
+        for request_id in reversed(self._replies):   # newest last in the OrderedDict
+            _, _, blob, finished_at = self._replies[request_id]
+            if finished_at < cutoff or len(out) >= limit:
+                break
+            out.append((request_id, finished_at, _unpack_reply(blob)))
+        return out
 
     def pending(self) -> list[PendingJob]:
         return sorted(self._jobs.values(), key=lambda p: p.accepted_at)

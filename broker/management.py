@@ -18,6 +18,7 @@ from protocol import worker_protocol as W
 from protocol.errors import ProtocolError
 from protocol.replies import error_reply, final_reply
 
+from broker import listings
 from broker.jobs import Peer
 from broker.registry import WorkerRecord
 
@@ -113,6 +114,13 @@ class PendingOps:
 def reply_for(op: ManageOp, now: float, device_of: Callable[[str], str | None]) -> dict:
     """The client's one final reply for a completed operation (`device_of`: a worker's device)."""
     elapsed = now - op.started
+    if op.op == W.MANAGE_LIST_MODELS:   # what the others answered, even if one did not
+        answered = {w: r for w, r in op.results.items() if w not in op.failures}
+        return final_reply(op.reply_type, op.request_id, success=True,
+                           data=listings.models_view(answered, {w: device_of(w) for w in answered}),
+                           warnings=[f"worker {w} did not list its models: {why}"
+                                     for w, why in sorted(op.failures.items())],
+                           execution_time=elapsed)
     if op.op == W.MANAGE_LOAD_MODEL:
         worker_id, result = next(iter(op.results.items()), (next(iter(op.failures), None), {}))
         data = {**result, "worker_id": worker_id,

@@ -1,4 +1,5 @@
-"""`sdxl-broker status | load | cleanup | cancel`: managing a running broker from a terminal."""
+"""`sdxl-broker status | load | cleanup | cancel | models | queue | history`: managing and
+looking into a running broker from a terminal."""
 
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "status")
     elif command_name == "cancel":
         parser.description = "Cancel a queued or running job."
         parser.add_argument("request_id", help="request_id of the job")
+    elif command_name == "models":
+        parser.description = ("Every model the workers can load, by kind (base, refiner, vae, "
+                              "lora, controlnet, embedding, upscaler), with size, which workers "
+                              "have it and which hold it loaded; then the scheduler names.")
+    elif command_name == "queue":
+        parser.description = ("Running and queued jobs: request id, priority, position, worker, "
+                              "stage, age (no prompts).")
+    elif command_name == "history":
+        parser.description = ("Recent finished jobs, newest first, as long as the broker keeps "
+                              "their replies: outcome, times, worker, image paths.")
+        parser.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
 
 
 def _memory_bar(memory: dict, width: int = 12) -> str:
@@ -74,6 +86,60 @@ def render_status(data: dict, console) -> None:
     console.print(table)
 
 
+def render_models(data: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"models on {len(data.get('workers') or [])} worker(s)")
+    for column in ("kind", "name", "size", "workers", "loaded on"):
+        table.add_column(column)
+    for kind, rows in (data.get("models") or {}).items():
+        for row in rows:
+            table.add_row(kind, str(row.get("name")), f"{float(row.get('size_mb') or 0):.1f} MB",
+                          ", ".join(row.get("workers") or []) or "-",
+                          ", ".join(row.get("loaded_on") or []) or "-")
+    console.print(table)
+    console.print("schedulers: " + ", ".join(data.get("schedulers") or []))
+
+
+def render_queue(data: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{data.get('running', 0)} running, {data.get('queued', 0)} queued")
+    for column in ("request id", "priority", "state", "position", "worker", "stage", "age"):
+        table.add_column(column)
+    for job in data.get("jobs") or []:
+        position = job.get("position")
+        table.add_row(str(job.get("request_id")), str(job.get("priority")), str(job.get("state")),
+                      "-" if position is None else str(position), str(job.get("worker_id") or "-"),
+                      str(job.get("stage")), f"{float(job.get('age_s') or 0):.1f}s")
+    console.print(table)
+
+
+def render_history(data: dict, console) -> None:
+    import time
+
+    from rich.table import Table
+
+    table = Table(title=f"{len(data.get('jobs') or [])} recent job(s) "
+                        f"(replies kept {float(data.get('reply_ttl_s') or 0):.0f}s)")
+    for column in ("finished", "request id", "outcome", "worker", "total", "images"):
+        table.add_column(column)
+    for job in data.get("jobs") or []:
+        outcome = str(job.get("outcome"))
+        if job.get("error_code"):
+            outcome += f" ({job['error_code']})"
+        total = job.get("total_time")
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(float(job.get("finished_at") or 0))),
+                      str(job.get("request_id")), outcome, str(job.get("worker_id") or "-"),
+                      "-" if total is None else f"{float(total):.2f}s",
+                      "\n".join(job.get("images") or []) or "-")
+    console.print(table)
+
+
+_LISTINGS = {"models": ("list_models", render_models), "queue": ("list_queue", render_queue),
+             "history": ("list_history", render_history)}
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -95,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
                 data = client.cleanup(workers=args.worker or None, models=args.model or None)
             elif args.command == "cancel":
                 data = client.cancel(args.request_id)
+            elif args.command == "history":
+                data = client.list_history(args.limit)
+            elif args.command in _LISTINGS:
+                data = getattr(client, _LISTINGS[args.command][0])()
             else:
                 print(f"unknown command {args.command}", file=sys.stderr)
                 return 2
@@ -106,8 +176,10 @@ def run(args: argparse.Namespace) -> int:
             for problem in exc.errors:
                 print(f"  {problem.get('field')}: {problem.get('message')}", file=sys.stderr)
             return 1
-    if args.json or args.command != "status":
+    if args.json or args.command not in ("status", *_LISTINGS):
         print(json.dumps(data, indent=2, default=str))
-    else:
+    elif args.command == "status":
         render_status(data, console)
+    else:
+        _LISTINGS[args.command][1](data, console)
     return 0

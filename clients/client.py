@@ -232,7 +232,8 @@ def _is_final(message: dict) -> bool:
 
 # management queries a live broker answers at once; anything else (a model load, cleanup, a
 # generation that does not ask for progress) may take minutes before its one reply
-_ANSWERED_AT_ONCE = frozenset({C.STATUS, C.STATUS_LEGACY, C.INITIALIZE, C.CANCEL})
+_ANSWERED_AT_ONCE = frozenset({C.STATUS, C.STATUS_LEGACY, C.INITIALIZE, C.CANCEL,
+                               C.LIST_MODELS, C.LIST_QUEUE, C.LIST_HISTORY})
 
 
 def _answered_at_once(body: dict) -> bool:
@@ -467,6 +468,20 @@ class _ClientBase:
 
     def cancel(self, request_id: str, *, timeout_s: float | None = None):
         return self._call(cancel_body(request_id), _data_or_raise, timeout_s=timeout_s)
+
+    def list_models(self):
+        """Every model each worker can load, by kind, with sizes and whether loaded; the pool's
+        view by kind; scheduler names (reply.list_models.json)."""
+        return self._call({"message_type": C.LIST_MODELS}, _data_or_raise)
+
+    def list_queue(self):
+        """Queued and running jobs: request id, priority, position, worker, stage, age."""
+        return self._call({"message_type": C.LIST_QUEUE}, _data_or_raise)
+
+    def list_history(self, limit: int = C.DEFAULT_HISTORY_LIMIT):
+        """Recent finished jobs, newest first, within the broker's reply TTL."""
+        return self._call({"message_type": C.LIST_HISTORY, "data": {"limit": int(limit)}},
+                          _data_or_raise)
 
     def _call(self, body: dict, read: Callable[[dict], Any], **options: Any):
         raise NotImplementedError

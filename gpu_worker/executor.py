@@ -262,6 +262,12 @@ class DiffusersExecutor:
                 "cache_hits": cache["cache_hits"], "cache_misses": cache["cache_misses"],
                 "cache_evictions": cache["cache_evictions"]}
 
+    def list_models(self) -> dict:
+        """{kind: [{name, size_mb, loaded}]}: every model file this worker can load."""
+        from gpu_worker.model_catalogue import catalogue
+
+        return catalogue(self.resolver, self.upscalers, self.cache.snapshot()["models_loaded"])
+
     def load_model(self, name: str) -> dict:
         dtype, _ = self._dtype("float16" if self.device_type != "cpu" else "float32", [])
         started = time.perf_counter()

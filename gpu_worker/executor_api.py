@@ -40,6 +40,11 @@ class Executor(Protocol):
     def load_model(self, name: str) -> dict:
         """Load a base model into the cache ahead of use. Returns {model, load_time_s}."""
 
+    def list_models(self) -> dict:
+        """Every model file this worker can load: {kind: [{name, size_mb, loaded}]} for each
+        kind in protocol.constants.MODEL_KINDS. Called on the transport's IO thread: fast and
+        thread-safe (a directory listing and the cache's snapshot)."""
+
     def cleanup(self, models: list[str] | None = None) -> dict:
         """Unload the named models (all when None) and free device memory.
         Returns {unloaded: [...], memory: {...}}."""

@@ -186,6 +186,14 @@ class SimulatedExecutor:
         took = self._ensure_loaded(name, lambda: False)
         return {"model": name, "load_time_s": took, "simulated": True}
 
+    def list_models(self) -> dict:
+        """SIMULATED: every model it was told the size of, or holds, listed as a base model."""
+        with self._lock:
+            names = sorted(set(self.model_sizes_mb) | set(self._cache))
+            listing = [{"name": n, "size_mb": self._size_of(n), "loaded": n in self._cache}
+                       for n in names]
+        return {kind: (listing if kind == "base" else []) for kind in C.MODEL_KINDS}
+
     def cleanup(self, models: list[str] | None = None) -> dict:
         with self._lock:
             names = list(self._cache) if models is None else [m for m in models if m in self._cache]

@@ -262,6 +262,9 @@ class WorkerTransport:
             log.info("worker %s: abort %s (%s)", self.worker_id, msg.request_id, msg.reason)
 
     def _on_manage(self, msg: W.Manage) -> None:
+        if msg.op == W.MANAGE_LIST_MODELS:   # a directory listing: never wait behind a job
+            self._run_manage(msg)
+            return
         self._tasks.put(msg)
 
     def _on_disconnect(self, msg: W.Disconnect) -> str | None:
@@ -351,6 +354,8 @@ class WorkerTransport:
                 data = self.executor.load_model(str(args.model_name))
             elif op == W.MANAGE_CLEANUP:
                 data = self.executor.cleanup(args.models)
+            elif op == W.MANAGE_LIST_MODELS:
+                data = {"models": self.executor.list_models()}
             else:
                 raise JobError(C.UNKNOWN_MESSAGE_TYPE, f"unknown management op {op!r}")
             self._send(W.encode(W.ManageReply(op_id=op_id, success=True, data=data)))

@@ -13,6 +13,9 @@ STATUS_LEGACY = "get_status"
 INITIALIZE = "initialize"
 CLEANUP = "cleanup"
 CANCEL = "cancel_request"
+LIST_MODELS = "list_models"     # what each worker can load, by kind
+LIST_QUEUE = "list_queue"       # queued and running jobs (no prompts)
+LIST_HISTORY = "list_history"   # recent finished jobs, within the reply TTL
 PROGRESS = "progress"
 
 # request message type -> reply message type
@@ -27,7 +30,15 @@ REPLY_TYPE = {
     INITIALIZE: "initialize_response",
     CLEANUP: "cleanup_response",
     CANCEL: "cancel_response",
+    LIST_MODELS: "list_models_response",
+    LIST_QUEUE: "list_queue_response",
+    LIST_HISTORY: "list_history_response",
 }
+
+# list_models kinds: every model file a worker can load is one of these
+MODEL_KINDS = ("base", "refiner", "vae", "lora", "controlnet", "embedding", "upscaler")
+DEFAULT_HISTORY_LIMIT = 50      # list_history: most recent first
+MAX_HISTORY_LIMIT = 1000
 
 GENERATION_TYPES = frozenset({GENERATE_FLAT, GENERATE_NESTED, GENERATE_LEGACY_ACTION})
 

@@ -497,6 +497,31 @@ class CancelRequest(_Management):
     data: Optional[CancelData] = None
 
 
+class ListModelsRequest(_Management):
+    """Every model file each worker can load, by kind, with sizes and whether loaded."""
+
+    message_type: Optional[Literal["list_models"]] = None
+    data: Optional[dict[str, Any]] = None
+
+
+class ListQueueRequest(_Management):
+    """Queued and running jobs: request id, priority, position, worker, stage, age."""
+
+    message_type: Optional[Literal["list_queue"]] = None
+    data: Optional[dict[str, Any]] = None
+
+
+class ListHistoryData(Edge):
+    limit: Optional[Annotated[int, Field(ge=1, le=C.MAX_HISTORY_LIMIT)]] = None
+
+
+class ListHistoryRequest(_Management):
+    """Recent finished jobs (most recent first, `data.limit`, default 50), within the reply TTL."""
+
+    message_type: Optional[Literal["list_history"]] = None
+    data: Optional[ListHistoryData] = None
+
+
 # request message type -> model (legacy `action` values included)
 REQUEST_MODELS: dict[str, type[Edge]] = {
     C.GENERATE_FLAT: FlatGenerateRequest,
@@ -509,4 +534,7 @@ REQUEST_MODELS: dict[str, type[Edge]] = {
     C.INITIALIZE: InitializeRequest,
     C.CLEANUP: CleanupRequest,
     C.CANCEL: CancelRequest,
+    C.LIST_MODELS: ListModelsRequest,
+    C.LIST_QUEUE: ListQueueRequest,
+    C.LIST_HISTORY: ListHistoryRequest,
 }

@@ -251,6 +251,9 @@ def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> 
     elif mt == C.CANCEL:
         target = model.data.request_id if model.data and model.data.request_id else model.request_id
         params = {"request_id": target}
+    elif mt == C.LIST_HISTORY:
+        params = {"limit": (model.data.limit if model.data and model.data.limit
+                            else C.DEFAULT_HISTORY_LIMIT)}
     return ParsedRequest(message_type=mt, reply_type=reply_type, request_id=request_id, job=job,
                          params=params, warnings=warnings)
 

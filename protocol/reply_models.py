@@ -129,3 +129,83 @@ class ProgressMessage(Reply):
     eta_s: Optional[float] = None  # seconds left, from measured step times
     preview: Optional[str] = Field(None, description="JPEG of the current latents (base64 in "
                                                      "JSON, binary in msgpack); preview: true only")
+
+
+# --- listings (list_models, list_queue, list_history) ------------------------------------------
+ModelKind = Literal[C.MODEL_KINDS]  # type: ignore[valid-type]
+
+
+class ModelFile(Reply):
+    """One model a worker can load: its name as a request names it, its size on disk."""
+    name: str
+    size_mb: float
+    loaded: bool
+
+
+class WorkerModels(Reply):
+    worker_id: str
+    device: str
+    models: dict[ModelKind, list[ModelFile]]   # every kind present, possibly empty
+
+
+class PoolModel(Reply):
+    """One model across the pool: which workers can load it and which hold it now."""
+    name: str
+    size_mb: float
+    workers: list[str]
+    loaded_on: list[str]
+
+
+class ListModelsData(Reply):
+    models: dict[ModelKind, list[PoolModel]]
+    workers: list[WorkerModels]
+    schedulers: list[str]
+
+
+class ListModelsReply(FinalReply):
+    message_type: Literal["list_models_response"]
+    data: Optional[ListModelsData] = None
+
+
+class QueuedJob(Reply):
+    request_id: str
+    priority: Literal[C.PRIORITIES]  # type: ignore[valid-type]
+    state: Literal["queued", "running"]
+    position: Optional[int]          # 0-based serving order while queued, None when running
+    worker_id: Optional[str]         # the worker running it
+    stage: str                       # queued, dispatched (on a worker, not started), loading, denoising, refining, postprocessing
+    age_s: float                     # since the broker accepted it
+    attempt: int
+
+
+class ListQueueData(Reply):
+    jobs: list[QueuedJob]            # running first, then queued in serving order
+    queued: int
+    running: int
+
+
+class ListQueueReply(FinalReply):
+    message_type: Literal["list_queue_response"]
+    data: Optional[ListQueueData] = None
+
+
+class FinishedJob(Reply):
+    request_id: str
+    outcome: Literal["completed", "failed", "cancelled"]
+    error_code: Optional[ErrorCode]
+    finished_at: float               # Unix time
+    total_time: Optional[float]
+    queue_time: Optional[float]
+    inference_time: Optional[float]
+    worker_id: Optional[str]
+    images: list[str]                # paths the worker saved them under
+
+
+class ListHistoryData(Reply):
+    jobs: list[FinishedJob]          # most recent first
+    reply_ttl_s: float
+
+
+class ListHistoryReply(FinalReply):
+    message_type: Literal["list_history_response"]
+    data: Optional[ListHistoryData] = None

@@ -28,10 +28,16 @@ SCHEMAS = {
     "request.initialize": (M.InitializeRequest, "validation"),
     "request.cleanup": (M.CleanupRequest, "validation"),
     "request.cancel_request": (M.CancelRequest, "validation"),
+    "request.list_models": (M.ListModelsRequest, "validation"),
+    "request.list_queue": (M.ListQueueRequest, "validation"),
+    "request.list_history": (M.ListHistoryRequest, "validation"),
     "reply.final": (R.FinalReply, "serialization"),
     "reply.generation": (R.GenerationReply, "serialization"),
     "reply.status": (R.StatusReply, "serialization"),
     "reply.progress": (R.ProgressMessage, "serialization"),
+    "reply.list_models": (R.ListModelsReply, "serialization"),
+    "reply.list_queue": (R.ListQueueReply, "serialization"),
+    "reply.list_history": (R.ListHistoryReply, "serialization"),
 }
 
 

@@ -40,6 +40,7 @@ MANAGE = "MANAGE"
 
 MANAGE_LOAD_MODEL = "load_model"
 MANAGE_CLEANUP = "cleanup"
+MANAGE_LIST_MODELS = "list_models"   # answered at once by the worker's IO thread
 
 # The broker hands a worker at most this many jobs at once: one running plus one prefetched,
 # so a worker never idles between jobs, yet everything else stays in the broker's queue where
@@ -212,7 +213,7 @@ class ManageArgs(Struct, kw_only=True, omit_defaults=True):
 
 class Manage(Message, tag=MANAGE):
     op_id: Count
-    op: Name                                # MANAGE_LOAD_MODEL | MANAGE_CLEANUP
+    op: Name                                # MANAGE_LOAD_MODEL | MANAGE_CLEANUP | MANAGE_LIST_MODELS
     args: ManageArgs = field(default_factory=ManageArgs)
 
 

@@ -144,4 +144,5 @@ def test_every_example_in_docs_protocol_md_is_valid():
             assert parsed.warnings == [], (body, parsed.warnings)
             kinds.add(parsed.message_type)
     assert kinds >= {"generate_sdxl_enhanced", "inference_request", "generate", "model_load_request",
-                     "status_request", "initialize", "cleanup", "cancel_request", "final", "progress"}
+                     "status_request", "initialize", "cleanup", "cancel_request", "final", "progress",
+                     "list_models", "list_queue", "list_history"}
