@@ -344,7 +344,7 @@ class BrokerCore:
 
     def _enqueue(self, state: JobState, front: bool = False) -> None:
         self.jobs[state.request_id] = state
-        state.state, state.worker_id, state.last_progress = QUEUED, None, None
+        state.state, state.worker_id, state.last_progress, state.stage = QUEUED, None, None, None
         if front:
             self.queue.push_front(state.request_id, state.job.priority, None)
         else:
@@ -496,6 +496,8 @@ class BrokerCore:
     def _on_progress(self, worker: WorkerRecord, msg: W.JobProgress) -> None:
         self.registry.touch(worker)
         state = self._current_job(worker, msg)
+        if state is not None:
+            state.stage = msg.stage   # list_queue shows it, whether or not a peer streams
         if state is not None and state.wants_progress:
             self._progress(state, msg.stage, step=msg.step, total_steps=msg.total_steps,
                            worker_id=worker.worker_id, eta_s=msg.eta_s, preview=msg.preview)

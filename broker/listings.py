@@ -22,8 +22,7 @@ def queue_view(jobs: dict, queue, now: float) -> dict:
         queued = state.state == QUEUED
         stage = "queued"
         if not queued:   # sent to a worker; "dispatched" until it reports a stage (prefetched)
-            reported = (state.last_progress or {}).get("stage")
-            stage = reported if reported not in (None, "queued") else "dispatched"
+            stage = state.stage or "dispatched"
         rows.append({
             "request_id": state.request_id,
             "priority": state.job.priority,

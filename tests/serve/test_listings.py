@@ -80,7 +80,7 @@ def test_queue_and_history_show_jobs_without_prompts(start_serve, tmp_path):
                    for args in (("long-1", 150, "normal"), ("pre-1", 2, "low"),
                                 ("q-low", 2, "low"), ("q-high", 2, "high"))]
         threads[0].start()
-        assert wait_for(lambda: client.list_queue()["running"] == 1)
+        assert wait_for(lambda: [j["stage"] for j in client.list_queue()["jobs"]] == ["denoising"])
         threads[1].start()   # a worker holds one running job and one prefetched
         assert wait_for(lambda: client.list_queue()["running"] == 2)
         threads[2].start()
@@ -93,7 +93,7 @@ def test_queue_and_history_show_jobs_without_prompts(start_serve, tmp_path):
         assert [j["request_id"] for j in listed] == ["long-1", "pre-1", "q-high", "q-low"]
         assert [j["state"] for j in listed] == ["running", "running", "queued", "queued"]
         assert [j["worker_id"] for j in listed] == ["sim-0", "sim-0", None, None]
-        assert listed[0]["stage"] in ("loading", "denoising") and listed[1]["stage"] == "dispatched"
+        assert listed[0]["stage"] == "denoising" and listed[1]["stage"] == "dispatched"
         assert [j["position"] for j in listed] == [None, None, 0, 1]
         assert [j["priority"] for j in listed] == ["normal", "low", "high", "low"]
         assert all(j["age_s"] >= 0 for j in listed)
