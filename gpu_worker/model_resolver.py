@@ -10,6 +10,9 @@ A request names models (`tiny-sdxl`, `tiny-lora-a`, `canny`, ...); this module f
                       picks the first controlnet/*canny* folder
   lora                loras/NAME.safetensors, or an explicit path inside the model root
   textual inversion   embeddings/NAME.safetensors, or an explicit path inside the model root
+Each kind is also looked for in the folders of an A1111 or ComfyUI `models/` tree (FOLDERS:
+Stable-diffusion/, checkpoints/, diffusers/, VAE/, vae/, ControlNet/, Lora/, LyCORIS/), so
+--models-dir can point at such a tree as it is.
 
 Refused, each with a message saying what was looked for where:
   - paths that leave the model root ('..', absolute paths elsewhere, symlinks pointing out)
@@ -47,6 +50,16 @@ _PIPELINE_CLASSES = {
     "refiner": ("StableDiffusionXLImg2ImgPipeline",),
 }
 KINDS = ("base", "refiner", "vae", "controlnet", "lora", "textual_inversion")
+# where each kind lives under the model root: ours first, then the folders of an A1111 `models/`
+# tree and of a ComfyUI `models/` tree, so either is used as it is ("" = the root itself)
+FOLDERS = {
+    "base": ("", "Stable-diffusion", "checkpoints", "diffusers"),
+    "vae": ("", "vae", "VAE"),
+    "controlnet": ("controlnet", "ControlNet", ""),
+    "lora": ("loras", "Lora", "LyCORIS"),
+    "textual_inversion": ("embeddings",),
+}
+FOLDERS["refiner"] = FOLDERS["base"]
 
 
 @dataclass(frozen=True)
@@ -97,15 +110,12 @@ class ModelResolver:
 
     def vae(self, name: str) -> ResolvedModel:
         name = self._check_name(name, "vae")
-        candidates = [name, f"vae/{name}"]
-        if not _has_suffix(name):
-            candidates += [f"{name}{s}" for s in self._suffixes()] + [f"vae/{name}{s}" for s in self._suffixes()]
-        path = self._first_existing(name, "vae", candidates, marker="config.json")
+        path = self._first_existing(name, "vae", self._candidates("vae", name), marker="config.json")
         return self._resolved(name, path, "vae")
 
     def controlnet(self, name_or_type: str) -> ResolvedModel:
         name = self._check_name(name_or_type, "controlnet")
-        candidates = [f"controlnet/{name}", name]
+        candidates = [os.path.join(f, name) if f else name for f in FOLDERS["controlnet"]]
         try:
             path = self._first_existing(name, "controlnet", candidates, marker="config.json", refuse_files=True)
         except JobError as exc:
@@ -118,10 +128,10 @@ class ModelResolver:
         return self._resolved(os.path.basename(path), path, "controlnet")
 
     def lora(self, name: str, path: str | None = None) -> ResolvedModel:
-        return self._weights_file(name, path, "lora", "loras")
+        return self._weights_file(name, path, "lora")
 
     def textual_inversion(self, name: str, path: str | None = None) -> ResolvedModel:
-        return self._weights_file(name, path, "textual_inversion", "embeddings")
+        return self._weights_file(name, path, "textual_inversion")
 
     def available(self) -> dict[str, list[str]]:
         """What a request can name, per kind (for initialize replies and error messages)."""
@@ -138,8 +148,16 @@ class ModelResolver:
                     found["vae"].append(entry)
             elif entry.endswith(SAFE_SUFFIXES):
                 found["base"].append(entry)  # single files are named with their suffix
-        for kind, folder in (("controlnet", "controlnet"), ("lora", "loras"), ("textual_inversion", "embeddings")):
+        for kind, folder in [(k, f) for k in ("base", "vae", "controlnet", "lora", "textual_inversion")
+                             for f in FOLDERS[k] if f]:
             sub = os.path.join(root, folder)
+            if kind in ("base", "vae") and os.path.isdir(sub):
+                for entry in sorted(os.listdir(sub)):
+                    full = os.path.join(sub, entry)
+                    if entry.endswith(SAFE_SUFFIXES) or os.path.isfile(os.path.join(full, "model_index.json")) or (
+                            kind == "vae" and os.path.isfile(os.path.join(full, "config.json"))):
+                        found[kind].append(entry)
+                continue
             if os.path.isdir(sub):
                 for entry in sorted(os.listdir(sub)):
                     stem, suffix = os.path.splitext(entry)
@@ -151,11 +169,14 @@ class ModelResolver:
 
     # ---- kinds ---------------------------------------------------------------------------
 
+    def _candidates(self, kind: str, name: str) -> list[str]:
+        """NAME, then NAME + each weight suffix, in each of the kind's folders."""
+        names = [name] + ([f"{name}{s}" for s in self._suffixes()] if not _has_suffix(name) else [])
+        return [os.path.join(folder, n) if folder else n for folder in FOLDERS[kind] for n in names]
+
     def _pipeline(self, name: str, kind: str) -> ResolvedModel:
         name = self._check_name(name, kind)
-        candidates = [name]
-        if not _has_suffix(name):
-            candidates += [f"{name}{s}" for s in self._suffixes()]
+        candidates = self._candidates(kind, name)
         path = self._first_existing(name, kind, candidates, marker="model_index.json")
         if os.path.isdir(path):
             declared = self._declared_class(path)
@@ -168,7 +189,7 @@ class ModelResolver:
         return ResolvedModel(name, path, kind, single_file=True,
                              config_path=self._single_file_config(name, path, kind))
 
-    def _weights_file(self, name: str, path: str | None, kind: str, folder: str) -> ResolvedModel:
+    def _weights_file(self, name: str, path: str | None, kind: str) -> ResolvedModel:
         label = kind.replace("_", " ")
         if path:
             full = self.inside_root(path, f"{label} path")
@@ -177,23 +198,26 @@ class ModelResolver:
             self.check_suffix(full, label)
             return ResolvedModel(name or _stem(full), full, kind, single_file=True)
         name = self._check_name(name, kind)
-        candidates = [f"{folder}/{name}"]
-        if not _has_suffix(name):
-            candidates = [f"{folder}/{name}{s}" for s in self._suffixes()] + [f"{folder}/{name}"]
+        candidates = []
+        for folder in FOLDERS[kind]:
+            if not _has_suffix(name):
+                candidates += [f"{folder}/{name}{s}" for s in self._suffixes()]
+            candidates.append(f"{folder}/{name}")
         full = self._first_existing(name, kind, candidates, files_only=True)
         return ResolvedModel(_stem(name), full, kind, single_file=True)
 
     def _controlnet_by_type(self, control_type: str) -> str | None:
-        folder = os.path.join(self.models_dir, "controlnet")
-        if not os.path.isdir(folder):
-            return None
-        for entry in sorted(os.listdir(folder)):
-            full = os.path.join(folder, entry)
-            if control_type.lower() in entry.lower() and os.path.isfile(os.path.join(full, "config.json")):
-                real = _real(full)
-                if _is_within(real, self.models_dir):
-                    self._refuse_pickle_weights(entry, real)
-                    return real
+        for sub in FOLDERS["controlnet"]:
+            folder = os.path.join(self.models_dir, sub)
+            if not sub or not os.path.isdir(folder):
+                continue
+            for entry in sorted(os.listdir(folder)):
+                full = os.path.join(folder, entry)
+                if control_type.lower() in entry.lower() and os.path.isfile(os.path.join(full, "config.json")):
+                    real = _real(full)
+                    if _is_within(real, self.models_dir):
+                        self._refuse_pickle_weights(entry, real)
+                        return real
         return None
 
     # ---- shared checks -----------------------------------------------------------------

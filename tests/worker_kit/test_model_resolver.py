@@ -211,7 +211,7 @@ def test_available_lists_each_kind(root):
     found = ModelResolver(root).available()
     assert found["base"] == ["base-a", "base-a.safetensors"]
     assert found["refiner"] == ["refiner-a"]
-    assert found["vae"] == ["vae-a"]
+    assert found["vae"] == ["vae-a", "vae-b"]  # vae/vae-b too: every folder a name is found in is listed
     assert found["controlnet"] == ["my-canny-v1", "zoe-depth"]
     assert found["lora"] == ["style"] and found["textual_inversion"] == ["emb"]
 
