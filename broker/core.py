@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Union
 from protocol import codec
 from protocol import constants as C
 from protocol import worker_protocol as W
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, worker_field_errors
 from protocol.job import Job
 from protocol.replies import error_reply, final_reply, progress_message
 
@@ -559,7 +559,8 @@ class BrokerCore:
         else:
             code = msg.code if msg.code in C.ERROR_CODES else C.INTERNAL_ERROR
             self._finish(state, error_reply(
-                state.reply_type, rid, ProtocolError(code, msg.message or code),
+                state.reply_type, rid, ProtocolError(code, msg.message or code,
+                                                     worker_field_errors(msg.details)),
                 warnings=state.warnings, execution_time=now - state.accepted_at))
 
     # --- liveness -----------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ OOM on purpose (or set SDXL_BROKER_TEST_INJECT_OOM=N for the first N inference a
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import threading
@@ -35,7 +34,8 @@ from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, UPSCALER, VAE,
                                        free_device_memory)
 from gpu_worker.schedulers import make_scheduler, scheduler_class
 from protocol import constants as C
-from protocol.errors import JobError
+from protocol import rules
+from protocol.errors import JobError, about_field
 from protocol.job import Job
 
 log = logging.getLogger(__name__)
@@ -71,16 +71,6 @@ def _quiet_library_progress_bars() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-
-
-def _min_steps(strength: float) -> int:
-    """Fewest steps with int(steps * strength) >= 1, as diffusers counts them."""
-    steps = max(1, math.ceil(1 / strength))
-    while int(steps * strength) < 1:
-        steps += 1
-    while steps > 1 and int((steps - 1) * strength) >= 1:
-        steps -= 1
-    return steps
 
 
 def _keep_scheduler_config(pipe) -> None:
@@ -312,7 +302,8 @@ class DiffusersExecutor:
             progress("postprocessing", 0, len(images))
             generated = self._finish(job, images, seeds, inputs, model_info, state)
             postprocessing_time = time.perf_counter() - post_started
-        except JobError:
+        except JobError as exc:
+            exc.name_fields(job.client_path)  # errors[{field, message}] in the client's form
             raise
         except Exception as exc:
             if _is_oom(exc):
@@ -339,25 +330,14 @@ class DiffusersExecutor:
 
     # --- validation --------------------------------------------------------------------------
     def _validate(self, job: Job) -> None:
-        """What diffusers would fail on cryptically (DIFFUSERS-FACTS.md) gets a clear error."""
-        scheduler_class(job.scheduler)
-        if job.mode in ("img2img", "inpaint"):
-            if not 0.0 < job.strength <= 1.0:
-                raise JobError(C.VALIDATION_ERROR, f"strength {job.strength} must be in (0, 1] for {job.mode}",
-                               {"field": "strength"})
-            if int(job.steps * job.strength) < 1:
-                raise JobError(C.VALIDATION_ERROR,
-                               f"strength {job.strength} x steps {job.steps} leaves no denoising step "
-                               f"(needs steps * strength >= 1); raise steps to at least "
-                               f"{_min_steps(job.strength)} or raise strength", {"field": "strength"})
-        if job.models.refiner and not 0.0 < job.refiner_switch < 1.0:
-            raise JobError(C.VALIDATION_ERROR, f"refiner_switch {job.refiner_switch} must be in (0, 1)",
-                           {"field": "refiner_switch"})
-        if job.width % 8 or job.height % 8:
-            raise JobError(C.VALIDATION_ERROR, "width and height must be multiples of 8", {"field": "width"})
-        if not C.MIN_BATCH <= job.batch_size <= C.MAX_BATCH:
-            raise JobError(C.VALIDATION_ERROR, f"batch_size {job.batch_size} outside {C.MIN_BATCH}..{C.MAX_BATCH}",
-                           {"field": "batch_size"})
+        """The broker's job rules (protocol.rules) once more, so a job from an older broker or a
+        journal cannot reach diffusers with what it would fail on cryptically."""
+        with about_field("scheduler"):
+            scheduler_class(job.scheduler)
+        problems = rules.job_problems(job)
+        if problems:
+            raise JobError(C.VALIDATION_ERROR, "; ".join(f"{name}: {message}" for name, message in problems),
+                           {"errors": [{"field": name, "message": message} for name, message in problems]})
 
     def _dtype(self, name: str, warnings: list, field_name: str = "dtype") -> tuple[torch.dtype, str]:
         if name not in _DTYPES and name != "auto":
@@ -454,7 +434,8 @@ class DiffusersExecutor:
     def _assemble(self, job: Job, dtype, vae_dtype, inputs: dict, state: _JobState):
         from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLImg2ImgPipeline
 
-        _key, base, _hit = self._base(job.models.base, dtype, state)
+        with about_field("models.base"):
+            _key, base, _hit = self._base(job.models.base, dtype, state)
         model_info = {"base": job.models.base, "refiner": None, "vae": None, "loras": [],
                       "controlnets": [], "textual_inversions": [], "scheduler": job.scheduler,
                       "dtype": str(dtype).replace("torch.", ""), "vae_dtype": str(vae_dtype).replace("torch.", "")}
@@ -464,7 +445,8 @@ class DiffusersExecutor:
         if job.models.vae or vae is None:
             vae_name = job.models.vae or f"{job.models.base}/vae"
             if job.models.vae:
-                resolved = self.resolver.vae(job.models.vae)
+                with about_field("models.vae"):
+                    resolved = self.resolver.vae(job.models.vae)
                 path = resolved.path
 
                 def load_vae():
@@ -480,15 +462,17 @@ class DiffusersExecutor:
                 def load_vae():
                     import copy
                     return copy.deepcopy(base.vae).to(dtype=vae_dtype)
-            vae, _ = self._load((VAE, path, str(vae_dtype)), vae_name, VAE, load_vae, state)
+            with about_field("models.vae"):
+                vae, _ = self._load((VAE, path, str(vae_dtype)), vae_name, VAE, load_vae, state)
 
         controlnets = []
         for index, spec in enumerate(job.controlnets):
-            resolved = self.resolver.controlnet(spec.model or spec.type)
-            model, _ = self._load(
-                (CONTROLNET, resolved.path, str(dtype)), resolved.name, CONTROLNET,
-                lambda path=resolved.path: ControlNetModel.from_pretrained(
-                    path, dtype=dtype, local_files_only=True).to(self._torch_device), state)
+            with about_field(f"controlnets[{index}].{'model' if spec.model else 'type'}"):
+                resolved = self.resolver.controlnet(spec.model or spec.type)
+                model, _ = self._load(
+                    (CONTROLNET, resolved.path, str(dtype)), resolved.name, CONTROLNET,
+                    lambda path=resolved.path: ControlNetModel.from_pretrained(
+                        path, dtype=dtype, local_files_only=True).to(self._torch_device), state)
             controlnets.append(model)
             model_info["controlnets"].append({"name": resolved.name, "type": spec.type, "weight": spec.weight})
         if controlnets:
@@ -506,7 +490,8 @@ class DiffusersExecutor:
 
         refiner = None
         if job.models.refiner:
-            resolved = self.resolver.refiner(job.models.refiner)
+            with about_field("models.refiner"):
+                resolved = self.resolver.refiner(job.models.refiner)
 
             def load_refiner():
                 loaded = StableDiffusionXLImg2ImgPipeline.from_pretrained(

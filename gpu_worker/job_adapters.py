@@ -14,7 +14,7 @@ from typing import Any, Callable
 from gpu_worker.file_hashes import short_hash
 from gpu_worker.pipeline_cache import LORA, TEXTUAL_INVERSION
 from protocol import constants as C
-from protocol.errors import JobError
+from protocol.errors import JobError, about_field
 from protocol.job import Job
 
 # LyCORIS algorithms diffusers cannot load, by a key fragment only their files have
@@ -52,14 +52,17 @@ def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info:
     if loras:
         names, weights = [], []
         for index, spec in enumerate(loras):
-            resolved = resolver.lora(spec.name, spec.path)
-            if resolved.path.endswith(".safetensors"):
-                tensors = load_cached((LORA, resolved.path), spec.name, LORA,
-                                      lambda path=resolved.path: load_file(path))
-                source = dict(tensors)  # diffusers pops keys from the dict it is given
-                layout = lora_format(tensors)
-            else:  # a pickle format the operator allowed: diffusers reads it (weights only)
-                source, layout = resolved.path, "pickle"
+            # a LoRA from a <lora:> tag in the prompt has no field of its own
+            with about_field(f"loras[{index}].{'path' if spec.path else 'name'}"
+                             if index < len(job.loras) else "prompt"):
+                resolved = resolver.lora(spec.name, spec.path)
+                if resolved.path.endswith(".safetensors"):
+                    tensors = load_cached((LORA, resolved.path), spec.name, LORA,
+                                          lambda path=resolved.path: load_file(path))
+                    source = dict(tensors)  # diffusers pops keys from the dict it is given
+                    layout = lora_format(tensors)
+                else:  # a pickle format the operator allowed: diffusers reads it (weights only)
+                    source, layout = resolved.path, "pickle"
             adapter = f"job_lora_{index}"
             state.loras_attached = True  # before loading: a half-done load is undone too
             pipe.load_lora_weights(source, adapter_name=adapter)
@@ -72,10 +75,12 @@ def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info:
 
     prompts = " ".join(p or "" for p in (job.prompt, job.prompt_2, job.negative_prompt, job.negative_prompt_2))
     for index, spec in enumerate(job.textual_inversions):
-        resolved = resolver.textual_inversion(spec.name, spec.path)
+        with about_field(f"textual_inversions[{index}].{'path' if spec.path else 'name'}"):
+            resolved = resolver.textual_inversion(spec.name, spec.path)
         if not resolved.path.endswith(".safetensors"):
             raise JobError(C.UNSUPPORTED_FEATURE,
-                           f"textual_inversions[{index}]: only .safetensors embeddings are supported")
+                           f"textual_inversions[{index}]: only .safetensors embeddings are supported",
+                           {"field": f"textual_inversions[{index}]"})
         tensors = load_cached((TEXTUAL_INVERSION, resolved.path), spec.name, TEXTUAL_INVERSION,
                               lambda path=resolved.path: load_file(path))
         if "clip_l" not in tensors or "clip_g" not in tensors:

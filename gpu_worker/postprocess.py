@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _EXTENSION = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-MAX_UPSCALE_FACTOR = 4.0
+MAX_UPSCALE_FACTOR = C.MAX_UPSCALE_FACTOR  # one bound: protocol.constants
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286  # EXIF sub-IFD pointer, UserComment tag
 _UNICODE_PREFIX = b"UNICODE\x00"
 

@@ -134,11 +134,17 @@ MAX_NAME_CHARS = 1024  # model names, paths, devices, tokens
 MAX_ID_CHARS = 256  # request_id / session_id
 MAX_SEED = 2**63 - 1  # a C# long; -1 means "draw one"
 MAX_CLIP_SKIP = 10
-MAX_UPSCALE_FACTOR = 8.0
+MAX_UPSCALE_FACTOR = 4.0  # what the worker's upscalers do (Real-ESRGAN models are x2/x4)
 MAX_TIMEOUT_S = 86_400.0
 MAX_TAGS = 64
 MAX_LIST_ITEMS = 32  # LoRAs, ControlNets, textual inversions, workers, models per request
 DEFAULT_UPSCALE_METHOD = "lanczos"
+# upscale_method: built in, or the worker's default model upscaler; any other value names an
+# upscaler model file (gpu_worker/upscalers.py), which only the worker can find
+UPSCALE_METHODS = ("lanczos", "realesrgan")
+UPSCALE_METHOD_ALIASES = ("real-esrgan", "esrgan")
+# refiner_switch: the share of the steps the base runs; 0 and 1 would leave one model no step
+MIN_REFINER_SWITCH, MAX_REFINER_SWITCH = 0.0, 1.0  # both excluded
 DEFAULT_CONTROLNET_RESOLUTION = 512  # the seed's preprocessor.resolution
 
 # --- progress previews (preview: true, or stream: "preview") ------------------------------

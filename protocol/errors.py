@@ -3,6 +3,7 @@ protocol.constants.ERROR_CODES and, for validation, every problem with its field
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from protocol import constants as C
@@ -47,3 +48,35 @@ class JobError(Exception):
     def __post_init__(self):
         assert self.code in C.ERROR_CODES, self.code
         super().__init__(self.message)
+
+    def name_fields(self, client_path) -> None:
+        """details["errors"] = [{field, message}] with each canonical field (details["field"]
+        or details["errors"]) renamed by `client_path` to the path the client sent."""
+        given = self.details.get("errors")
+        if not isinstance(given, list):
+            given = [{"field": self.details["field"], "message": self.message}] \
+                if isinstance(self.details.get("field"), str) else []
+        self.details["errors"] = [{"field": client_path(e["field"]), "message": e["message"]}
+                                  for e in given]
+
+
+@contextmanager
+def about_field(canonical: str):
+    """A JobError raised inside that names no field gets `canonical` (e.g. a model not found
+    while resolving `models.refiner`)."""
+    try:
+        yield
+    except JobError as exc:
+        exc.details.setdefault("field", canonical)
+        raise
+
+
+def worker_field_errors(details: object) -> list[FieldError]:
+    """The `errors` a worker's failure names (JobError.name_fields wrote them in the client's
+    form), checked: it is data from another process."""
+    given = details.get("errors") if isinstance(details, dict) else None
+    if not isinstance(given, list):
+        return []
+    return [FieldError(e["field"], e["message"]) for e in given[:100]
+            if isinstance(e, dict) and isinstance(e.get("field"), str)
+            and isinstance(e.get("message"), str)]

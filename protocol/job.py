@@ -123,6 +123,14 @@ class Job(_Frozen):
     # Names are Job fields ("steps", "timeout_s") or "section.field" ("output.quality",
     # "postprocess.upscale_factor", "precision.dtype"); filled by protocol.translate.
     explicit: frozenset[str] = Field(default_factory=frozenset)
+    # Where a field came from when the form alone does not say (nested: "controlnets[1]" ->
+    # "data.controlnets[0]"), so errors name the client's field (protocol.field_paths).
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def client_path(self, canonical: str) -> str:
+        """`canonical` ("strength", "controlnets[0].image") as the client's form spells it."""
+        from protocol.field_paths import client_path
+        return client_path(self.form, canonical, dict(self.sources))
 
     # --- derived views used for routing ---------------------------------------------------
     @property

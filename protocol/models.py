@@ -17,7 +17,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidat
                       StringConstraints, ValidationInfo, WithJsonSchema)
 
 from protocol import constants as C
-from protocol import normalize
+from protocol import normalize, rules
 
 
 class Edge(BaseModel):
@@ -45,7 +45,10 @@ def _no_pickle(value: str, info: ValidationInfo) -> str:
 
 
 def _model_ref(value: str, info: ValidationInfo) -> str:
-    """_not_blank then _no_pickle, as one call: a request carries several model references."""
+    """_not_blank, _no_pickle and no '..', as one call: a request carries several model
+    references."""
+    if ".." in value and normalize.leaves_root(value):
+        raise ValueError(rules.MODEL_PATH_ESCAPES)
     return _no_pickle(_not_blank(value), info)
 
 
@@ -82,6 +85,8 @@ def _image(value: Any) -> Union[bytes, str]:
         raise ValueError("must be a path, a base64 string / data URI, or binary image data")
     if not value:
         raise ValueError("must not be empty")
+    if isinstance(value, str) and ".." in value and normalize.leaves_root(value):
+        raise ValueError(rules.INPUT_PATH_ESCAPES)  # base64 and data URIs hold no '.'
     return value
 
 
@@ -101,6 +106,7 @@ Guidance = Annotated[float, Field(ge=C.MIN_GUIDANCE, le=C.MAX_GUIDANCE)]
 Seed = Annotated[int, Field(ge=-1, le=C.MAX_SEED)]
 Strength = Annotated[float, Field(ge=0.0, le=1.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+RefinerSwitch = Annotated[float, Field(gt=C.MIN_REFINER_SWITCH, lt=C.MAX_REFINER_SWITCH)]
 ClipSkip = Annotated[int, Field(ge=0, le=C.MAX_CLIP_SKIP)]
 LoraWeight = Annotated[float, Field(ge=C.MIN_LORA_WEIGHT, le=C.MAX_LORA_WEIGHT)]
 ControlScale = Annotated[float, Field(ge=C.MIN_CONTROLNET_SCALE, le=C.MAX_CONTROLNET_SCALE)]
@@ -112,6 +118,17 @@ TimeoutS = Annotated[float, Field(gt=0.0, le=C.MAX_TIMEOUT_S)]
 SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_scheduler)]
 ControlNetType = Annotated[str, StringConstraints(max_length=100), AfterValidator(_controlnet_type)]
 SavePath = Annotated[str, StringConstraints(max_length=C.MAX_NAME_CHARS), AfterValidator(_save_path)]
+def _upscale_method(value: str, info: ValidationInfo) -> str:
+    """lanczos or the default model upscaler's aliases (case-insensitive), else the name or path
+    of an upscaler model file, with the rules of every model reference."""
+    low = value.strip().lower()
+    if low in C.UPSCALE_METHODS or low in C.UPSCALE_METHOD_ALIASES:
+        return low
+    return _model_ref(value, info)
+
+
+UpscaleMethod = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS),
+                          AfterValidator(_upscale_method)]
 OutputFormat = Annotated[str, StringConstraints(max_length=20),
                          AfterValidator(_choice(C.OUTPUT_FORMATS, {"jpg": "jpeg"})),
                          WithJsonSchema({"type": "string", "enum": ["png", "jpeg", "jpg", "webp"]})]
@@ -168,7 +185,7 @@ class FlatGenerateRequest(Edge):
     model_base: Optional[ModelRef] = None
     model_refiner: Optional[ModelRef] = None
     model_vae: Optional[ModelRef] = None
-    refiner_switch: Optional[Fraction] = None
+    refiner_switch: Optional[RefinerSwitch] = None
     lora_names: Optional[_items(Optional[Name])] = None  # null item: the path's stem
     lora_paths: Optional[_items(Optional[ModelRef])] = None  # null item: resolve the name
     lora_weights: Optional[_items(LoraWeight)] = None
@@ -189,7 +206,7 @@ class FlatGenerateRequest(Edge):
     save_path: Optional[SavePath] = None
     return_images: Optional[bool] = None
     upscale_factor: Optional[UpscaleFactor] = None
-    upscale_method: Optional[Name] = None
+    upscale_method: Optional[UpscaleMethod] = None
     auto_contrast: Optional[bool] = None
     dtype: Optional[Dtype] = None
     vae_dtype: Optional[Dtype] = None
@@ -214,7 +231,7 @@ class NestedHyperparameters(Edge):
     seed: Optional[Seed] = None
     strength: Optional[Strength] = None
     clip_skip: Optional[ClipSkip] = None  # extension
-    refiner_switch: Optional[Fraction] = None  # extension
+    refiner_switch: Optional[RefinerSwitch] = None  # extension
 
 
 class NestedDimensions(Edge):
@@ -256,7 +273,7 @@ class NestedControlNet(Edge):
 class NestedUpscale(Edge):
     enabled: Optional[bool] = None
     factor: Optional[UpscaleFactor] = None
-    method: Optional[Name] = None
+    method: Optional[UpscaleMethod] = None
 
 
 class NestedOutput(Edge):
@@ -392,7 +409,7 @@ class LegacyHyperparameters(Edge):
     scheduler: Optional[SchedulerName] = None
     use_karras_sigmas: Optional[bool] = None
     clip_skip: Optional[ClipSkip] = None
-    refiner_switch: Optional[Fraction] = None
+    refiner_switch: Optional[RefinerSwitch] = None
     batch_size: Optional[Batch] = None
 
 
@@ -406,7 +423,7 @@ class LegacyOutput(Edge):
 class LegacyPostprocessing(Edge):
     auto_contrast: Optional[bool] = None
     upscale_factor: Optional[UpscaleFactor] = None
-    upscale_method: Optional[Name] = None
+    upscale_method: Optional[UpscaleMethod] = None
 
 
 class LegacyMetadata(Edge):

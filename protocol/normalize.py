@@ -119,11 +119,16 @@ def has_pickle_suffix(path: str) -> bool:
     return path.lower().endswith(C.PICKLE_SUFFIXES)
 
 
+def leaves_root(path: str) -> bool:
+    """Whether a relative path climbs out of its root through a '..' segment."""
+    return ".." in path.replace("\\", "/").split("/")
+
+
 def save_path_problem(path: str) -> str | None:
     """Why a save_path would leave the output root, or None when it stays inside."""
     if path.startswith(("/", "\\")) or path[1:2] == ":" or "://" in path:
         return "save_path must be relative to the output root"
-    if ".." in path and ".." in path.replace("\\", "/").split("/"):
+    if ".." in path and leaves_root(path):
         return "save_path must not contain '..'"
     if "\x00" in path:
         return "save_path must not contain NUL"

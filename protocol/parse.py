@@ -254,6 +254,10 @@ def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> 
     elif mt == C.LIST_HISTORY:
         params = {"limit": (model.data.limit if model.data and model.data.limit
                             else C.DEFAULT_HISTORY_LIMIT)}
+    if job is not None:  # the rules over the whole job, decided here rather than on a worker
+        problems = rules.job_field_errors(job)
+        if problems:
+            raise ValidationFailed(problems)
     return ParsedRequest(message_type=mt, reply_type=reply_type, request_id=request_id, job=job,
                          params=params, warnings=warnings)
 

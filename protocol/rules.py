@@ -14,6 +14,16 @@ from protocol import constants as C
 from protocol.errors import FieldError
 
 
+# the words every error and docs/protocol.md use for a rule (one place for each)
+MASK_NEEDS_INIT = "mask_image needs init_image (inpainting edits an image)"
+REFINER_SWITCH_BOUNDS = (f"must be between {C.MIN_REFINER_SWITCH:g} and {C.MAX_REFINER_SWITCH:g}, "
+                         "both excluded (the share of the steps the base runs before the refiner)")
+SIZE_BOUNDS = (f"must be {C.MIN_SIZE}-{C.MAX_SIZE} and a multiple of {C.SIZE_MULTIPLE}")
+UPSCALE_FACTOR_BOUNDS = f"must be 1.0-{C.MAX_UPSCALE_FACTOR:g}"
+INPUT_PATH_ESCAPES = "an image path must stay under the input root (no '..')"
+MODEL_PATH_ESCAPES = "a model path must stay under the model root (no '..')"
+
+
 def _at(i: int, items: Optional[list]):
     return items[i] if items is not None and i < len(items) else None
 
@@ -54,7 +64,7 @@ def _null_items(body: dict, key: str, fallback: str, errors: list[FieldError], w
 
 def _mask_needs_init(mask, init, field: str, errors: list[FieldError]) -> None:
     if mask is not None and init is None:
-        errors.append(FieldError(field, "mask_image needs init_image (inpainting edits an image)"))
+        errors.append(FieldError(field, MASK_NEEDS_INIT))
 
 
 def cross_field_errors(message_type: str, body: dict, default_model_base: Optional[str]) -> list[FieldError]:
@@ -128,3 +138,50 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
         if _get(body, "data", "request_id") is None and body.get("request_id") is None:
             errors.append(FieldError("request_id", "the request_id of the job to cancel is required"))
     return errors
+
+
+# --- rules on the canonical job: the broker runs them before queueing (fields named as the
+# client wrote them), the worker runs the same ones again before it starts (a journal or another
+# broker may hand it an older job) -----------------------------------------------------------
+
+def min_steps(strength: float) -> int:
+    """Fewest steps with int(steps * strength) >= 1, as diffusers counts them."""
+    if strength <= 0:
+        return 0  # no step count helps; the message says to raise strength
+    steps = max(1, int(1 / strength))
+    while int(steps * strength) < 1:
+        steps += 1
+    return steps
+
+
+def steps_strength_message(steps: int, strength: float) -> str:
+    hint = (f"raise steps to at least {min_steps(strength)} or raise strength"
+            if strength > 0 else "raise strength above 0")
+    return (f"strength {strength:g} x steps {steps} leaves no denoising step "
+            f"(needs steps * strength >= 1); {hint}")
+
+
+def job_problems(job) -> list[tuple[str, str]]:
+    """(canonical field path, message) for every rule a valid-looking job still breaks."""
+    problems: list[tuple[str, str]] = []
+    if job.init_image is not None and int(job.steps * job.strength) < 1:
+        problems.append(("strength", steps_strength_message(job.steps, job.strength)))
+    if job.mask_image is not None and job.init_image is None:
+        problems.append(("mask_image", MASK_NEEDS_INIT))
+    if job.models.refiner and not 0.0 < job.refiner_switch < 1.0:
+        problems.append(("refiner_switch", REFINER_SWITCH_BOUNDS))
+    for name in ("width", "height"):
+        value = getattr(job, name)
+        if not (C.MIN_SIZE <= value <= C.MAX_SIZE and value % C.SIZE_MULTIPLE == 0):
+            problems.append((name, SIZE_BOUNDS))
+    if not C.MIN_BATCH <= job.batch_size <= C.MAX_BATCH:
+        problems.append(("batch_size", f"must be {C.MIN_BATCH}-{C.MAX_BATCH}"))
+    factor = job.postprocess.upscale_factor
+    if factor is not None and not 1.0 <= factor <= C.MAX_UPSCALE_FACTOR:
+        problems.append(("postprocess.upscale_factor", UPSCALE_FACTOR_BOUNDS))
+    return problems
+
+
+def job_field_errors(job) -> list[FieldError]:
+    """job_problems with each field named as the client's form spells it."""
+    return [FieldError(job.client_path(name), message) for name, message in job_problems(job)]

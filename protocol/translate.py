@@ -264,17 +264,21 @@ def nested_to_job(m: M.NestedGenerateRequest, *, request_id: str,
                                   "weight": 1.0 if x.weight is None else x.weight}
                                  for x in d.lora.models]
     controlnets = []
+    sources: list[tuple[str, str]] = []  # where a field came from, for error paths
     single = d.controlnet
     if single is not None:
         enabled = single.enabled if single.enabled is not None else single.control_image is not None
         if enabled:
             controlnets.append(_nested_controlnet(single))
+            sources.append(("controlnets[0]", "data.controlnet"))
         elif single.control_image is not None:
             warnings.append("data.controlnet ignored because data.controlnet.enabled is false")
     for i, cn in enumerate(d.controlnets or ()):
         if cn.enabled is False:
             warnings.append(f"data.controlnets[{i}] ignored because its enabled is false")
         else:
+            if len(controlnets) != i:  # only then does the job's index differ from the list's
+                sources.append((f"controlnets[{len(controlnets)}]", f"data.controlnets[{i}]"))
             controlnets.append(_nested_controlnet(cn))
     if controlnets:
         b.fields["controlnets"] = controlnets
@@ -286,6 +290,12 @@ def nested_to_job(m: M.NestedGenerateRequest, *, request_id: str,
     b.copy_in("output", out.__dict__, _OUTPUT_FIELDS)
     post = d.postprocessing or _EMPTY[M.NestedPostprocessing]
     upscale = post.upscale or out.upscale  # the contract's postprocessing.upscale wins
+    if upscale is not None and post.upscale is None:
+        sources.append(("upscale", "data.output.upscale"))
+    if models.base is None and d.model_name is not None:
+        sources.append(("models.base", "data.model_name"))
+    if sources:
+        b.fields["sources"] = tuple(sources)
     factor = method = None
     if upscale is not None:
         enabled = upscale.enabled if upscale.enabled is not None else upscale.factor is not None

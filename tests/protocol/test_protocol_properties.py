@@ -36,10 +36,11 @@ OPTIONAL_FLAT = {
     "seed": st.integers(-1, C.MAX_SEED), "strength": bounded(0.0, 1.0),
     "scheduler": st.sampled_from(SCHEDULER_NAMES), "use_karras_sigmas": st.booleans(),
     "clip_skip": st.integers(0, C.MAX_CLIP_SKIP), "model_refiner": paths, "model_vae": paths,
-    "refiner_switch": bounded(0.0, 1.0), "batch_size": st.integers(1, 9),
+    "refiner_switch": bounded(0.01, 0.99), "batch_size": st.integers(1, 9),
     "output_format": st.sampled_from(["png", "jpeg", "webp", "JPG"]),
     "output_quality": st.integers(1, 100), "save_path": st.sampled_from(["outputs/", "a/b", "x"]),
-    "return_images": st.booleans(), "upscale_factor": bounded(1.0, 8.0), "upscale_method": names,
+    "return_images": st.booleans(), "upscale_factor": bounded(1.0, C.MAX_UPSCALE_FACTOR),
+    "upscale_method": st.one_of(names, st.sampled_from([*C.UPSCALE_METHODS, "Lanczos"])),
     "auto_contrast": st.booleans(), "dtype": st.sampled_from(C.DTYPES),
     "vae_dtype": st.sampled_from(C.DTYPES), "attention_slicing": st.booleans(),
     "vae_slicing": st.booleans(), "vae_tiling": st.booleans(), "cpu_offload": st.booleans(),
@@ -58,7 +59,8 @@ def flat_bodies(draw):
             body[key] = draw(strategy)
     if draw(st.booleans()):
         body["init_image"] = draw(images)
-        body["strength"] = draw(bounded(0.0, 1.0))
+        body["strength"] = draw(bounded(0.5, 1.0))  # with steps >= 2: a denoising step is left
+        body["steps"] = max(body.get("steps", C.DEFAULT_STEPS), 2)
         if draw(st.booleans()):
             body["mask_image"] = draw(images)
     n = draw(st.integers(0, 3))
@@ -90,7 +92,8 @@ def flat_bodies(draw):
 
 
 def _without(job, *fields):
-    return job.model_dump(exclude=set(fields))
+    # `sources` says where a nested field came from (for error paths), like `form`
+    return job.model_dump(exclude={"sources", *fields})
 
 
 def _via_msgpack(body: dict) -> dict:

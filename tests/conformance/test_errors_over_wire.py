@@ -1,0 +1,71 @@
+"""Errors as a client sees them (issue 15): what the request alone decides comes back from the
+broker at once with every problem and its path; what only the worker can know (a file missing
+under its roots) comes back with errors[{field, message}] naming the client's own field."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol import constants as C
+from protocol import rules
+
+pytestmark = pytest.mark.slow
+
+
+def test_request_only_problems_are_all_listed_before_queueing(client):
+    reply = client.request({"message_type": C.GENERATE_FLAT, "prompt": "p", "model_base": "tiny-sdxl",
+                            "init_image": "../outside.png", "steps": 10, "strength": 0.05,
+                            "model_refiner": "tiny-sdxl-refiner", "refiner_switch": 1.0,
+                            "upscale_factor": 6, "upscale_method": "../up.safetensors",
+                            "lora_names": ["x"], "lora_paths": ["../../x.safetensors"]})
+    assert reply["error_code"] == C.VALIDATION_ERROR
+    fields = {e["field"]: e["message"] for e in reply["errors"]}
+    assert fields == {"init_image": rules.INPUT_PATH_ESCAPES, "refiner_switch": fields["refiner_switch"],
+                      "upscale_factor": fields["upscale_factor"],
+                      "upscale_method": rules.MODEL_PATH_ESCAPES,
+                      "lora_paths[0]": rules.MODEL_PATH_ESCAPES}
+    # the strength rule needs a valid job, so it is heard once the fields are right
+    reply = client.request({"message_type": C.GENERATE_FLAT, "prompt": "p", "model_base": "tiny-sdxl",
+                            "init_image": "photo.png", "steps": 10, "strength": 0.05})
+    assert reply["errors"] == [{"field": "strength", "message": rules.steps_strength_message(10, 0.05)}]
+
+
+SMALL = {"width": 256, "height": 256, "steps": 2}
+
+
+@pytest.mark.parametrize("form, body, field", [
+    ("flat", {"message_type": C.GENERATE_FLAT, "prompt": "p", "model_base": "tiny-sdxl",
+              "init_image": "missing.png", **SMALL}, "init_image"),
+    ("nested", {"message_type": C.GENERATE_NESTED, "data": {
+        "prompt": "p", "model_name": "tiny-sdxl", "init_image": "missing.png",
+        "dimensions": {"width": 256, "height": 256},
+        "hyperparameters": {"num_inference_steps": 2}}}, "data.init_image"),
+    ("legacy", {"action": "generate", "prompt_submission": {
+        "model": {"base": "tiny-sdxl"}, "conditioning": {"prompt": "p", "init_image": "missing.png"},
+        "hyperparameters": SMALL}}, "prompt_submission.conditioning.init_image"),
+])
+def test_a_missing_input_file_is_named_in_the_clients_form(client, form, body, field):
+    reply = client.request(body)
+    assert reply["error_code"] == C.VALIDATION_ERROR, reply
+    assert [e["field"] for e in reply["errors"]] == [field]
+    assert "missing.png" in reply["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"message_type": C.GENERATE_FLAT, "prompt": "p", "model_base": "tiny-sdxl",
+      "lora_names": ["tiny-lora-a", "no-such-lora"], **SMALL}, "lora_names[1]"),
+    ({"message_type": C.GENERATE_NESTED, "data": {
+        "prompt": "p", "models": {"base": "tiny-sdxl", "refiner": "no-such-refiner"},
+        "dimensions": {"width": 256, "height": 256}, "hyperparameters": {"num_inference_steps": 2}}},
+     "data.models.refiner"),
+    ({"action": "generate", "prompt_submission": {
+        "model": {"base": "tiny-sdxl"}, "hyperparameters": SMALL,
+        "conditioning": {"prompt": "p", "controlnets": [
+            {"type": "canny", "image": "edges.png"},
+            {"image": "edges.png", "model": "controlnet/no-such"}]}}},
+     "prompt_submission.conditioning.controlnets[1].model"),
+])
+def test_a_missing_model_is_named_in_the_clients_form(client, body, field):
+    reply = client.request(body)
+    assert reply["error_code"] == C.MODEL_NOT_FOUND, reply
+    assert [e["field"] for e in reply["errors"]] == [field]
