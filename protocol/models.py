@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidat
                       StringConstraints, ValidationInfo, WithJsonSchema)
 
 from protocol import constants as C
+from protocol import json_patterns as JP
 from protocol import normalize, rules
 
 
@@ -91,15 +92,15 @@ def _image(value: Any) -> Union[bytes, str]:
 
 
 Text = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS)]
-Prompt = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS), AfterValidator(_not_blank)]
+Prompt = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS), AfterValidator(_not_blank),
+                   WithJsonSchema({"type": "string", "maxLength": C.MAX_PROMPT_CHARS,
+                                   "pattern": JP.NOT_BLANK})]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS)]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_ID_CHARS)]
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS),
-                     AfterValidator(_model_ref)]
+                     AfterValidator(_model_ref), WithJsonSchema(JP.model_ref())]
 Image = Annotated[Union[bytes, str], PlainValidator(_image),
-                  WithJsonSchema({"type": "string", "minLength": 1,
-                                  "description": "path under the input root, base64 or data URI "
-                                                 "(msgpack: binary)"})]
+                  WithJsonSchema(JP.image())]
 Size = Annotated[int, Field(ge=C.MIN_SIZE, le=C.MAX_SIZE, multiple_of=C.SIZE_MULTIPLE)]
 Steps = Annotated[int, Field(ge=C.MIN_STEPS, le=C.MAX_STEPS)]
 Guidance = Annotated[float, Field(ge=C.MIN_GUIDANCE, le=C.MAX_GUIDANCE)]
@@ -115,9 +116,14 @@ Quality = Annotated[int, Field(ge=C.MIN_QUALITY, le=C.MAX_QUALITY)]
 UpscaleFactor = Annotated[float, Field(ge=1.0, le=C.MAX_UPSCALE_FACTOR)]
 Resolution = Annotated[int, Field(ge=64, le=C.MAX_SIZE)]
 TimeoutS = Annotated[float, Field(gt=0.0, le=C.MAX_TIMEOUT_S)]
-SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_scheduler)]
-ControlNetType = Annotated[str, StringConstraints(max_length=100), AfterValidator(_controlnet_type)]
-SavePath = Annotated[str, StringConstraints(max_length=C.MAX_NAME_CHARS), AfterValidator(_save_path)]
+SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_scheduler),
+                          WithJsonSchema(JP.choice(normalize.scheduler_spellings(),
+                                                   "a scheduler: diffusers class, C# or A1111 name, "
+                                                   "any case"))]
+ControlNetType = Annotated[str, StringConstraints(max_length=100), AfterValidator(_controlnet_type),
+                           WithJsonSchema(JP.controlnet_type())]
+SavePath = Annotated[str, StringConstraints(max_length=C.MAX_NAME_CHARS), AfterValidator(_save_path),
+                     WithJsonSchema(JP.save_path())]
 def _upscale_method(value: str, info: ValidationInfo) -> str:
     """lanczos or the default model upscaler's aliases (case-insensitive), else the name or path
     of an upscaler model file, with the rules of every model reference."""
@@ -128,21 +134,25 @@ def _upscale_method(value: str, info: ValidationInfo) -> str:
 
 
 UpscaleMethod = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS),
-                          AfterValidator(_upscale_method)]
+                          AfterValidator(_upscale_method), WithJsonSchema(JP.upscale_method())]
+_FORMAT_ALIASES = {"jpg": "jpeg"}
+_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                  "bf16": "bfloat16"}
+_WORKER_TYPES = (C.WORKER_BASIC, C.WORKER_ENHANCED)
 OutputFormat = Annotated[str, StringConstraints(max_length=20),
-                         AfterValidator(_choice(C.OUTPUT_FORMATS, {"jpg": "jpeg"})),
-                         WithJsonSchema({"type": "string", "enum": ["png", "jpeg", "jpg", "webp"]})]
+                         AfterValidator(_choice(C.OUTPUT_FORMATS, _FORMAT_ALIASES)),
+                         WithJsonSchema(JP.choice([*C.OUTPUT_FORMATS, *_FORMAT_ALIASES],
+                                                  "png, jpeg (jpg) or webp, any case"))]
 Dtype = Annotated[str, StringConstraints(max_length=20),
-                  AfterValidator(_choice(C.DTYPES, {"fp16": "float16", "half": "float16",
-                                                    "fp32": "float32", "float": "float32",
-                                                    "bf16": "bfloat16"})),
-                  WithJsonSchema({"type": "string", "enum": list(C.DTYPES)})]
+                  AfterValidator(_choice(C.DTYPES, _DTYPE_ALIASES)),
+                  WithJsonSchema(JP.choice([*C.DTYPES, *_DTYPE_ALIASES],
+                                           "auto, float16, bfloat16, float32 (fp16, half, bf16, "
+                                           "fp32, float accepted), any case"))]
 Priority = Annotated[str, StringConstraints(max_length=20), AfterValidator(_choice(C.PRIORITIES)),
-                     WithJsonSchema({"type": "string", "enum": list(C.PRIORITIES)})]
+                     WithJsonSchema(JP.choice(C.PRIORITIES, "high, normal or low, any case"))]
 WorkerType = Annotated[str, StringConstraints(max_length=100),
-                       AfterValidator(_choice((C.WORKER_BASIC, C.WORKER_ENHANCED))),
-                       WithJsonSchema({"type": "string",
-                                       "enum": [C.WORKER_BASIC, C.WORKER_ENHANCED]})]
+                       AfterValidator(_choice(_WORKER_TYPES)),
+                       WithJsonSchema(JP.choice(_WORKER_TYPES, "the seed's worker types, any case"))]
 # progress wanted: true/false, or "preview" for progress with preview images
 def _stream(value: Any) -> Union[bool, str]:
     if isinstance(value, bool) or value == C.STREAM_PREVIEW:

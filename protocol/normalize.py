@@ -63,6 +63,11 @@ SCHEDULER_NAMES = tuple(sorted({*C.SCHEDULERS, "DPMSolverMultistep", "DDIM", "Eu
                                 "LCM"}))
 
 
+def scheduler_spellings() -> tuple[str, ...]:
+    """Every accepted scheduler name, lower-cased with single spaces (how they are matched)."""
+    return tuple(sorted(_SCHEDULER_ALIASES))
+
+
 def resolve_scheduler(name: str) -> tuple[str, bool | None]:
     """(diffusers class name, use_karras_sigmas or None) for a scheduler name, case-insensitive.
     Raises ValueError naming the valid names for an unknown one (the C# side silently falls back
