@@ -651,10 +651,19 @@ class DiffusersExecutor:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         step_key = f"{job.models.base}@{job.width}x{job.height}"
         kwargs = self._call_kwargs(job, pipe, inputs, len(seeds), generators, state)
-        if refiner is not None:
-            if "denoising_end" not in self._parameters(pipe):
-                raise JobError(C.UNSUPPORTED_FEATURE, f"the refiner cannot follow {type(pipe).__name__}")
+        # the refiner takes over the base's latents at refiner_switch; pipelines without
+        # denoising_end (SDXL ControlNet img2img) run to the end, and the refiner then re-noises and
+        # refines the last (1 - refiner_switch) of the schedule, img2img style (SDXL's other
+        # documented way to use a refiner)
+        hand_over = refiner is not None and "denoising_end" in self._parameters(pipe)
+        if hand_over:
             kwargs["denoising_end"] = job.refiner_switch
+        elif refiner is not None:
+            state.feature("refiner_after_base")
+            if not any("refiner ran after" in w for w in state.warnings):
+                state.warnings.append(f"refiner ran after the finished {type(pipe).__name__} image "
+                                      f"(strength {1 - job.refiner_switch:g}): that pipeline cannot hand "
+                                      "over its latents mid-way")
         with torch.inference_mode():
             refiner_steps = round(job.steps * (1 - job.refiner_switch)) if refiner is not None else 0
             latents = pipe(**kwargs, callback_on_step_end=self._step_callback(
@@ -667,7 +676,9 @@ class DiffusersExecutor:
                 count = len(latents)
                 latents = refiner(
                     **state.prompts.refiner_kwargs(refiner, count),
-                    image=latents, num_inference_steps=job.steps, denoising_start=job.refiner_switch,
+                    image=latents, num_inference_steps=job.steps,
+                    **({"denoising_start": job.refiner_switch} if hand_over
+                       else {"strength": 1 - job.refiner_switch}),
                     guidance_scale=job.guidance_scale, generator=generators, output_type="latent",
                     callback_on_step_end=self._step_callback("refining", progress, should_abort, state,
                                                              f"{job.models.refiner}@{job.width}x{job.height}",

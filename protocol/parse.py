@@ -258,10 +258,6 @@ def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> 
         problems = rules.job_field_errors(job)
         if problems:
             raise ValidationFailed(problems)
-        unsupported = rules.job_unsupported(job)
-        if unsupported:
-            raise ProtocolError(C.UNSUPPORTED_FEATURE, unsupported[0][1],
-                                [FieldError(job.client_path(f), m) for f, m in unsupported])
     return ParsedRequest(message_type=mt, reply_type=reply_type, request_id=request_id, job=job,
                          params=params, warnings=warnings)
 

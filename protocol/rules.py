@@ -182,18 +182,6 @@ def job_problems(job) -> list[tuple[str, str]]:
     return problems
 
 
-REFINER_AFTER_CONTROLNET = ("a refiner cannot follow a ControlNet: diffusers' SDXL ControlNet "
-                            "pipelines have no denoising_end to hand over at")
-
-
-def job_unsupported(job) -> list[tuple[str, str]]:
-    """(canonical field, message) for feature pairs no worker can run together
-    (unsupported_feature, not a mistake in a field)."""
-    if job.models.refiner and job.controlnets:
-        return [("models.refiner", REFINER_AFTER_CONTROLNET)]
-    return []
-
-
 def job_field_errors(job) -> list[FieldError]:
     """job_problems with each field named as the client's form spells it."""
     return [FieldError(job.client_path(name), message) for name, message in job_problems(job)]
