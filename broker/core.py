@@ -261,8 +261,7 @@ class BrokerCore:
     # --- clients ---------------------------------------------------------------------------------
     def _on_client(self, request: ClientRequest) -> None:
         body = request.body
-        peer = Peer(request.envelope, codec.sniff(body) or C.CODEC_JSON, is_req=False,
-                    local=request.local)
+        peer = Peer(request.envelope, codec.sniff(body) or C.CODEC_JSON, local=request.local)
         parse = request_parser()
         if request.body_frames != 1:
             self.counters["malformed"] += 1
@@ -281,8 +280,8 @@ class BrokerCore:
             self._send_error(peer, reply_type or FALLBACK_REPLY_TYPE, request_id, exc)
             return
         if parsed.job is not None:
-            if parsed.job.stream:
-                peer.is_req = request.is_req_peer()
+            # this peer's own request decides whether it gets progress, not the job's first peer
+            peer.streams = parsed.job.stream and not request.is_req_peer()
             self._on_generate(peer, body, decoded, parsed)
             return
         handler = self._manage_handlers.get(parsed.message_type)
@@ -304,7 +303,7 @@ class BrokerCore:
                 return
             active.attach(peer)
             log.info("request %s resent while %s: attached", rid, active.state)
-            if job.stream and not peer.is_req:
+            if peer.streams:
                 # answered at once, so a client checking on a quiet job (a long model load, a
                 # long queue) hears the broker is alive and never has to warn
                 if active.state == QUEUED or active.last_progress is None:
@@ -739,7 +738,7 @@ class BrokerCore:
         message = progress_message(state.request_id, stage, **fields)
         state.last_progress = message
         for peer in state.peers:
-            if not peer.is_req:
+            if peer.streams:
                 self._send_to(peer, message)
 
     # --- start and stop ------------------------------------------------------------------------------------

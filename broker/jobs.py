@@ -22,7 +22,9 @@ class Peer:
     """A client waiting for a reply: the ROUTER envelope to answer with, in its codec."""
     envelope: tuple[bytes, ...]   # (identity,) or (identity, b"") as the request came
     codec: str
-    is_req: bool = False          # REQ peers get the final reply only, never progress
+    # asked for progress (`stream`) and is not a REQ socket (a REQ takes exactly one reply,
+    # the final one); only such peers get progress messages, also on a job others stream
+    streams: bool = False
     local: bool = False           # came in on the NULL-security local frontend
 
 
@@ -51,7 +53,7 @@ class JobState:
 
     @property
     def wants_progress(self) -> bool:
-        return self.job.stream and any(not p.is_req for p in self.peers)
+        return self.job.stream and any(p.streams for p in self.peers)
 
     def attach(self, peer: Peer) -> None:
         if peer.envelope not in [p.envelope for p in self.peers]:
