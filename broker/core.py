@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Union
 from protocol import codec
 from protocol import constants as C
 from protocol import worker_protocol as W
-from protocol.errors import ProtocolError, worker_field_errors
+from protocol.errors import FieldError, ProtocolError, worker_field_errors
 from protocol.job import Job
 from protocol.replies import error_reply, final_reply, progress_message
 
@@ -73,6 +73,11 @@ class BrokerConfig:
     local_frontend: str | None = None      # a second, NULL-security client endpoint (loopback only)
     # jobs one worker may hold (one running + one prefetched); bench/replay.py varies it
     max_jobs_per_worker: int = W.MAX_JOBS_PER_WORKER
+    # a job waits this long for a first worker when none is registered (a pool starting up, a
+    # broker restarted before its workers), then fails unsupported_feature; with workers
+    # registered, a job none of them can ever run fails at once
+    no_worker_grace_s: float = 60.0
+    queue_position_interval_s: float = 1.0  # queue_position updates: at most one per this
 
 
 # --- what goes in and out ------------------------------------------------------------------------
@@ -138,6 +143,10 @@ class BrokerCore:
         self._rr = routing.RoundRobin()
         self._deadlines: list[tuple[float, str]] = []   # heap of (deadline, request_id)
         self._dirty = False      # something changed that may let a queued job dispatch
+        self._pool_changed = False   # a worker came or went: re-check what queued jobs can run
+        self._pool_empty_since = now   # when the last live worker went (or the broker started)
+        self._positions_changed = False  # the queue moved: queue_position updates may be due
+        self._next_position_update = now
         self._out: list[Output] = []
         self._started_at = now
         self._stopping = False
@@ -336,6 +345,8 @@ class BrokerCore:
         self.journal.accept(rid, body, fingerprint)
         self._enqueue(state)
         self.counters["accepted"] += 1
+        if self._refuse_if_no_worker_can_run(state):
+            return
         if state.wants_progress:
             position = self.queue.position(rid)
             self._progress(state, "queued", queue_position=position,
@@ -482,6 +493,7 @@ class BrokerCore:
             self._requeue_jobs_of(previous, "re-registered")
             self._complete_ops(self._ops.worker_lost(previous.worker_id))
         self._out.append(ToWorkers([identity], W.BrokerHeartbeat(registered=True)))
+        self._pool_changed = True
         log.info("worker %s registered: %s %s, %.0f MB, pid %d on %s%s", worker.worker_id,
                  worker.device, worker.device_name, worker.memory_total_mb, worker.pid, worker.host,
                  " (SIMULATED)" if worker.simulated else "")
@@ -596,6 +608,7 @@ class BrokerCore:
     def _worker_lost(self, worker: WorkerRecord, why: str) -> None:
         if not worker.lost:
             self.registry.mark_lost(worker)
+        self._pool_changed = True
         self._requeue_jobs_of(worker, why)
         self._complete_ops(self._ops.worker_lost(worker.worker_id))
 
@@ -636,9 +649,70 @@ class BrokerCore:
         if now >= self._next_journal_expire:
             self._next_journal_expire = now + JOURNAL_EXPIRE_EVERY_S
             self.journal.expire()
+        if self._pool_changed or (self.queue and not self.registry.live()):
+            self._check_pool(now)
         if self._dirty:
             self._dirty = False
             self._dispatch()
+            self._positions_changed = True
+        if self._positions_changed and now >= self._next_position_update:
+            self._send_queue_positions(now)
+
+    # --- jobs no worker can run; queue positions ---------------------------------------------------
+    def _refuse_if_no_worker_can_run(self, state: JobState) -> bool:
+        """With workers registered, a job none of them can ever run is answered at once
+        (unsupported_feature naming what is missing) instead of waiting out its timeout."""
+        live = self.registry.live()
+        if not live or routing.can_ever_run(self._needs(state), live):
+            return False
+        reason = routing.unroutable_reason(state.job, live) or "no registered worker can run it"
+        errors = [FieldError(state.job.client_path("device"), reason)] \
+            if reason.startswith("no worker on device") else []
+        self._fail_unrunnable(state, f"no worker can run this job: {reason}", errors)
+        return True
+
+    def _fail_unrunnable(self, state: JobState, message: str, errors: list) -> None:
+        log.info("job %s refused: %s", state.request_id, message)
+        self._abort(state, "unsupported")
+        self._finish(state, error_reply(state.reply_type, state.request_id, ProtocolError(
+            C.UNSUPPORTED_FEATURE, message, errors), warnings=state.warnings,
+            execution_time=self._now - state.accepted_at))
+
+    def _check_pool(self, now: float) -> None:
+        """After a worker came or went: queued jobs the pool can no longer run fail; with no
+        worker at all, jobs wait no_worker_grace_s (from acceptance or the pool emptying)."""
+        changed, self._pool_changed = self._pool_changed, False
+        live = self.registry.live()
+        if live:
+            self._pool_empty_since = None
+            if changed:
+                for rid in [rid for rid, _ in self.queue]:
+                    self._refuse_if_no_worker_can_run(self.jobs[rid])
+            return
+        if self._pool_empty_since is None:
+            self._pool_empty_since = now
+        grace = self.config.no_worker_grace_s
+        for rid in [rid for rid, _ in self.queue]:
+            state = self.jobs[rid]
+            if now - max(state.accepted_at, self._pool_empty_since) >= grace:
+                self._fail_unrunnable(state, f"no worker can run this job: no worker has been "
+                                             f"registered for {grace:g} s", [])
+
+    def _send_queue_positions(self, now: float) -> None:
+        """queue_position again to every streaming job whose place changed, at most once per
+        queue_position_interval_s (a long queue moving fast must not flood its clients)."""
+        self._positions_changed = False
+        self._next_position_update = now + self.config.queue_position_interval_s
+        for position, (rid, _) in enumerate(self.queue):
+            state = self.jobs.get(rid)
+            if state is None or not state.wants_progress:
+                continue
+            last = state.last_progress
+            if last is not None and last.get("stage") == "queued" \
+                    and last.get("queue_position") == position:
+                continue
+            self._progress(state, "queued", queue_position=position,
+                           eta_s=queued_eta_s(state.job, position, self.registry.live()))
 
     def _expire_deadlines(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:

@@ -111,6 +111,11 @@ def _fits_now(needs: JobNeeds, worker: WorkerRecord) -> bool:
     return needs.need_mb - own_loaded_mb <= memory["free_mb"] + evictable
 
 
+def can_ever_run(needs: JobNeeds, workers: Sequence[WorkerRecord]) -> bool:
+    """Whether some live worker could run the job once free (stops at the first one)."""
+    return any(not w.lost and _static_reason(needs, w) is None for w in workers)
+
+
 def unroutable_reason(job: Job, workers: Sequence[WorkerRecord]) -> str | None:
     """Why no registered worker can ever run this job, or None if one can."""
     live = [w for w in workers if not w.lost]

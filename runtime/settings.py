@@ -144,6 +144,10 @@ SETTINGS: tuple[Setting, ...] = (
             readme=True),
     Setting("max_attempts", int, 2, "runs of a job whose worker died before worker_lost", (S, B),
             metavar="N", readme=True),
+    Setting("no_worker_grace_s", float, 60.0,
+            "with no worker registered, a job waits this long for one, then unsupported_feature "
+            "(with workers registered, a job none can run is refused at once)", (S, B),
+            metavar="SECONDS"),
     Setting("routing", str, "smart", "routing policy", (S, B),
             choices=("smart", "round-robin", "least-loaded", "tiered"), readme=True),
     Setting("heartbeat_interval_s", float, 1.0, "seconds between heartbeats, both directions",

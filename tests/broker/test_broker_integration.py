@@ -122,20 +122,28 @@ def test_priorities_come_out_in_order(cluster):
                      "low-1", "low-2"]
 
 
-def test_queue_full_and_unroutable_timeout(cluster):
-    cluster.start_broker(max_queue=2)
+def test_queue_full_while_no_worker_is_registered(cluster):
+    cluster.start_broker(max_queue=2)   # no worker yet: jobs wait (the no-worker grace)
+    c = cluster.client()
+    c.send(flat_request("first"))
+    c.send(flat_request("second"))
+    c.send(flat_request("third"))
+    full = c.recv(2)
+    assert full["request_id"] == "third" and full["error_code"] == "queue_full"
+
+
+def test_unroutable_jobs_are_refused_at_once_naming_what_is_missing(cluster):
+    # issue 15: they used to wait out their timeout and be answered `timeout`
+    cluster.start_broker()
     cluster.start_worker("basic", "--sim-capabilities", "txt2img")
     cluster.wait_workers("basic")
     c = cluster.client()
-    c.send(flat_request("needs-refiner", model_refiner="tiny-sdxl-refiner", timeout=1))
-    c.send(flat_request("too-big", width=2048, height=2048, timeout=1))
-    c.send(flat_request("third", model_refiner="tiny-sdxl-refiner"))
-    full = c.recv(2)
-    assert full["request_id"] == "third" and full["error_code"] == "queue_full"
+    c.send(flat_request("needs-refiner", model_refiner="tiny-sdxl-refiner"))
+    c.send(flat_request("too-big", width=2048, height=2048))
     replies = {r["request_id"]: r for r in (c.recv_final(5), c.recv_final(5))}
-    assert replies["needs-refiner"]["error_code"] == "timeout"
+    assert replies["needs-refiner"]["error_code"] == "unsupported_feature"
     assert "no worker offers feature refiner" in replies["needs-refiner"]["error"]
-    assert replies["too-big"]["error_code"] == "timeout"
+    assert replies["too-big"]["error_code"] == "unsupported_feature"
     assert "largest worker has 8000 MB" in replies["too-big"]["error"]
 
 
