@@ -56,49 +56,13 @@ SEEDS = {
     "tiny-esrgan": 112, "tiny-lora-kohya": 113,
 }
 
-# A handful of words get BPE merges so prompts tokenize to words, not only characters.
-_TOKENIZER_WORDS = (
-    "a an the of and in on with photo portrait painting of cat dog red blue green house tree "
-    "sky city night day landscape mountain river woman man car flower bird sun moon art style "
-    "high quality detailed blurry ugly"
-).split()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
 def build_tokenizer():
-    """A small CLIP BPE tokenizer made offline: the byte alphabet plus merges for a few words."""
-    from transformers import CLIPTokenizer
+    """CLIP's own BPE tokenizer (49,408 tokens) from the vocabulary file open_clip ships: the
+    kit tokenizes prompts as real SDXL does, and its single file loads with the configs the
+    product ships (gpu_worker/single_file_configs.py)."""
+    from gpu_worker.clip_vocab import clip_tokenizer
 
-    alphabet = sorted(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for symbol in alphabet + [s + "</w>" for s in alphabet]:
-        vocab[symbol] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in _TOKENIZER_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            pair = (left, right)
-            left = left + right
-            if pair not in merges:
-                merges.append(pair)
-            if left not in vocab:
-                vocab[left] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    return clip_tokenizer()
 
 
 def _text_encoder(cls, hidden: int, tokenizer, seed: int, projection_dim: int | None = None):

@@ -407,8 +407,7 @@ class DiffusersExecutor:
             from diffusers import StableDiffusionXLPipeline
             if resolved.single_file:
                 pipe = StableDiffusionXLPipeline.from_single_file(
-                    resolved.path, config=self._single_file_config(resolved), dtype=dtype,
-                    local_files_only=True)
+                    resolved.path, dtype=dtype, **self._single_file_kwargs(resolved))
             else:
                 pipe = StableDiffusionXLPipeline.from_pretrained(resolved.path, dtype=dtype,
                                                                  local_files_only=True)
@@ -418,18 +417,12 @@ class DiffusersExecutor:
         pipe, hit = self._load(key, name, BASE, load, state, pin)
         return key, pipe, hit
 
-    def _single_file_config(self, resolved) -> str:
-        """from_single_file offline needs a local diffusers folder of the same architecture: the
-        resolver's `config` when it gives one, else a folder named like the file next to it."""
+    @staticmethod
+    def _single_file_kwargs(resolved) -> dict:
+        """from_single_file's config arguments: the resolver's config folder (offline), or none
+        (the Hugging Face cache/hub, which the resolver allows only without HF_HUB_OFFLINE)."""
         config = getattr(resolved, "config_path", None)
-        if config:
-            return config
-        sibling = os.path.splitext(resolved.path)[0]
-        if os.path.isfile(os.path.join(sibling, "model_index.json")):
-            return sibling
-        raise JobError(C.MODEL_NOT_FOUND,
-                       f"single-file model {resolved.path} needs a diffusers config folder to load offline; "
-                       f"looked for {sibling}/model_index.json")
+        return {"config": config, "local_files_only": True} if config else {}
 
     def _assemble(self, job: Job, dtype, vae_dtype, inputs: dict, state: _JobState):
         from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLImg2ImgPipeline
@@ -451,7 +444,11 @@ class DiffusersExecutor:
 
                 def load_vae():
                     if resolved.single_file:
-                        return AutoencoderKL.from_single_file(path, dtype=vae_dtype).to(self._torch_device)
+                        config, subfolder = self.resolver.vae_config(path)
+                        extra = {"config": config, "local_files_only": True} if config else {}
+                        if subfolder:
+                            extra["subfolder"] = subfolder
+                        return AutoencoderKL.from_single_file(path, dtype=vae_dtype, **extra).to(self._torch_device)
                     return AutoencoderKL.from_pretrained(path, dtype=vae_dtype,
                                                          local_files_only=True).to(self._torch_device)
                 state.feature("custom_vae")
@@ -494,8 +491,12 @@ class DiffusersExecutor:
                 resolved = self.resolver.refiner(job.models.refiner)
 
             def load_refiner():
-                loaded = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-                    resolved.path, dtype=dtype, local_files_only=True)
+                if resolved.single_file:
+                    loaded = StableDiffusionXLImg2ImgPipeline.from_single_file(
+                        resolved.path, dtype=dtype, **self._single_file_kwargs(resolved))
+                else:
+                    loaded = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                        resolved.path, dtype=dtype, local_files_only=True)
                 loaded.set_progress_bar_config(disable=True)
                 _keep_scheduler_config(loaded)
                 return loaded.to(self._torch_device)

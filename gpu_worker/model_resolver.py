@@ -344,9 +344,11 @@ class ModelResolver:
 
     # ---- single-file configs ------------------------------------------------------------
 
-    def _single_file_config(self, name: str, path: str, kind: str) -> str:
-        """A diffusers folder with the same architecture as a single-file checkpoint: the
-        configured one, a sibling folder with the same stem, or the only matching folder."""
+    def _single_file_config(self, name: str, path: str, kind: str) -> str | None:
+        """Where a single-file checkpoint's configs come from, in this order: the operator's
+        --single-file-config folder, a diffusers folder of the same architecture next to the
+        file, the Hugging Face cache/hub (None: diffusers finds them; only when HF_HUB_OFFLINE is
+        unset), else configs the product ships, sized from the file's tensors."""
         looked: list[str] = []
         options: list[str] = []
         if self.single_file_config:
@@ -371,12 +373,57 @@ class ModelResolver:
             if shapes is None or _unet_matches(shapes, option):
                 log.debug("single file %s uses config %s", path, option)
                 return _real(option)
+        if not hub_offline():
+            return None  # diffusers reads the configs from the HF cache, or the hub
+        from gpu_worker import single_file_configs
+
+        reason = "not a .safetensors file"
+        if shapes is not None:
+            try:
+                folder = single_file_configs.write_config_folder(shapes, config_cache_dir())
+                log.info("single file %s: configs written from its tensors to %s", path, folder)
+                return folder
+            except (single_file_configs.NotSDXL, KeyError, StopIteration, ValueError) as exc:
+                reason = f"its tensors are not an SDXL base or refiner ({exc})"
         raise JobError(
             C.MODEL_NOT_FOUND,
-            f"{kind} single file {path} needs a diffusers folder of the same architecture for its "
-            f"config (no hub is reachable); looked at {', '.join(looked) or 'nothing'}: none has an SDXL "
-            f"model_index.json and a UNet config matching the file. Put the "
-            f"model's diffusers folder next to it as {os.path.join(directory, stem)}/")
+            f"{kind} single file {path} has no configs: {reason}, and no diffusers folder of its "
+            f"architecture was found (looked at {', '.join(looked) or 'nothing'}). Do one of: set "
+            f"--single-file-config DIR to a diffusers folder of its architecture (inside the model root); "
+            f"put that folder next to the file as {os.path.join(directory, stem)}/; or let the worker "
+            f"use the Hugging Face cache/hub (unset HF_HUB_OFFLINE)")
+
+    def vae_config(self, path: str) -> tuple[str | None, str | None]:
+        """(config folder, subfolder) for a single-file VAE: the --single-file-config folder's vae/,
+        the HF hub (None, None when allowed), else one the product writes from the tensors."""
+        if self.single_file_config:
+            folder = self.inside_root(self.single_file_config, "single-file config folder")
+            if os.path.isfile(os.path.join(folder, "vae", "config.json")):
+                return folder, "vae"
+        if not hub_offline():
+            return None, None
+        from gpu_worker import single_file_configs
+
+        try:
+            return single_file_configs.write_vae_config(_read_safetensors_shapes(path), config_cache_dir()), None
+        except (OSError, ValueError, KeyError, StopIteration, struct.error) as exc:
+            raise JobError(C.MODEL_NOT_FOUND,
+                           f"vae single file {path}: no config ({exc.__class__.__name__}: {exc}). Set "
+                           "--single-file-config DIR to a diffusers folder with vae/config.json, or unset "
+                           "HF_HUB_OFFLINE so diffusers reads it from the Hugging Face cache/hub") from None
+
+
+def hub_offline() -> bool:
+    """The Hugging Face hub may be asked only when HF_HUB_OFFLINE is unset (or 0/false)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def config_cache_dir() -> str:
+    """Where configs written for single files go (not the model root: it may be read-only)."""
+    base = os.environ.get("SDXL_BROKER_CONFIG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdxl-broker", "single-file-configs")
+    os.makedirs(base, exist_ok=True)
+    return base
 
 
 def _has_suffix(name: str) -> bool:

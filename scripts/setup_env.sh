@@ -33,6 +33,9 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$ROOT/cons
   # the CPU torch wheel): spandrel runs the upscalers (gpu_worker/upscalers.py says why this is
   # safe); GPU installs with a matching torchvision can use the [upscale] extra instead.
   "${PIP[@]}" install --no-deps "${CONSTRAINTS[@]}" "spandrel>=0.4,<0.5"
+  # Only its CLIP vocabulary file is read (gpu_worker/clip_vocab.py), never imported: the
+  # tokenizers of single-file SDXL checkpoints and of the tiny kit
+  "${PIP[@]}" install --no-deps "${CONSTRAINTS[@]}" "open-clip-torch>=3,<4"
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -17,15 +17,13 @@ A1111 = {"Stable-diffusion/my-sdxl.safetensors": "tiny-sdxl.safetensors",
          "Lora/tiny-lora-kohya.safetensors": "loras/tiny-lora-kohya.safetensors",
          "embeddings/tiny-ti.safetensors": "embeddings/tiny-ti.safetensors",
          "VAE/tiny-vae": "tiny-vae",
-         "ESRGAN/tiny-esrgan.safetensors": "upscalers/tiny-esrgan.safetensors",
-         "sdxl-config": "tiny-sdxl"}
+         "ESRGAN/tiny-esrgan.safetensors": "upscalers/tiny-esrgan.safetensors"}
 COMFYUI = {"checkpoints/my-sdxl.safetensors": "tiny-sdxl.safetensors",
            "loras/tiny-lora-kohya.safetensors": "loras/tiny-lora-kohya.safetensors",
            "embeddings/tiny-ti.safetensors": "embeddings/tiny-ti.safetensors",
            "vae/tiny-vae": "tiny-vae",
            "controlnet/tiny-canny": "controlnet/tiny-canny",
-           "upscale_models/tiny-esrgan.safetensors": "upscalers/tiny-esrgan.safetensors",
-           "sdxl-config": "tiny-sdxl"}
+           "upscale_models/tiny-esrgan.safetensors": "upscalers/tiny-esrgan.safetensors"}
 
 
 def build_tree(kit: str, root, layout: dict) -> str:
@@ -39,7 +37,8 @@ def build_tree(kit: str, root, layout: dict) -> str:
 
 @pytest.mark.parametrize("layout,controlnet", [(A1111, False), (COMFYUI, True)], ids=["a1111", "comfyui"])
 def test_a_job_using_every_kind_runs_on_the_tree_as_it_is(demo_models_dir, tmp_path, structured_image,
-                                                          layout, controlnet):
+                                                          layout, controlnet, monkeypatch):
+    monkeypatch.setenv("SDXL_BROKER_CONFIG_CACHE", str(tmp_path / "config-cache"))
     from gpu_worker.executor import DiffusersExecutor
 
     root = build_tree(demo_models_dir, tmp_path / "models", layout)
@@ -47,7 +46,7 @@ def test_a_job_using_every_kind_runs_on_the_tree_as_it_is(demo_models_dir, tmp_p
     assert "my-sdxl.safetensors" in available["base"] and "tiny-lora-kohya" in available["lora"]
     assert "tiny-vae" in available["vae"] and "tiny-ti" in available["textual_inversion"]
     executor = DiffusersExecutor("cpu", models_dir=root, output_dir=str(tmp_path / "out"),
-                                 input_dir=str(tmp_path), single_file_config="sdxl-config")
+                                 input_dir=str(tmp_path))  # the lone checkpoint needs no config folder
     fields = dict(request_id="tree", prompt="a photo of a <tiny-ti> cat", models={"base": "my-sdxl", "vae": "tiny-vae"},
                   width=128, height=128, steps=2, seed=1, precision={"dtype": "float32"},
                   scheduler="EulerDiscreteScheduler", loras=[{"name": "tiny-lora-kohya", "weight": 0.5}],

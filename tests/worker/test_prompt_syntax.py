@@ -13,7 +13,7 @@ from gpu_worker.prompt_syntax import extract_loras, parse_weights
 from protocol.job import Job
 from protocol.parse import parse_request
 
-LONG_HEAD = " ".join(["zebra quilt vortex"] * 12)  # far past 75 tokens in the kit's tokenizer
+LONG_HEAD = " ".join(["zebra quilt vortex"] * 40)  # 120 CLIP tokens: far past one 75-token window
 
 
 @pytest.mark.parametrize("prompt,expected", [

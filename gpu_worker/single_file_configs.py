@@ -1,0 +1,206 @@
+"""Configs for single-file SDXL checkpoints that come with none, made offline.
+
+A single `.safetensors` in the original (LDM) layout holds weights only; diffusers'
+`from_single_file` needs the diffusers configs of its architecture. When the operator names no
+config folder (--single-file-config) and no hub may be asked, the product writes one from the
+SDXL configs it ships (gpu_worker/sdxl_architecture.py: the published base 1.0 configs), with
+every size the checkpoint's tensors determine taken from the tensors: UNet widths, depth,
+attention levels and transformer depth, cross-attention and text-time sizes (base: 6 time ids,
+refiner: 5), VAE widths and latent channels, both text encoders' widths, depths, vocabulary and
+projection. Sizes the tensors do not show follow SDXL's conventions (64-wide attention heads,
+32 normalisation groups where the widths allow). The tokenizers are CLIP's, from the
+vocabulary open_clip ships (gpu_worker/clip_vocab.py). Base or refiner is told by the tensors:
+a refiner has only the OpenCLIP encoder.
+
+Nothing here loads weights: shapes come from the safetensors header. Folders are written once
+per distinct architecture under a cache directory and reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+
+from gpu_worker import sdxl_architecture as published
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP_L = "conditioner.embedders.0.transformer.text_model."
+OPEN_CLIP_BASE = "conditioner.embedders.1.model."
+OPEN_CLIP_REFINER = "conditioner.embedders.0.model."
+BASE_TIME_IDS, REFINER_TIME_IDS = 6, 5
+SCHEDULER_CONFIG = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                    "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                    "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+                    "use_karras_sigmas": False}
+
+
+class NotSDXL(ValueError):
+    """The tensors are not an SDXL base or refiner in the original layout."""
+
+
+def architecture(shapes: dict[str, list[int]]) -> str:
+    """'base' or 'refiner' from the tensor names; NotSDXL otherwise."""
+    if f"{UNET}label_emb.0.0.weight" not in shapes:
+        raise NotSDXL("no SDXL UNet (model.diffusion_model.* with a text-time embedding)")
+    if any(k.startswith(OPEN_CLIP_BASE) for k in shapes) and any(k.startswith(CLIP_L) for k in shapes):
+        return "base"
+    if any(k.startswith(OPEN_CLIP_REFINER) for k in shapes):
+        return "refiner"
+    raise NotSDXL("no SDXL text encoders (conditioner.embedders.*)")
+
+
+def _heads(width: int) -> int:
+    return width // 64 if width % 64 == 0 else max(1, width // 16)
+
+
+def _groups(widths: list[int]) -> int:
+    return next(g for g in (32, 16, 8, 4, 2, 1) if all(w % g == 0 for w in widths))
+
+
+def unet_config(shapes: dict, time_ids: int, pooled_dim: int) -> dict:
+    blocks = {int(m[1]) for k in shapes if (m := re.match(rf"{re.escape(UNET)}input_blocks\.(\d+)\.", k))}
+    downsamplers = sorted(int(m[1]) for k in shapes
+                          if (m := re.match(rf"{re.escape(UNET)}input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    levels = len(downsamplers) + 1
+    layers = (max(blocks) - (levels - 1)) // levels
+    widths, attention, depth = [], [], []
+    for level in range(levels):
+        first = 1 + level * (layers + 1)
+        widths.append(shapes[f"{UNET}input_blocks.{first}.0.out_layers.3.weight"][0])
+        transformer = {int(m[1]) for k in shapes
+                       if (m := re.match(rf"{re.escape(UNET)}input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.", k))}
+        attention.append(bool(transformer))
+        depth.append(len(transformer) or 1)
+    attn_key = next(k for k in shapes if re.match(rf"{re.escape(UNET)}.*attn2\.to_k\.weight$", k))
+    proj_in = next((k for k in shapes if k.startswith(UNET) and k.endswith("proj_in.weight")), None)
+    config = copy.deepcopy(published.UNET_CONFIG)
+    config.update(
+        block_out_channels=widths, layers_per_block=layers,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        transformer_layers_per_block=depth, attention_head_dim=[_heads(w) for w in widths],
+        cross_attention_dim=shapes[attn_key][1], norm_num_groups=_groups(widths),
+        use_linear_projection=proj_in is not None and len(shapes[proj_in]) == 2,
+        in_channels=shapes[f"{UNET}input_blocks.0.0.weight"][1], out_channels=shapes[f"{UNET}out.2.weight"][0],
+        projection_class_embeddings_input_dim=shapes[f"{UNET}label_emb.0.0.weight"][1],
+        addition_time_embed_dim=(shapes[f"{UNET}label_emb.0.0.weight"][1] - pooled_dim) // time_ids)
+    config["_class_name"] = "UNet2DConditionModel"
+    return config
+
+
+def vae_config(shapes: dict) -> dict:
+    levels = sorted({int(m[1]) for k in shapes if (m := re.match(rf"{re.escape(VAE)}encoder\.down\.(\d+)\.", k))})
+    widths = [shapes[f"{VAE}encoder.down.{i}.block.0.conv1.weight"][0] for i in levels]
+    layers = len({m[1] for k in shapes if (m := re.match(rf"{re.escape(VAE)}encoder\.down\.0\.block\.(\d+)\.", k))})
+    config = copy.deepcopy(published.VAE_CONFIG)
+    config.update(block_out_channels=widths, layers_per_block=layers, norm_num_groups=_groups(widths),
+                  down_block_types=["DownEncoderBlock2D"] * len(widths),
+                  up_block_types=["UpDecoderBlock2D"] * len(widths),
+                  in_channels=shapes[f"{VAE}encoder.conv_in.weight"][1],
+                  out_channels=shapes[f"{VAE}decoder.conv_out.weight"][0],
+                  latent_channels=shapes[f"{VAE}quant_conv.weight"][0] // 2)
+    config["_class_name"] = "AutoencoderKL"
+    return config
+
+
+def _text_config(template: dict, width: int, vocab: int, positions: int, layers: int, inner: int,
+                 projection: int | None) -> dict:
+    config = copy.deepcopy(template)
+    config.update(hidden_size=width, vocab_size=vocab, max_position_embeddings=positions, num_hidden_layers=layers,
+                  intermediate_size=inner, num_attention_heads=_heads(width),
+                  bos_token_id=49406, eos_token_id=49407)
+    if projection:
+        config["projection_dim"] = projection
+    return config
+
+
+def clip_l_config(shapes: dict) -> dict:
+    vocab, width = shapes[f"{CLIP_L}embeddings.token_embedding.weight"]
+    layers = len({m[1] for k in shapes if (m := re.match(rf"{re.escape(CLIP_L)}encoder\.layers\.(\d+)\.", k))})
+    config = _text_config(published.TEXT_ENCODER_CONFIG, width, vocab,
+                          shapes[f"{CLIP_L}embeddings.position_embedding.weight"][0], layers,
+                          shapes[f"{CLIP_L}encoder.layers.0.mlp.fc1.weight"][0], None)
+    config.update(architectures=["CLIPTextModel"], pad_token_id=1)
+    return config
+
+
+def open_clip_config(shapes: dict, prefix: str) -> dict:
+    vocab, width = shapes[f"{prefix}token_embedding.weight"]
+    layers = len({m[1] for k in shapes if (m := re.match(rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.", k))})
+    config = _text_config(published.TEXT_ENCODER_2_CONFIG, width, vocab, shapes[f"{prefix}positional_embedding"][0],
+                          layers, shapes[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"][0],
+                          shapes[f"{prefix}text_projection"][1])
+    config.update(architectures=["CLIPTextModelWithProjection"], pad_token_id=0)
+    return config
+
+
+def model_index(kind: str) -> dict:
+    index = {"_class_name": "StableDiffusionXLPipeline" if kind == "base" else "StableDiffusionXLImg2ImgPipeline",
+             "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": kind == "base",
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    if kind == "base":
+        index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+    else:
+        index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True)
+    return index
+
+
+def configs_for(shapes: dict) -> tuple[str, dict[str, dict]]:
+    """(kind, {relative file path: JSON}) for a checkpoint's tensor shapes."""
+    kind = architecture(shapes)
+    open_clip = OPEN_CLIP_BASE if kind == "base" else OPEN_CLIP_REFINER
+    te2 = open_clip_config(shapes, open_clip)
+    files = {"model_index.json": model_index(kind),
+             "unet/config.json": unet_config(shapes, BASE_TIME_IDS if kind == "base" else REFINER_TIME_IDS,
+                                             te2["projection_dim"]),
+             "vae/config.json": vae_config(shapes), "text_encoder_2/config.json": te2,
+             "scheduler/scheduler_config.json": SCHEDULER_CONFIG}
+    if kind == "base":
+        files["text_encoder/config.json"] = clip_l_config(shapes)
+    return kind, files
+
+
+def write_config_folder(shapes: dict, cache_dir: str) -> str:
+    """A diffusers config folder (no weights) for these shapes under cache_dir, written once."""
+    from gpu_worker.clip_vocab import clip_tokenizer
+
+    kind, files = configs_for(shapes)
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir, f"sdxl-{kind}-{digest}")
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    staging = f"{folder}.{os.getpid()}.tmp"
+    for relative, content in files.items():
+        path = os.path.join(staging, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(content, fh, indent=1)
+    if kind == "base":
+        clip_tokenizer().save_pretrained(os.path.join(staging, "tokenizer"))
+    clip_tokenizer(pad_token="!").save_pretrained(os.path.join(staging, "tokenizer_2"))
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another worker wrote it first
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def write_vae_config(shapes: dict, cache_dir: str) -> str:
+    """A folder with config.json for a single-file VAE (keys with or without first_stage_model.)."""
+    if not any(k.startswith(VAE) for k in shapes):
+        shapes = {VAE + k: v for k, v in shapes.items()}
+    config = vae_config(shapes)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir, f"sdxl-vae-{digest}")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=1)
+    return folder

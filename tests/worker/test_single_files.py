@@ -1,0 +1,122 @@
+"""Single-file SDXL checkpoints as users have them, offline: no sibling folder; configs from
+--single-file-config, else written from the file's tensors with the configs the product ships
+(CLIP tokenizers from open_clip's vocabulary); single-file VAEs too; a clear error otherwise.
+The hub is never asked here (HF_HUB_OFFLINE=1); only that it would be is checked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from gpu_worker.model_resolver import ModelResolver
+from protocol import constants as C
+from protocol.errors import JobError
+from protocol.job import Job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def config_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDXL_BROKER_CONFIG_CACHE", str(tmp_path / "config-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def lone_file_root(demo_models_dir, tmp_path):
+    """A model root holding the kit's single-file base and a single-file VAE, nothing else."""
+    from diffusers import AutoencoderKL
+
+    from gpu_worker.ldm_layout import vae_to_ldm
+
+    root = tmp_path / "models"
+    (root / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(os.path.join(demo_models_dir, "tiny-sdxl.safetensors"), root / "Stable-diffusion" / "lone.safetensors")
+    vae = AutoencoderKL.from_pretrained(os.path.join(demo_models_dir, "tiny-vae"))
+    (root / "VAE").mkdir()
+    save_file(vae_to_ldm(vae.state_dict(), dict(vae.config)), str(root / "VAE" / "lone-vae.safetensors"))
+    return str(root)
+
+
+def weights_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def run(executor, **fields) -> dict:
+    job = Job.model_validate({**dict(request_id="sf", prompt="a photo of a cat", models={"base": "lone"},
+                                     width=128, height=128, steps=2, seed=3, precision={"dtype": "float32"},
+                                     scheduler="EulerDiscreteScheduler"), **fields})
+    return executor.run(job, lambda *a: None, lambda: False)
+
+
+def test_lone_base_file_loads_offline_from_shipped_configs(lone_file_root, demo_models_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from gpu_worker.executor import DiffusersExecutor
+
+    resolved = ModelResolver(lone_file_root).base("lone")
+    assert resolved.single_file and resolved.config_path.startswith(str(tmp_path / "config-cache"))
+    assert sorted(os.listdir(resolved.config_path)) == ["model_index.json", "scheduler", "text_encoder",
+                                                        "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"]
+    single = StableDiffusionXLPipeline.from_single_file(resolved.path, config=resolved.config_path,
+                                                        local_files_only=True)
+    folder = StableDiffusionXLPipeline.from_pretrained(os.path.join(demo_models_dir, "tiny-sdxl"))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert weights_equal(getattr(single, name), getattr(folder, name)), name  # every weight in place
+    assert single.tokenizer("a photo of a cat").input_ids == folder.tokenizer("a photo of a cat").input_ids
+    executor = DiffusersExecutor("cpu", models_dir=lone_file_root, output_dir=str(tmp_path / "out"),
+                                 input_dir=str(tmp_path))
+    result = run(executor, models={"base": "lone", "vae": "lone-vae"})
+    image = np.asarray(Image.open(result["generated_images"][0]["path"]))
+    assert image.shape == (128, 128, 3) and image.std() > 1.0
+    assert result["processing_metrics"]["model_info"]["vae"] == "lone-vae"
+
+
+def test_single_file_vae_loads_offline_with_its_weights(lone_file_root, demo_models_dir):
+    from diffusers import AutoencoderKL
+
+    path = os.path.join(lone_file_root, "VAE", "lone-vae.safetensors")
+    config, subfolder = ModelResolver(lone_file_root).vae_config(path)
+    assert subfolder is None and os.path.isfile(os.path.join(config, "config.json"))
+    single = AutoencoderKL.from_single_file(path, config=config, local_files_only=True)
+    assert weights_equal(single, AutoencoderKL.from_pretrained(os.path.join(demo_models_dir, "tiny-vae")))
+
+
+def test_single_file_config_setting_wins_and_reproduces_the_folder(lone_file_root, demo_models_dir, tmp_path):
+    from gpu_worker.executor import DiffusersExecutor
+
+    shutil.copytree(os.path.join(demo_models_dir, "tiny-sdxl"), os.path.join(lone_file_root, "configs", "sdxl"))
+    resolver = ModelResolver(lone_file_root, single_file_config="configs/sdxl")
+    assert resolver.base("lone").config_path == os.path.realpath(os.path.join(lone_file_root, "configs", "sdxl"))
+    out = str(tmp_path / "out")
+    executor = DiffusersExecutor("cpu", models_dir=lone_file_root, output_dir=out, input_dir=out,
+                                 single_file_config="configs/sdxl")
+    from_file = np.asarray(Image.open(run(executor)["generated_images"][0]["path"]))
+    from_folder = np.asarray(Image.open(run(executor, models={"base": "configs/sdxl"})["generated_images"][0]["path"]))
+    assert np.array_equal(from_file, from_folder)
+
+
+def test_hub_is_the_source_only_when_the_environment_allows_it(lone_file_root, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    # no config folder: diffusers would read the configs from the HF cache/hub (not called here)
+    assert ModelResolver(lone_file_root).base("lone").config_path is None
+
+
+def test_no_option_applies_says_which_to_take(tmp_path, demo_models_dir):
+    root = tmp_path / "models"
+    root.mkdir()
+    tensors = load_file(os.path.join(demo_models_dir, "tiny-sdxl.safetensors"))
+    # an SD 1.x-like file: a UNet without SDXL's text-time embedding
+    save_file({k: v for k, v in tensors.items() if "label_emb" not in k}, str(root / "sd15.safetensors"))
+    with pytest.raises(JobError) as info:
+        ModelResolver(str(root)).base("sd15")
+    message = info.value.message
+    assert info.value.code == C.MODEL_NOT_FOUND
+    assert "--single-file-config" in message and "HF_HUB_OFFLINE" in message and "sd15/" in message
