@@ -387,7 +387,7 @@ class ModelResolver:
                 reason = f"its tensors are not an SDXL base or refiner ({exc})"
         raise JobError(
             C.MODEL_NOT_FOUND,
-            f"{kind} single file {path} has no configs: {reason}, and no diffusers folder of its "
+            f"{kind} single file {path} has no configs: {reason}, and no diffusers folder of the same "
             f"architecture was found (looked at {', '.join(looked) or 'nothing'}). Do one of: set "
             f"--single-file-config DIR to a diffusers folder of its architecture (inside the model root); "
             f"put that folder next to the file as {os.path.join(directory, stem)}/; or let the worker "
