@@ -83,6 +83,19 @@ def _set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def torch_threads_in_a_fresh_thread() -> int:
+    """torch.get_num_threads() as a new thread sees it (jobs run on the transport's busy thread)."""
+    import threading
+
+    import torch
+
+    seen: list[int] = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    return seen[0]
+
+
 def build_executor(settings: dict, worker_id: str, threads: int | None = None):
     if settings["sim"]:
         from gpu_worker.sim_executor import ALL_FEATURES, SimulatedExecutor
@@ -144,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
     except Exception:
         log.exception("worker %s: cannot start its executor on %s", worker_id, device)
         return 1
+    if not settings["sim"]:
+        # report what torch really uses where jobs run (a thread other than this one)
+        seen = torch_threads_in_a_fresh_thread()
+        if seen != threads:
+            log.warning("worker %s: asked for %d CPU threads, torch uses %d", worker_id, threads, seen)
+        threads = seen
     transport = WorkerTransport(executor, settings["connect"], worker_id=worker_id,
                                 heartbeat_interval_s=settings["heartbeat_interval_s"],
                                 heartbeat_liveness=settings["heartbeat_liveness"],

@@ -208,7 +208,7 @@ def test_real_serve_keeps_torch_out_of_the_broker_and_shares_the_cpus(start_serv
     for index, worker_id in enumerate(("cpu-0", "cpu-1")):
         row = rows[worker_id]
         process = psutil.Process(row["pid"])
-        assert row["cpu_threads"] == share
+        assert row["cpu_threads"] == share   # torch.get_num_threads() in a fresh thread of the worker
         assert process.environ()["OMP_NUM_THREADS"] == str(share)
         assert process.environ()["MKL_NUM_THREADS"] == str(share)
         assert process.environ()["OMP_WAIT_POLICY"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
