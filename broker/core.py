@@ -38,6 +38,7 @@ from protocol.job import Job
 from protocol.replies import error_reply, final_reply, progress_message
 
 from broker import job_log, listings, management, routing
+from broker.bad_frames import BadFrames
 from broker.eta import queued_eta_s
 from broker.job_queue import JobQueue
 from broker.jobs import QUEUED, RUNNING, JobState, Peer
@@ -138,6 +139,7 @@ class BrokerCore:
         self.queue = JobQueue()   # its size limit is checked here, at acceptance
         self.jobs: dict[str, JobState] = {}     # accepted, not finished
         self.journal = None                     # set by open()
+        self._bad_frames = BadFrames()
         self.counters = {"completed": 0, "failed": 0, "accepted": 0, "malformed": 0}
         self._ops = management.PendingOps()
         self._rr = routing.RoundRobin()
@@ -190,8 +192,7 @@ class BrokerCore:
                             now: float) -> list[Output]:
         if isinstance(error, W.WorkerVersionError) and error.kind == W.READY:
             return self._handle(now, self._refuse_version, identity, error.worker_id, error.version)
-        log.warning("ignoring bad frame from worker %s: %s", identity.hex(), error)
-        return []
+        return self._handle(now, self._on_bad_worker_frame, identity, error)
 
     def tick(self, now: float) -> list[Output]:
         """Fire what is due: heartbeats and liveness, job deadlines, management timeouts,
@@ -474,6 +475,30 @@ class BrokerCore:
                     reason="not registered; send READY again")))
             return
         self._worker_handlers[type(msg)](worker, msg)
+
+    def _on_bad_worker_frame(self, identity: bytes, error: W.WorkerProtocolError) -> None:
+        """A frame that did not decode: nothing of it was stored. Counted, logged once per
+        sender per minute, and too many within a minute disconnect the sender (its jobs are
+        re-queued as for a lost worker)."""
+        worker = self.registry.by_identity(identity)
+        worker_id = worker.worker_id if worker is not None else ""
+        self.metrics.bad_worker_frame(worker_id)
+        first, cut = self._bad_frames.strike(identity, self._now)
+        if first:
+            log.warning("dropping bad frame from worker %s (connection %s): %s; more this minute "
+                        "are only counted (sdxl_broker_bad_worker_frames_total)",
+                        worker_id or "(unregistered)", identity.hex(), error)
+        if not cut:
+            return
+        log.error("disconnecting worker %s (connection %s): %d bad frames within %.0f s",
+                  worker_id or "(unregistered)", identity.hex(), self._bad_frames.limit,
+                  self._bad_frames.window_s)
+        self._out.append(ToWorkers([identity], W.Disconnect(
+            reason=f"{self._bad_frames.limit} invalid worker-protocol messages within "
+                   f"{self._bad_frames.window_s:.0f} s")))
+        if worker is not None:
+            self._worker_lost(worker, "sent invalid messages")
+            self.registry.remove(worker)
 
     def _refuse_version(self, identity: bytes, worker_id, version) -> None:
         log.error("refusing worker %s: it speaks worker protocol version %s, this broker "

@@ -62,6 +62,11 @@ class BrokerMetrics:
             "sdxl_broker_missed_heartbeats", "Workers declared lost because no heartbeat came "
             "within heartbeat_interval_s * heartbeat_liveness", ["worker_id"],
             registry=self.registry)
+        self.bad_worker_frames = Counter(
+            "sdxl_broker_bad_worker_frames", "Backend frames dropped because they are not valid "
+            "worker-protocol messages (bad type, out-of-range field, not msgpack), by the "
+            "registered worker id of the connection that sent them (empty: not registered)",
+            ["worker_id"], registry=self.registry)
         # labelled children, looked up once: .labels() takes a lock and validates every call
         self._children: dict[tuple, object] = {}
 
@@ -97,6 +102,9 @@ class BrokerMetrics:
     def request_rejected(self, error_code: str) -> None:
         """A request answered with an error before it became a job (validation, queue full...)."""
         self._child(self.replies, REJECTED, str(error_code or "")).inc()
+
+    def bad_worker_frame(self, worker_id: str) -> None:
+        self._child(self.bad_worker_frames, str(worker_id or "")).inc()
 
     def heartbeat_missed(self, worker_id: str) -> None:
         self.missed_heartbeats.labels(str(worker_id)).inc()

@@ -76,6 +76,8 @@ class Broker:
             self.frontend.bind(self.config.frontend)
             self.backend = self._ctx.socket(zmq.ROUTER)
             self.backend.setsockopt(zmq.LINGER, 0)
+            # a frame over the limit drops that peer's connection before a byte is stored
+            self.backend.setsockopt(zmq.MAXMSGSIZE, int(self.config.max_message_mb) * 2**20)
             self._secure(self.backend)
             self.backend.bind(self.config.backend)
             self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)

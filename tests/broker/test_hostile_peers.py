@@ -3,6 +3,8 @@ processes: what the attacked clients see."""
 
 from __future__ import annotations
 
+import time
+
 import zmq
 
 from broker_harness import flat_request
@@ -58,3 +60,107 @@ def test_dealer_without_stream_attaching_to_a_streamed_job_gets_no_progress(clus
     assert seen[0]["success"] is True
     assert quiet.drain(0.3) == []   # nothing after the final reply either
     _assert_streamer_got_progress_then_final(streamer)
+
+
+# --- item 2: a rogue DEALER speaking the worker protocol beside a real worker ---------------------
+def _rogue_worker(cluster, worker_id: str = "rogue"):
+    from protocol import worker_protocol as W
+    sock = cluster.ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.backend)
+    from gpu_worker.sim_executor import ALL_FEATURES   # it claims to run anything
+    sock.send(W.encode(W.Ready(worker_id=worker_id, memory_total_mb=100_000.0,
+                               capabilities=list(ALL_FEATURES))))
+    return sock
+
+
+def _poison_heartbeats():
+    import msgpack
+    return [msgpack.packb({"t": "HEARTBEAT", "v": 1, "telemetry": "x"}),
+            msgpack.packb({"t": "HEARTBEAT", "v": 1,
+                           "telemetry": {"memory": {"total_mb": 1000, "free_mb": "abc"}}}),
+            b"\xc1not msgpack at all"]
+
+
+def _status(cluster) -> dict:
+    req = cluster.client(zmq.REQ)
+    req.send({"message_type": "status_request", "request_id": "st"})
+    reply = req.recv(10.0)
+    assert reply is not None, "status_request went unanswered"
+    assert reply["success"] is True
+    return reply["data"]
+
+
+def _bad_frames_counted(cluster) -> float:
+    return cluster.broker.metrics.registry.get_sample_value(
+        "sdxl_broker_bad_worker_frames_total", {"worker_id": "rogue"}) or 0.0
+
+
+def test_poison_heartbeats_break_neither_status_nor_dispatch(cluster, caplog):
+    cluster.start_broker()
+    cluster.start_worker("w1")
+    cluster.wait_workers("w1")
+    rogue = _rogue_worker(cluster)
+    cluster.wait_workers("w1", "rogue")
+    for frame in _poison_heartbeats():   # a few bad frames: dropped, counted, logged once
+        rogue.send(frame)
+    clients = [cluster.client() for _ in range(3)]
+    for i, c in enumerate(clients):
+        c.send(flat_request(f"poisoned-{i}"))
+    data = _status(cluster)
+    assert {w["worker_id"] for w in data["workers"]} >= {"w1", "rogue"}
+    assert all(c.recv_final(30.0)["success"] is True for c in clients)
+    assert _bad_frames_counted(cluster) == 3
+    logged = [r for r in caplog.records if "rogue" in r.getMessage() and "bad" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+
+
+def test_repeated_garbage_disconnects_the_worker_and_requeues_its_jobs(cluster):
+    from protocol import worker_protocol as W
+    cluster.start_broker()
+    rogue = _rogue_worker(cluster)
+    cluster.wait_workers("rogue")
+    assert rogue.poll(5000) and type(W.decode_from_broker(rogue.recv())) is W.BrokerHeartbeat
+    # with only the rogue registered, the jobs go to it (it holds up to two)
+    clients = [cluster.client() for _ in range(2)]
+    for i, c in enumerate(clients):
+        c.send(flat_request(f"held-{i}"))
+    cluster.running_on("held-0")
+    cluster.start_worker("w1")
+    while cluster.worker_state("w1") in (None, "lost"):   # the rogue stays alive meanwhile
+        rogue.send(W.encode(W.WorkerHeartbeat()))
+        time.sleep(0.05)
+    assert cluster.worker_state("rogue") not in (None, "lost")
+    for i in range(25):
+        rogue.send(_poison_heartbeats()[i % 3])
+    told = []
+    while rogue.poll(5000):
+        message = W.decode_from_broker(rogue.recv())
+        told.append(message)
+        if type(message) is W.Disconnect:
+            break
+    assert type(told[-1]) is W.Disconnect, told
+    assert "rogue" not in {w["worker_id"] for w in _status(cluster)["workers"]
+                           if w["state"] != "lost"}
+    # its jobs were re-queued and ran on the real worker: each client gets one successful reply
+    for c in clients:
+        reply = c.recv_final(30.0)
+        assert reply["success"] is True, reply
+        assert reply["data"]["processing_metrics"]["worker_id"] == "w1"
+    assert _bad_frames_counted(cluster) >= 20
+
+
+def test_backend_drops_frames_over_the_size_limit(cluster):
+    cluster.start_broker(max_message_mb=1)
+    cluster.start_worker("w1")
+    cluster.wait_workers("w1")
+    assert cluster.broker.backend.getsockopt(zmq.MAXMSGSIZE) == 2**20
+    big = cluster.ctx.socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(cluster.backend)
+    big.send(b"\x80" + b" " * (2 * 2**20))
+    c = cluster.client()
+    c.send(flat_request("after-big"))
+    assert c.recv_final(30.0)["success"] is True
+    assert cluster.worker_state("w1") != "lost"
+    big.close(linger=0)
