@@ -79,6 +79,21 @@ def _is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+_SOUND_FILES: set[tuple[str, int, int]] = set()  # .safetensors files whose header checked out
+
+
+def _check_safetensors(path: str, size: int) -> None:
+    """A header that parses and tensors that end inside the file (a truncated download fails)."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > 100 * 1024 * 1024 or 8 + header_len > size:
+            raise ValueError("header larger than the file")
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ValueError(f"truncated: tensors end at byte {8 + header_len + end}, the file has {size}")
+
+
 def _read_safetensors_shapes(path: str) -> dict[str, list[int]]:
     """Tensor shapes from a .safetensors header, without reading the weights (or torch)."""
     with open(path, "rb") as fh:
@@ -186,6 +201,7 @@ class ModelResolver:
                                f"{kind} model {name!r} at {path} is a {declared}, not an SDXL {kind} pipeline")
             self._refuse_pickle_weights(name, path)
             return ResolvedModel(name, path, kind, single_file=False)
+        self.check_weight_file(path, f"{kind} {name!r}")
         return ResolvedModel(name, path, kind, single_file=True,
                              config_path=self._single_file_config(name, path, kind))
 
@@ -196,6 +212,7 @@ class ModelResolver:
             if not os.path.isfile(full):
                 raise JobError(C.MODEL_NOT_FOUND, f"{label} file {path!r} not found (looked at {full})")
             self.check_suffix(full, label)
+            self.check_weight_file(full, label)
             return ResolvedModel(name or _stem(full), full, kind, single_file=True)
         name = self._check_name(name, kind)
         candidates = []
@@ -204,6 +221,7 @@ class ModelResolver:
                 candidates += [f"{folder}/{name}{s}" for s in self._suffixes()]
             candidates.append(f"{folder}/{name}")
         full = self._first_existing(name, kind, candidates, files_only=True)
+        self.check_weight_file(full, label)
         return ResolvedModel(_stem(name), full, kind, single_file=True)
 
     def _controlnet_by_type(self, control_type: str) -> str | None:
@@ -318,22 +336,50 @@ class ModelResolver:
         if os.path.isdir(path):
             self._refuse_pickle_weights(name, path)
             return ResolvedModel(name, path, kind, single_file=False)
+        self.check_weight_file(path, f"{kind} {name!r}")
         return ResolvedModel(name, path, kind, single_file=True)
 
     def _refuse_pickle_weights(self, name: str, folder: str) -> None:
-        """A diffusers folder whose weights exist only as .bin/.pt would be loaded with pickle."""
-        if self.allow_pickle:
-            return
-        for directory in [folder] + [os.path.join(folder, d) for d in sorted(os.listdir(folder))]:
-            if not os.path.isdir(directory):
-                continue
-            files = os.listdir(directory)
+        """Every file a load of this folder may read, sub-folders included, checked one by one:
+        inside the model root after resolving symlinks, a readable .safetensors, and no
+        pickle-only component (diffusers would unpickle its .bin/.pt) unless pickle is allowed."""
+        for directory, subdirs, files in os.walk(folder, followlinks=True):
+            subdirs.sort()
+            real_dir = _real(directory)
+            if not _is_within(real_dir, self.models_dir):
+                raise JobError(C.VALIDATION_ERROR, f"model {name!r}: {directory} leads outside the model root "
+                                                   f"{self.models_dir} (through a symlink)")
             has_safe = any(f.endswith(SAFE_SUFFIXES) for f in files)
-            pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-            if pickles and not has_safe:
-                raise JobError(C.VALIDATION_ERROR,
-                               f"model {name!r}: {os.path.join(directory, pickles[0])} holds pickle weights and no "
-                               f".safetensors; refused (the operator can allow pickle with --allow-pickle)")
+            for entry in sorted(files):
+                path = os.path.join(directory, entry)
+                if not entry.endswith(WEIGHT_SUFFIXES + (".json", ".txt", ".model")):
+                    continue
+                self.check_weight_file(path, f"model {name!r}")
+                if entry.endswith(PICKLE_SUFFIXES) and not has_safe and not self.allow_pickle:
+                    raise JobError(C.VALIDATION_ERROR,
+                                   f"model {name!r}: {path} holds pickle weights and no .safetensors; refused "
+                                   f"(the operator can allow pickle with --allow-pickle)")
+
+    def check_weight_file(self, path: str, what: str) -> None:
+        """One file a load reads: inside the root after symlinks, readable, and for
+        .safetensors a sound header whose tensors fit in the file (cached by size and mtime)."""
+        real = _real(path)
+        if not _is_within(real, self.models_dir):
+            raise JobError(C.VALIDATION_ERROR, f"{what}: {path} leads outside the model root {self.models_dir} "
+                                               f"(through a symlink)")
+        try:
+            stat = os.stat(real)
+            if not real.endswith(SAFE_SUFFIXES):
+                with open(real, "rb"):
+                    return
+            key = (real, stat.st_size, stat.st_mtime_ns)
+            if key in _SOUND_FILES:
+                return
+            _check_safetensors(real, stat.st_size)
+            _SOUND_FILES.add(key)
+        except (OSError, ValueError, struct.error, KeyError, TypeError) as exc:
+            raise JobError(C.VALIDATION_ERROR, f"{what}: {path} is not a readable weight file "
+                                               f"({exc.__class__.__name__}: {exc})") from None
 
     def _declared_class(self, folder: str) -> str | None:
         try:

@@ -114,6 +114,7 @@ class Upscalers:
             path = self.resolver.inside_root(wanted, "upscaler path")
             if os.path.isfile(path):
                 self.resolver.check_suffix(path, "upscaler")
+                self.resolver.check_weight_file(path, "upscaler")
                 return os.path.splitext(os.path.basename(path))[0], path
         for folder in UPSCALER_FOLDERS:
             for suffix in (".safetensors", ".pth"):
@@ -121,6 +122,7 @@ class Upscalers:
                 if os.path.isfile(candidate):
                     path = self.resolver.inside_root(candidate, "upscaler")
                     self.resolver.check_suffix(path, "upscaler")
+                    self.resolver.check_weight_file(path, "upscaler")
                     return wanted, path
         known = ", ".join((*BUILT_IN, *DEFAULT_ALIASES[:1], *self.available()))
         raise JobError(C.MODEL_NOT_FOUND if wanted != method.strip() or "/" in wanted else C.UNSUPPORTED_FEATURE,

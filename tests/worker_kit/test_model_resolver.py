@@ -44,14 +44,22 @@ def pipeline_folder(path, cls="StableDiffusionXLPipeline", unet=BASE_UNET, weigh
         json.dump({"_class_name": cls}, fh)
     with open(os.path.join(path, "unet", "config.json"), "w") as fh:
         json.dump({"_class_name": "UNet2DConditionModel", **unet}, fh)
-    open(os.path.join(path, "unet", weights), "wb").close()
+    weight_file(os.path.join(path, "unet", weights))
+
+
+def weight_file(path):
+    """A small valid .safetensors (an empty one is refused as unreadable), or an empty pickle."""
+    if path.endswith(".safetensors"):
+        write_safetensors(path, {"w": [1]})
+    else:
+        open(path, "wb").close()
 
 
 def component_folder(path, cls):
     os.makedirs(path)
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump({"_class_name": cls}, fh)
-    open(os.path.join(path, "diffusion_pytorch_model.safetensors"), "wb").close()
+    weight_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
 
 
 @pytest.fixture()
