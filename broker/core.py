@@ -727,7 +727,6 @@ class BrokerCore:
         """queue_position again to every streaming job whose place changed, at most once per
         queue_position_interval_s (a long queue moving fast must not flood its clients)."""
         self._positions_changed = False
-        self._next_position_update = now + self.config.queue_position_interval_s
         for position, (rid, _) in enumerate(self.queue):
             state = self.jobs.get(rid)
             if state is None or not state.wants_progress:
@@ -738,6 +737,8 @@ class BrokerCore:
                 continue
             self._progress(state, "queued", queue_position=position,
                            eta_s=queued_eta_s(state.job, position, self.registry.live()))
+            # the interval runs from an update actually sent
+            self._next_position_update = now + self.config.queue_position_interval_s
 
     def _expire_deadlines(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:

@@ -351,3 +351,26 @@ def test_queue_time_counts_the_wait_behind_a_job_on_the_worker(cluster):
     # queue + worker time adds up to what the caller saw (transport is milliseconds)
     assert second["queue_time"] + second["total_time"] <= elapsed_s
     assert second["queue_time"] + second["total_time"] >= elapsed_s - 0.5
+
+
+def test_queue_position_is_sent_again_as_the_queue_moves(cluster):
+    # issue 15: it used to be sent once, at acceptance; real sockets, a simulated worker
+    cluster.start_broker(max_jobs_per_worker=1)
+    cluster.start_worker("w1", step_s=0.05)
+    cluster.wait_workers("w1")
+    c = cluster.client()
+    for rid in ("p1", "p2", "p3"):
+        c.send(flat_request(rid, steps=30, stream=True))   # 1.5 s each
+    seen: dict[str, list] = {}
+    finals = 0
+    while finals < 3:
+        message = c.recv(15)
+        assert message is not None, seen
+        if message.get("final"):
+            assert message["success"], message
+            finals += 1
+        elif message["stage"] == "queued":
+            seen.setdefault(message["request_id"], []).append(message["queue_position"])
+    # p3 waited behind p1 and p2 and heard its place go down, once per change
+    assert seen["p3"][0] >= 1 and seen["p3"][-1] == 0, seen
+    assert seen["p3"] == sorted(set(seen["p3"]), reverse=True), seen
