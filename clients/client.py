@@ -14,7 +14,8 @@ the socket calls):
   generation at once with a `queued` progress event (`generate` always asks for progress). So
   when nothing arrives within `connect_timeout_s` (default 5 s, $SDXL_BROKER_CONNECT_TIMEOUT_S),
   the request fails with BrokerUnavailable naming the endpoint and what the socket saw: nothing
-  listening, a refused CURVE handshake, or a peer that connected but said nothing. A body a
+  listening, or a refused CURVE handshake. When the socket did connect (a peer is there, maybe
+  a loaded broker), it waits up to `timeout_s` in all before failing as "connected but silent". A body a
   broker may take minutes to answer (a model load) is preceded by a status query for that check.
 - After that, Lazy Pirate: each request has its own DEALER socket; after `timeout_s` without
   any message from the broker, the socket is closed (linger 0) and the *same* frame, same
@@ -277,6 +278,7 @@ class _Exchange:
         self.retries = client.retries if retries is None else retries
         self.connect_timeout_s = client.connect_timeout_s
         self.heard = False          # the broker has answered this request (or a ping before it)
+        self.patient = False        # connected, so a slow first answer gets up to timeout_s
         self.unanswered = 0         # resends in a row that got nothing back
         self.events: set[int] = set()   # socket events seen while making first contact
 
@@ -291,7 +293,11 @@ class _Exchange:
         return not self.heard
 
     def wait_s(self) -> float:
-        return self.timeout_s if self.heard else self.connect_timeout_s
+        if self.heard:
+            return self.timeout_s
+        if self.patient:
+            return max(self.timeout_s - self.connect_timeout_s, 0.0)
+        return self.connect_timeout_s
 
     def accept(self, payload: bytes) -> dict | None:
         """The decoded reply if it answers this request, else None (a broken frame or another
@@ -310,10 +316,18 @@ class _Exchange:
     def note_event(self, event: int) -> None:
         self.events.add(event)
 
-    def silence(self) -> None:
+    def silence(self) -> str:
         """wait_s passed with nothing from the broker. Raises BrokerUnavailable when it was
-        never reached, or stopped answering; else the caller resends on a fresh socket."""
+        never reached, or stopped answering. Returns "wait" when the socket did connect (a
+        loaded broker may answer late: keep waiting, up to timeout_s in all, same socket), else
+        "resend" (the caller resends on a fresh socket)."""
         if not self.heard:
+            if (zmq.EVENT_HANDSHAKE_SUCCEEDED in self.events and not self.patient
+                    and self.timeout_s > self.connect_timeout_s):
+                self.patient = True
+                log.debug("connected to %s but no answer in %.1fs; waiting up to %.1fs",
+                          self.endpoint, self.connect_timeout_s, self.timeout_s)
+                return "wait"
             raise BrokerUnavailable(self.first_contact_failure())
         if self.unanswered >= self.retries:
             raise BrokerUnavailable(
@@ -326,9 +340,11 @@ class _Exchange:
         level = logging.DEBUG if self.unanswered == 1 else logging.WARNING
         log.log(level, "no message from %s for %.1fs; resending request %s (%d/%d)",
                 self.endpoint, self.timeout_s, self.request_id, self.unanswered, self.retries)
+        return "resend"
 
     def first_contact_failure(self) -> str:
-        where, waited = self.endpoint, f"{self.connect_timeout_s:g}s"
+        where = self.endpoint
+        waited = f"{max(self.timeout_s, self.connect_timeout_s) if self.patient else self.connect_timeout_s:g}s"
         if zmq.EVENT_HANDSHAKE_FAILED_AUTH in self.events:
             return (f"the broker at {where} refused this client's CURVE key: copy the client's "
                     "public key (client.key) into the broker's --curve-allowed-keys folder")
@@ -341,7 +357,7 @@ class _Exchange:
         if self.events & {zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_CONNECTED}:
             return (f"{where} accepted the connection but did not answer within {waited}: is it "
                     "the broker's frontend (not its --backend, not another program), and is the "
-                    "broker overloaded? (--connect-timeout-s waits longer)")
+                    "broker overloaded? (--timeout-s waits longer)")
         if zmq.EVENT_CONNECT_RETRIED in self.events:
             return (f"nothing is listening at {where}: is `sdxl-broker serve` (or `broker`) "
                     "running, and is --endpoint / $SDXL_BROKER_ENDPOINT right?")
@@ -538,7 +554,9 @@ class BrokerClient(_ClientBase):
                     continue
                 if link.remaining_ms() > 0:
                     continue
-                exchange.silence()   # raises BrokerUnavailable when it is time to give up
+                if exchange.silence() == "wait":   # raises BrokerUnavailable to give up
+                    link.deadline = time.monotonic() + exchange.wait_s()
+                    continue
                 link.close()
                 link = _Connection(self, exchange, zmq.Poller)
                 link.sock.send_multipart([b"", exchange.frame])
@@ -612,7 +630,9 @@ class AsyncBrokerClient(_ClientBase):
                     continue
                 if link.remaining_ms() > 0:
                     continue
-                exchange.silence()
+                if exchange.silence() == "wait":
+                    link.deadline = time.monotonic() + exchange.wait_s()
+                    continue
                 link.close()
                 link = _Connection(self, exchange, zmq.asyncio.Poller)
                 await link.sock.send_multipart([b"", exchange.frame])
