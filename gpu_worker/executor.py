@@ -421,7 +421,11 @@ class DiffusersExecutor:
     def _single_file_kwargs(resolved) -> dict:
         """from_single_file's config arguments: the resolver's config folder (offline), or none
         (the Hugging Face cache/hub, which the resolver allows only without HF_HUB_OFFLINE)."""
+        from gpu_worker.model_resolver import ensure_config_folder
+
         config = getattr(resolved, "config_path", None)
+        if config:
+            ensure_config_folder(resolved.path, config)  # shipped configs: written on first load
         return {"config": config, "local_files_only": True} if config else {}
 
     def _assemble(self, job: Job, dtype, vae_dtype, inputs: dict, state: _JobState):

@@ -426,9 +426,9 @@ class ModelResolver:
         reason = "not a .safetensors file"
         if shapes is not None:
             try:
-                folder = single_file_configs.write_config_folder(shapes, config_cache_dir())
-                log.info("single file %s: configs written from its tensors to %s", path, folder)
-                return folder
+                folder = single_file_configs.write_config_folder(shapes, config_cache_dir(), write=False)
+                log.debug("single file %s: configs from its tensors at %s", path, folder)
+                return folder  # written by the load (ensure_config_folder)
             except (single_file_configs.NotSDXL, KeyError, StopIteration, ValueError) as exc:
                 reason = f"its tensors are not an SDXL base or refiner ({exc})"
         raise JobError(
@@ -457,6 +457,16 @@ class ModelResolver:
                            f"vae single file {path}: no config ({exc.__class__.__name__}: {exc}). Set "
                            "--single-file-config DIR to a diffusers folder with vae/config.json, or unset "
                            "HF_HUB_OFFLINE so diffusers reads it from the Hugging Face cache/hub") from None
+
+
+def ensure_config_folder(checkpoint: str, config: str) -> None:
+    """Write the shipped-config folder `config` for `checkpoint` if the resolver only named it."""
+    if config and not os.path.isfile(os.path.join(config, "model_index.json")):
+        from gpu_worker import single_file_configs
+
+        written = single_file_configs.write_config_folder(_read_safetensors_shapes(checkpoint),
+                                                          os.path.dirname(config))
+        log.info("single file %s: configs written from its tensors to %s", checkpoint, written)
 
 
 def hub_offline() -> bool:

@@ -167,14 +167,16 @@ def configs_for(shapes: dict) -> tuple[str, dict[str, dict]]:
     return kind, files
 
 
-def write_config_folder(shapes: dict, cache_dir: str) -> str:
-    """A diffusers config folder (no weights) for these shapes under cache_dir, written once."""
+def write_config_folder(shapes: dict, cache_dir: str, write: bool = True) -> str:
+    """A diffusers config folder (no weights) for these shapes under cache_dir, written once.
+    write=False only names it (cheap: resolution may run on a worker's IO thread; building the
+    tokenizers takes seconds, so the load writes it)."""
     from gpu_worker.clip_vocab import clip_tokenizer
 
     kind, files = configs_for(shapes)
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, f"sdxl-{kind}-{digest}")
-    if os.path.isfile(os.path.join(folder, "model_index.json")):
+    if not write or os.path.isfile(os.path.join(folder, "model_index.json")):
         return folder
     staging = f"{folder}.{os.getpid()}.tmp"
     for relative, content in files.items():

@@ -63,6 +63,9 @@ def test_lone_base_file_loads_offline_from_shipped_configs(lone_file_root, demo_
 
     resolved = ModelResolver(lone_file_root).base("lone")
     assert resolved.single_file and resolved.config_path.startswith(str(tmp_path / "config-cache"))
+    assert not os.path.exists(resolved.config_path)  # resolving only names it; the load writes it
+    from gpu_worker.model_resolver import ensure_config_folder
+    ensure_config_folder(resolved.path, resolved.config_path)
     assert sorted(os.listdir(resolved.config_path)) == ["model_index.json", "scheduler", "text_encoder",
                                                         "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae"]
     single = StableDiffusionXLPipeline.from_single_file(resolved.path, config=resolved.config_path,
