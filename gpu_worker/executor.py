@@ -3,9 +3,10 @@
 One job, in order: validate what diffusers would choke on, decode the input images, get the
 models from the pipeline cache (pinned for the job), attach the job's LoRAs and textual
 inversions, denoise (base, then the refiner on the latents), decode with the job's VAE, paste
-the original back outside an inpainting mask, post-process and save. Whatever happens, the
-`finally` block takes the LoRAs and embeddings off again and resets the memory-saving switches
-on the shared modules, so nothing from one job leaks into the next.
+the original back outside an inpainting mask, post-process and save. LoRAs stay loaded between
+jobs and each job switches on exactly its own set, or none (gpu_worker/resident_loras.py);
+whatever happens, the `finally` block takes the embeddings off again and resets the
+memory-saving switches on the shared modules, so nothing from one job leaks into the next.
 
 Out of memory: the cache drops everything the job does not hold and the inference is retried
 once with attention/VAE slicing on and the batch split into single images; a second failure is
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from gpu_worker import file_hashes, job_adapters, postprocess
+from gpu_worker import file_hashes, job_adapters, postprocess, resident_loras
 from gpu_worker.executor_api import AbortFn, ProgressFn
 from gpu_worker.images import canny_edges, decode_image, looks_like_edge_map
 from gpu_worker.previews import PreviewThrottle, encode_preview
@@ -90,7 +91,6 @@ class _JobState:
     features: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     ti_tokens: list = field(default_factory=list)  # embeddings to unload after the job
-    loras_attached: bool = False  # LoRAs went onto the shared modules: unload them after the job
     prompts: Any = None  # gpu_worker.executor.PromptPlan
     aborted: bool = False
     memory_peak_mb: float = 0.0
@@ -554,20 +554,23 @@ class DiffusersExecutor:
             return self._load(key, name, kind, load, state)[0]
         job_adapters.attach(job, pipe, self.resolver, load_cached, state, model_info,
                             extra_loras=state.prompts.loras if state.prompts else ())
+        # LoRA adapters stay on the base's modules between jobs: they count with the base
+        for key in state.pinned:
+            if key[0] == BASE:
+                self.cache.set_attached_mb(key, resident_loras.resident(pipe).size_mb())
 
     def _detach_adapters(self, pipe, job: Job, state: _JobState) -> None:
         """Take the job's LoRAs and embeddings off the shared modules, whatever happened."""
         if pipe is None:
             return
         try:
-            job_adapters.detach(job, pipe, state.ti_tokens, state.loras_attached)
+            job_adapters.detach(job, pipe, state.ti_tokens)
         except Exception:
             # a half-detached base would leak into later jobs: drop it from the cache instead
             log.exception("could not detach adapters; evicting the base model")
             self.cache.evict(lambda entry: entry.kind == BASE, include_pinned=True, reason="adapter reset failed")
         finally:
             state.ti_tokens.clear()
-            state.loras_attached = False
             if state.offloaded:
                 pipe.remove_all_hooks()
                 pipe.to(self._torch_device)

@@ -1,10 +1,11 @@
-"""A job's LoRAs and textual inversions: attached to the shared cached modules for one job,
-taken off again after it, so one request's style never leaks into the next.
+"""A job's LoRAs and textual inversions on the shared cached modules, so that one request's
+style never leaks into the next.
 
-LoRAs go in as named peft adapters (`load_lora_weights(adapter_name=...)`, `set_adapters` with
-the weights) and come out with `unload_lora_weights`, which restores the UNet exactly
-(DIFFUSERS-FACTS.md). An SDXL embedding holds `clip_l` and `clip_g`: each goes into its own
-encoder and tokenizer, and both are unloaded after the job.
+LoRAs are named peft adapters that stay loaded between jobs (gpu_worker/resident_loras.py):
+each job switches on exactly its own set with its weights, a job without LoRAs switches them
+all off (bytes identical to the plain model), and a load that failed half-way unloads them all.
+An SDXL embedding holds `clip_l` and `clip_g`: each goes into its own encoder and tokenizer,
+and both are unloaded after the job.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from gpu_worker.file_hashes import short_hash
-from gpu_worker.pipeline_cache import LORA, TEXTUAL_INVERSION
+from gpu_worker import resident_loras
+from gpu_worker.pipeline_cache import LORA, TEXTUAL_INVERSION, measured_size_mb
 from protocol import constants as C
 from protocol.errors import JobError, about_field
 from protocol.job import Job
@@ -50,7 +52,7 @@ def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info:
 
     loras = (*job.loras, *extra_loras)
     if loras:
-        names, weights = [], []
+        wanted, occurrences = [], {}
         for index, spec in enumerate(loras):
             # a LoRA from a <lora:> tag in the prompt has no field of its own
             with about_field(f"loras[{index}].{'path' if spec.path else 'name'}"
@@ -59,19 +61,21 @@ def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info:
                 if resolved.path.endswith(".safetensors"):
                     tensors = load_cached((LORA, resolved.path), spec.name, LORA,
                                           lambda path=resolved.path: load_file(path))
-                    source = dict(tensors)  # diffusers pops keys from the dict it is given
                     layout = lora_format(tensors)
+                    # called only when the LoRA is not resident yet; diffusers pops keys from
+                    # the dict it is given, so it gets a copy of the cached one
+                    source = lambda tensors=tensors: dict(tensors)  # noqa: E731
                 else:  # a pickle format the operator allowed: diffusers reads it (weights only)
-                    source, layout = resolved.path, "pickle"
-            adapter = f"job_lora_{index}"
-            state.loras_attached = True  # before loading: a half-done load is undone too
-            pipe.load_lora_weights(source, adapter_name=adapter)
-            names.append(adapter)
-            weights.append(float(spec.weight))
+                    layout = "pickle"
+                    source = lambda path=resolved.path: path  # noqa: E731
+            occurrence = occurrences[resolved.path] = occurrences.get(resolved.path, -1) + 1
+            wanted.append(((resolved.path, occurrence), source, float(spec.weight)))
             model_info["loras"].append({"name": spec.name, "weight": float(spec.weight),
                                         "hash": short_hash(resolved.path), "format": layout})
-        pipe.set_adapters(names, adapter_weights=weights)
-        state.feature("lora" if len(names) == 1 else "multi_lora")
+        resident_loras.activate(pipe, wanted, size_of=measured_size_mb)
+        state.feature("lora" if len(wanted) == 1 else "multi_lora")
+    else:
+        resident_loras.deactivate(pipe)
 
     prompts = " ".join(p or "" for p in (job.prompt, job.prompt_2, job.negative_prompt, job.negative_prompt_2))
     for index, spec in enumerate(job.textual_inversions):
@@ -100,10 +104,10 @@ def attach(job: Job, pipe, resolver, load_cached: LoadCached, state, model_info:
         state.feature("textual_inversion")
 
 
-def detach(job: Job, pipe, ti_tokens: list[str], loras_attached: bool = True) -> None:
+def detach(job: Job, pipe, ti_tokens: list[str]) -> None:
     """Undo `attach`. Raises when the modules could not be restored (the caller evicts them)."""
-    if job.loras or loras_attached:
-        pipe.unload_lora_weights()  # the UNet and both text encoders
+    if resident_loras.needs_reset(pipe):  # a LoRA load failed half-way
+        resident_loras.reset(pipe)
     for token in ti_tokens:
         for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
             if token in tokenizer.get_vocab():

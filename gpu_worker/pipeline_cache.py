@@ -50,6 +50,7 @@ class CacheEntry:
     load_time_s: float
     pins: int = 0
     last_used_s: float = field(default_factory=time.monotonic)
+    attached_mb: float = 0.0  # weights added to the loaded model since (resident LoRA adapters)
 
 
 def measured_size_mb(obj: Any) -> float:
@@ -170,6 +171,15 @@ class PipelineCache:
                 if entry is not None and entry.pins > 0:
                     entry.pins -= 1
         self.enforce_budget()
+
+    def set_attached_mb(self, key: tuple, attached_mb: float) -> None:
+        """The entry's model now also holds `attached_mb` of weights it did not have when it was
+        measured (LoRA adapters kept between jobs): they count against the budget with it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.size_mb += attached_mb - entry.attached_mb
+                entry.attached_mb = attached_mb
 
     def __contains__(self, key: tuple) -> bool:
         with self._lock:
