@@ -16,6 +16,7 @@ OOM on purpose (or set SDXL_BROKER_TEST_INJECT_OOM=N for the first N inference a
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import secrets
@@ -49,8 +50,9 @@ DEFAULT_BUDGET_FRACTION = {"cpu": 0.25}
 DEFAULT_ACCELERATOR_BUDGET_FRACTION = 0.7
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _OOM_ENV = "SDXL_BROKER_TEST_INJECT_OOM"
-_STEP_TIME_SMOOTHING = 0.3
-_CLIP_WINDOW_TOKENS = 75  # a 77-token CLIP window less its start and end markers  # weight of the newest sample in the per-step moving average
+_SCHEDULER_PROTOTYPES_MAX = 64  # (scheduler, Karras, model config) combinations kept
+_STEP_TIME_SMOOTHING = 0.3  # weight of the newest sample in the per-step moving average
+_CLIP_WINDOW_TOKENS = 75  # a 77-token CLIP window less its start and end markers
 
 
 class InjectedOOM:
@@ -214,6 +216,7 @@ class DiffusersExecutor:
         self._fault_injector = fault_injector
         self._stats_lock = threading.Lock()
         self._step_time_s: dict[str, float] = {}
+        self._scheduler_prototypes: dict[tuple, tuple[Any, list[str]]] = {}  # see _job_scheduler
         os.makedirs(output_dir, exist_ok=True)
         _quiet_library_progress_bars()
         # import the pipeline classes now (diffusers loads them lazily, ~1-3 s on this CPU):
@@ -250,7 +253,7 @@ class DiffusersExecutor:
                 "models_loaded": cache["models_loaded"], "models_loading": cache["models_loading"],
                 "step_time_s": step_times, "load_time_s": cache["load_time_s"],
                 "cache_hits": cache["cache_hits"], "cache_misses": cache["cache_misses"],
-                "cache_evictions": cache["cache_evictions"]}
+                "cache_evictions": cache["cache_evictions"], "loras_cached": cache["attached"]}
 
     def list_models(self) -> dict:
         """{kind: [{name, size_mb, loaded}]}: every model file this worker can load."""
@@ -511,17 +514,31 @@ class DiffusersExecutor:
 
         # from the config saved at load time: `pipe` may be the cached base itself, whose
         # scheduler the previous job replaced (its Karras setting must not carry over)
-        pipe.scheduler, warnings = make_scheduler(job.scheduler, base.sdxl_broker_scheduler_config,
-                                                  job.use_karras_sigmas)
+        pipe.scheduler, warnings = self._job_scheduler(job.scheduler, base.sdxl_broker_scheduler_config,
+                                                       job.use_karras_sigmas)
         state.warnings.extend(warnings)
         if refiner is not None:
-            refiner.scheduler, _ = make_scheduler(job.scheduler, refiner.sdxl_broker_scheduler_config,
-                                                  job.use_karras_sigmas)
+            refiner.scheduler, _ = self._job_scheduler(job.scheduler, refiner.sdxl_broker_scheduler_config,
+                                                       job.use_karras_sigmas)
         if job.use_karras_sigmas and not warnings:
             state.karras_applied = True
             state.feature("karras_sigmas")
             model_info["scheduler"] = f"{job.scheduler} (Karras)"
         return pipe, refiner, vae, model_info
+
+    def _job_scheduler(self, name: str, config: dict, use_karras_sigmas: bool) -> tuple[Any, list[str]]:
+        """A scheduler of the job's own: a copy of one built once per (name, Karras, config).
+        Building some costs a lot (KDPM2 ~1 s on this CPU: 1000-step tables in __init__); the
+        copy costs milliseconds and has the freshly built state, so no job's run reaches the
+        next one."""
+        key = (name, bool(use_karras_sigmas), repr(sorted(config.items())))
+        built = self._scheduler_prototypes.get(key)
+        if built is None:
+            if len(self._scheduler_prototypes) >= _SCHEDULER_PROTOTYPES_MAX:
+                self._scheduler_prototypes.clear()
+            built = self._scheduler_prototypes[key] = make_scheduler(name, config, use_karras_sigmas)
+        prototype, warnings = built
+        return copy.deepcopy(prototype), list(warnings)
 
     @staticmethod
     def _pipeline_class(mode: str, with_controlnet: bool):
@@ -557,7 +574,8 @@ class DiffusersExecutor:
         # LoRA adapters stay on the base's modules between jobs: they count with the base
         for key in state.pinned:
             if key[0] == BASE:
-                self.cache.set_attached_mb(key, resident_loras.resident(pipe).size_mb())
+                loras = resident_loras.resident(pipe)
+                self.cache.set_attached(key, loras.size_mb(), loras.names())
 
     def _detach_adapters(self, pipe, job: Job, state: _JobState) -> None:
         """Take the job's LoRAs and embeddings off the shared modules, whatever happened."""

@@ -51,6 +51,7 @@ class CacheEntry:
     pins: int = 0
     last_used_s: float = field(default_factory=time.monotonic)
     attached_mb: float = 0.0  # weights added to the loaded model since (resident LoRA adapters)
+    attached: tuple = ()      # their names (heartbeats report them as loras_cached)
 
 
 def measured_size_mb(obj: Any) -> float:
@@ -172,14 +173,16 @@ class PipelineCache:
                     entry.pins -= 1
         self.enforce_budget()
 
-    def set_attached_mb(self, key: tuple, attached_mb: float) -> None:
+    def set_attached(self, key: tuple, attached_mb: float, names: Iterable[str] = ()) -> None:
         """The entry's model now also holds `attached_mb` of weights it did not have when it was
-        measured (LoRA adapters kept between jobs): they count against the budget with it."""
+        measured (LoRA adapters kept between jobs, `names`): they count against the budget with
+        it and go with it."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.size_mb += attached_mb - entry.attached_mb
                 entry.attached_mb = attached_mb
+                entry.attached = tuple(names)
 
     def __contains__(self, key: tuple) -> bool:
         with self._lock:
@@ -242,12 +245,13 @@ class PipelineCache:
             loaded = [{"name": entry.name, "kind": entry.kind, "size_mb": round(entry.size_mb, 2)}
                       for entry in self._entries.values()]
             loading = sorted(set(self._loading.values()))
+            attached = sorted({name for entry in self._entries.values() for name in entry.attached})
             load_times = dict(self.load_time_s)
         return {"models_loaded": loaded, "models_loading": loading,
                 "cache_used_mb": round(sum(item["size_mb"] for item in loaded), 2),
                 "cache_budget_mb": self.budget_mb, "load_time_s": load_times,
                 "cache_hits": self.hits, "cache_misses": self.misses,
-                "cache_evictions": self.evictions}
+                "cache_evictions": self.evictions, "attached": attached}
 
 
 def compose_pipeline(base_pipe, pipeline_class, *, vae=None, controlnets: list | None = None,

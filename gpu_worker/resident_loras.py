@@ -20,6 +20,7 @@ exact) and the next job starts from the plain model.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -41,6 +42,10 @@ class Resident:
 
     def size_mb(self) -> float:
         return sum(self.sizes_mb.values())
+
+    def names(self) -> list[str]:
+        """The resident LoRAs by file name (without extension), as heartbeats report them."""
+        return [os.path.splitext(os.path.basename(key[0]))[0] for key in self.adapters]
 
 
 def resident(pipe) -> Resident:

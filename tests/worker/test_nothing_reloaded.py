@@ -1,4 +1,5 @@
-"""LoRAs stay loaded between jobs (gpu_worker/resident_loras.py), for real on the tiny kit.
+"""Nothing reloaded per job, for real on the tiny kit: LoRAs stay loaded between jobs
+(gpu_worker/resident_loras.py) and schedulers are copied from one built once.
 
 What a client sees must not depend on what ran before: every image here is compared byte for
 byte (sha256 of the saved PNG) with the same request on a model that never had a LoRA, or had
@@ -95,11 +96,14 @@ def test_same_set_is_not_loaded_again_and_history_never_changes_an_image(own_exe
     # weight 0 while B stays resident and unused: the plain model's pixels
     assert (pixels(own_executor, loras=[{**A, "weight": 0.0}]) == pixels(own_executor)).all()
     assert len(lora_loads) == 2
-    # the adapters' weights count against the cache budget with the base they sit on
+    # the adapters' weights count against the cache budget with the base they sit on, and the
+    # heartbeat says which LoRAs are resident; both go when the base is evicted
     assert base_entry_mb(own_executor) > plain_size_mb
+    assert own_executor.telemetry()["loras_cached"] == ["tiny-lora-a", "tiny-lora-b"]
 
     # the same requests on a base that never saw another LoRA give the same bytes
     fresh(own_executor)
+    assert own_executor.telemetry()["loras_cached"] == []
     assert sha(own_executor, loras=[A]) == only_a
     fresh(own_executor)
     assert sha(own_executor, loras=[A, B]) == a_and_b
@@ -151,3 +155,26 @@ def test_a_load_that_fails_half_way_leaves_the_plain_model(own_executor, monkeyp
     monkeypatch.setattr(StableDiffusionXLLoraLoaderMixin, "load_lora_weights", original)
     assert sha(own_executor) == plain
     assert sha(own_executor, loras=[B]) == only_b  # loaded again after the reset
+
+
+def test_schedulers_are_built_once_and_every_job_gets_a_fresh_copy(own_executor, monkeypatch):
+    import gpu_worker.executor as executor_module
+
+    built = []
+    original = executor_module.make_scheduler
+
+    def counting(name, config, use_karras_sigmas=False):
+        built.append((name, use_karras_sigmas))
+        return original(name, config, use_karras_sigmas)
+    monkeypatch.setattr(executor_module, "make_scheduler", counting)
+    fresh(own_executor)
+    own_executor._scheduler_prototypes.clear()
+    kdpm2 = dict(scheduler="KDPM2DiscreteScheduler", use_karras_sigmas=True)  # ~1 s to build here
+    first = sha(own_executor, **kdpm2)
+    assert sha(own_executor, **{**kdpm2, "steps": 3}) != first  # the copy ran another schedule
+    assert sha(own_executor, **kdpm2) == first  # ... and left nothing behind
+    assert built == [("KDPM2DiscreteScheduler", True)]
+    euler = sha(own_executor)
+    assert built[-1] == ("EulerDiscreteScheduler", False)
+    assert sha(own_executor, **kdpm2) == first and sha(own_executor) == euler
+    assert len(built) == 2
