@@ -73,3 +73,16 @@ class PreviewThrottle:
             return False
         self._last_at = now
         return True
+
+
+def simulated_preview(step: int, total_steps: int, size_px: int) -> bytes:
+    """A SIMULATED worker's preview: noise fading into a flat colour as the steps go by (no
+    latents exist there), encoded like a real one so clients and the dashboard see the same."""
+    rng = np.random.default_rng(step)
+    side = 16
+    done = step / max(total_steps, 1)
+    noise = rng.standard_normal((4, side, side)).astype(np.float32)
+    flat = np.zeros((4, side, side), np.float32)
+    flat[0] = 0.8  # a warm grey through the SDXL factors
+    return encode_preview((1 - done) * noise + done * flat, size_px)
+

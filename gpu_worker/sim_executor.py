@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from gpu_worker.previews import PreviewThrottle, simulated_preview
 from protocol import constants as C
 from protocol.errors import JobError
 from protocol.job import Job
@@ -150,11 +151,17 @@ class SimulatedExecutor:
             base_steps = job.steps
             if job.models.refiner:
                 base_steps = max(1, int(round(job.steps * job.refiner_switch)))
+            throttle = PreviewThrottle()
             for step in range(1, job.steps + 1):
                 step_start = time.perf_counter()
                 self._sleep(step_s, should_abort)
                 stage = "denoising" if step <= base_steps else "refining"
-                progress(stage, step, job.steps)
+                extra = {}
+                if job.stream:  # the same optional fields as the real executor's progress
+                    extra["eta_s"] = round((job.steps - step) * step_s, 3)
+                    if job.preview and throttle.due(step):
+                        extra["preview"] = simulated_preview(step, job.steps, job.preview_size)
+                progress(stage, step, job.steps, **extra)
                 self._record_step(key, time.perf_counter() - step_start)
             progress("postprocessing", job.steps, job.steps)
         finally:

@@ -70,3 +70,17 @@ def test_throttle_limits_by_steps_and_by_time():
         due.append(throttle.due(step))
     # step 1 always; then even steps at least 1 s after the last preview
     assert due == [True, False, False, True, False, True, False, True]
+
+
+def test_simulated_worker_sends_previews_and_eta_like_the_real_one():
+    from gpu_worker.sim_executor import SimulatedExecutor
+
+    events = []
+    sim = SimulatedExecutor(step_s=0.3, load_s=0.0)
+    sim.run(make_job(preview=True, preview_size=32, steps=3),
+            lambda stage, step, total, **extra: events.append((stage, step, extra)), lambda: False)
+    steps = [e for e in events if e[0] == "denoising"]
+    assert [e[2]["eta_s"] for e in steps] == [0.6, 0.3, 0.0]
+    assert all("preview" in e[2] for e in steps)  # 0.3 s apart: every step is due
+    with Image.open(io.BytesIO(steps[0][2]["preview"])) as image:
+        assert image.format == "JPEG" and image.size == (32, 32)
