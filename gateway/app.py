@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+import orjson
 from fastapi import Body, FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -38,6 +40,7 @@ from protocol import constants as C
 from protocol import models as M
 from protocol import normalize
 from protocol import reply_models as R
+from protocol.parse import peek
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,25 @@ ERROR_RESPONSES: dict = {
     "4XX": {"model": R.FinalReply, "description": "the contract's error reply (error_code, errors[])"},
     "5XX": {"model": R.FinalReply, "description": "the contract's error reply (error_code)"},
 }
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a lone surrogate echoed from a client's input is escaped
+    (\\udXXX) instead of failing to encode as UTF-8 (a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode("ascii")
+
+
+def unencodable(body: Any) -> Optional[str]:
+    """Why a body cannot go on the wire (strings must be valid Unicode: JSON allows lone
+    surrogates, UTF-8 and msgpack do not), or None."""
+    try:
+        orjson.dumps(body)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        return f"the body cannot be encoded: {exc}"
+    return None
 
 
 @dataclass
@@ -89,24 +111,26 @@ def error_body(code: str, message: str, request_id: Optional[str] = None,
 
 def reply_response(reply: dict) -> JSONResponse:
     status = 200 if reply.get("success") else HTTP_STATUS.get(reply.get("error_code"), 500)
-    return JSONResponse(jsonable(reply), status_code=status)
+    return AsciiJSONResponse(jsonable(reply), status_code=status)
 
 
 def _set_request_id(body: dict, request_id: str) -> dict:
-    """Put an Idempotency-Key where each form keeps its id."""
+    """Put an Idempotency-Key where each form keeps its id (the legacy form: session_id; a
+    request_id beside it gets the same value, so every reader of the body agrees)."""
     body = dict(body)
     if body.get("action") == C.GENERATE_LEGACY_ACTION and body.get("message_type") in (None, "generate"):
         body["session_id"] = request_id
+        if "request_id" in body:
+            body["request_id"] = request_id
     else:
         body["request_id"] = request_id
     return body
 
 
 def _request_id_of(body: dict) -> Optional[str]:
-    rid = body.get("request_id") or body.get("session_id")
-    if rid is None and isinstance(body.get("data"), dict) and isinstance(body["data"].get("metadata"), dict):
-        rid = body["data"]["metadata"].get("request_id")
-    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+    """The id the broker will use for this body (protocol.parse.peek: the legacy form's
+    session_id first, the nested form's metadata.request_id as a fallback)."""
+    return peek(body)[1]
 
 
 def _names_by_kind(data: dict) -> dict[str, list[str]]:
@@ -254,7 +278,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await gw.stop()
 
     app = FastAPI(title="sdxl-broker gateway", version="1", description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, default_response_class=AsciiJSONResponse)
     app.state.gateway = gw
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 1024 * 1024))
     if settings.cors_origins:
@@ -268,14 +292,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
         code = C.MALFORMED_MESSAGE if exc.status_code in (400, 413) else C.VALIDATION_ERROR
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+        return AsciiJSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):
         errors = [{"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "body",
                    "message": str(e.get("msg"))} for e in exc.errors()]
-        return JSONResponse(error_body(C.VALIDATION_ERROR, f"{len(errors)} invalid field(s)",
+        return AsciiJSONResponse(error_body(C.VALIDATION_ERROR, f"{len(errors)} invalid field(s)",
                                        errors=errors), status_code=422)
 
     # --- A1111 ---------------------------------------------------------------------------------
@@ -283,15 +307,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         body, warnings = a1111.to_inference_request(params, request_id=request_id,
                                                     default_model=gw.default_model(), **images)
         if not body["data"]["models"]["base"]:
-            return JSONResponse(error_body(C.VALIDATION_ERROR, "no model: set sd_model_checkpoint "
+            return AsciiJSONResponse(error_body(C.VALIDATION_ERROR, "no model: set sd_model_checkpoint "
                                            "(POST /sdapi/v1/options or override_settings)",
                                            request_id, [{"field": "override_settings.sd_model_checkpoint",
                                                          "message": "is required"}]), status_code=422)
+        problem = unencodable(body)
+        if problem:
+            return AsciiJSONResponse(error_body(C.MALFORMED_MESSAGE, problem), status_code=400)
         tracked = gw.hub.submit(request_id, body, "a1111")
         reply = await gw.hub.wait(tracked)
         if not reply.get("success"):
             return reply_response(reply)
-        return JSONResponse(a1111.to_response(params, body, reply, warnings))
+        return AsciiJSONResponse(a1111.to_response(params, body, reply, warnings))
 
     @app.post("/sdapi/v1/txt2img", response_model=a1111.GenerationResponse, responses=ERROR_RESPONSES,
               tags=["A1111"])
@@ -331,7 +358,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/sdapi/v1/sd-models", tags=["A1111"])
     async def sd_models() -> list[dict]:
-        names = (await gw.catalogue()).get("base", [])
+        catalogue = await gw.catalogue()
+        names = [*catalogue.get("base", []),
+                 *(n for n in catalogue.get("refiner", []) if n not in catalogue.get("base", []))]
         return [{"title": n, "model_name": n, "hash": None, "sha256": None, "filename": n,
                  "config": None} for n in names]
 
@@ -376,7 +405,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         stored and echoed."""
         checkpoint = options.get("sd_model_checkpoint")
         if checkpoint is not None and not isinstance(checkpoint, str):
-            return JSONResponse(error_body(C.VALIDATION_ERROR, "sd_model_checkpoint must be a string",
+            return AsciiJSONResponse(error_body(C.VALIDATION_ERROR, "sd_model_checkpoint must be a string",
                                            errors=[{"field": "sd_model_checkpoint",
                                                     "message": "must be a string"}]), status_code=422)
         for key, value in options.items():
@@ -399,15 +428,18 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         except StarletteHTTPException:  # the body cap (gateway.security)
             raise
         except Exception:
-            return JSONResponse(error_body(C.MALFORMED_MESSAGE, "the body is not JSON"), status_code=400)
+            return AsciiJSONResponse(error_body(C.MALFORMED_MESSAGE, "the body is not JSON"), status_code=400)
         if not isinstance(body, dict):
-            return JSONResponse(error_body(C.MALFORMED_MESSAGE, "the body must be a JSON object"),
+            return AsciiJSONResponse(error_body(C.MALFORMED_MESSAGE, "the body must be a JSON object"),
                                 status_code=400)
         mt = body.get("message_type") or body.get("action")
         if mt not in C.GENERATION_TYPES:
-            return JSONResponse(error_body(C.UNKNOWN_MESSAGE_TYPE, "POST /v1/generate takes "
+            return AsciiJSONResponse(error_body(C.UNKNOWN_MESSAGE_TYPE, "POST /v1/generate takes "
                                            "generate_sdxl_enhanced, inference_request or action "
                                            "generate bodies"), status_code=400)
+        problem = unencodable(body)
+        if problem:
+            return AsciiJSONResponse(error_body(C.MALFORMED_MESSAGE, problem), status_code=400)
         request_id = idempotency_key or _request_id_of(body) or uuid.uuid4().hex
         body = _set_request_id(body, request_id)
         reply = await gw.hub.wait(gw.hub.submit(request_id, body, "v1"))
@@ -418,7 +450,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """A job this gateway ran: its latest progress, and its final reply once done."""
         tracked = gw.hub.get(request_id)
         if tracked is None:
-            return JSONResponse(error_body(C.VALIDATION_ERROR, f"no job {request_id!r} here",
+            return AsciiJSONResponse(error_body(C.VALIDATION_ERROR, f"no job {request_id!r} here",
                                            request_id), status_code=404)
         return {"job": tracked.summary(), "reply": jsonable(tracked.final)}
 
@@ -427,7 +459,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def job_preview(request_id: str):
         tracked = gw.hub.get(request_id)
         if tracked is None or tracked.preview is None:
-            return JSONResponse(error_body(C.VALIDATION_ERROR, "no preview for this job", request_id),
+            return AsciiJSONResponse(error_body(C.VALIDATION_ERROR, "no preview for this job", request_id),
                                 status_code=404)
         return Response(tracked.preview, media_type="image/jpeg")
 
@@ -441,7 +473,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             if on_disk is not None:  # not returned inline: the worker's file, when it is here
                 return FileResponse(on_disk)
         if not 0 <= index < len(images) or not images[index].get("image"):
-            return JSONResponse(error_body(C.VALIDATION_ERROR, "no such image", request_id),
+            return AsciiJSONResponse(error_body(C.VALIDATION_ERROR, "no such image", request_id),
                                 status_code=404)
         item = images[index]
         data = item["image"]
@@ -474,7 +506,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """An image under the output root (--output-dir), nothing outside it."""
         target = _under_output_root(path)
         if target is None:
-            return JSONResponse(error_body(C.VALIDATION_ERROR, "no such image under the output root"),
+            return AsciiJSONResponse(error_body(C.VALIDATION_ERROR, "no such image under the output root"),
                                 status_code=404)
         return FileResponse(target)
 
@@ -540,7 +572,7 @@ async def ws_session(gw: Gateway, ws: WebSocket) -> None:
 
     async def sender() -> None:
         while True:
-            await ws.send_json(await outbox.get())
+            await ws.send_text(json.dumps(await outbox.get()))  # ASCII: lone surrogates escaped
 
     send_task = asyncio.create_task(sender())
     watch_task: Optional[asyncio.Task] = None
@@ -564,6 +596,10 @@ async def ws_session(gw: Gateway, ws: WebSocket) -> None:
                     await outbox.put({"type": "error", "error_code": C.UNKNOWN_MESSAGE_TYPE,
                                       "error": "request must be a generation body in one of the "
                                                "three contract forms"})
+                    continue
+                problem = unencodable(body)
+                if problem:
+                    await outbox.put({"type": "error", "error_code": C.MALFORMED_MESSAGE, "error": problem})
                     continue
                 request_id = _request_id_of(body) or uuid.uuid4().hex
                 body = _set_request_id(body, request_id)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from clients.client import AsyncBrokerClient
+from clients.client import AsyncBrokerClient, BrokerUnavailable
 from protocol import constants as C
 from protocol.parse import body_fingerprint
 
@@ -122,9 +122,11 @@ class JobHub:
                     final = message
         except Exception as exc:  # broker unreachable after every resend, or a client bug
             log.warning("job %s: no final reply from the broker: %s", tracked.request_id, exc)
+            unavailable = isinstance(exc, BrokerUnavailable)
             final = {"message_type": "error_response", "request_id": tracked.request_id,
-                     "final": True, "success": False, "error": f"broker unavailable: {exc}",
-                     "error_code": C.TIMEOUT if "no reply" in str(exc) else C.INTERNAL_ERROR,
+                     "final": True, "success": False,
+                     "error": f"broker unavailable: {exc}" if unavailable else f"{type(exc).__name__}: {exc}",
+                     "error_code": C.TIMEOUT if unavailable else C.INTERNAL_ERROR,
                      "errors": [], "warnings": [], "execution_time": 0.0,
                      "timestamp": time.time(), "data": None}
         if notify:

@@ -110,6 +110,14 @@ def test_errors_are_http_statuses_with_the_contract_body(sim_rig):
                              headers={"content-type": "application/json"}, timeout=30)
     assert not_json.status_code == 400 and not_json.json()["error_code"] == "malformed_message"
 
+    # JSON allows lone surrogates; UTF-8 and msgpack do not: refused, never a 500
+    for path, raw in (("/v1/generate", b'{"message_type": "generate_sdxl_enhanced", "request_id": "\\ud800x", '
+                                       b'"prompt": "a", "model_base": "tiny-sdxl"}'),
+                      ("/sdapi/v1/txt2img", b'{"prompt": "a \\udc00 fox"}')):
+        lone = requests.post(sim_rig.url + path, data=raw, headers={"content-type": "application/json"},
+                             timeout=30)
+        assert lone.status_code == 400 and lone.json()["error_code"] == "malformed_message", lone.text
+
     a1111 = requests.post(sim_rig.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 0}, timeout=30)
     assert a1111.status_code == 422 and a1111.json()["error_code"] == "validation_error"
     wrong_type = requests.post(sim_rig.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": "many"},

@@ -39,7 +39,8 @@ def test_no_server_errors_and_responses_match_the_schema(sim_rig):
 
         try:
             check()
-        except Exception as exc:  # every operation is tried; all failures are reported
+        except (Exception, BaseExceptionGroup) as exc:  # every operation is tried; all are reported
             failures[label] = f"{type(exc).__name__}: {exc}"[:2000]
     assert len(ran) >= 15 and all(ran.values()), ran
-    assert not failures, "\n\n".join(f"{k}\n{v}" for k, v in failures.items())
+    assert not failures, "\n\n".join(f"{k}\n{v}" for k, v in failures.items()) + \
+        "\n\nserve log:\n" + sim_rig.serve.log()

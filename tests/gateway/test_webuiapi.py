@@ -97,7 +97,11 @@ def test_progress_polling_sees_steps_and_a_preview_while_a_job_runs(api):
 
 
 def test_models_samplers_and_the_default_checkpoint(api):
-    assert "tiny-sdxl" in api.util_get_model_names()
+    # from the broker's list_models: every file in the models dir, loaded or not
+    assert {"tiny-sdxl", "tiny-sdxl-refiner"} <= set(api.util_get_model_names())
+    assert {"tiny-lora-a", "tiny-lora-b"} <= {lora["name"] for lora in api.get_loras()}
+    assert "tiny-vae" in {vae["model_name"] for vae in api.get_sd_vae()}
+    assert "Lanczos" in {u["name"] for u in api.get_upscalers()}
     assert "Euler a" in api.util_get_sampler_names()
     api.set_options({"sd_model_checkpoint": "tiny-sdxl"})
     assert api.get_options()["sd_model_checkpoint"] == "tiny-sdxl"
