@@ -43,6 +43,14 @@ def project_requirements() -> list[Requirement]:
     return requirements
 
 
+def no_deps_installs() -> list[Requirement]:
+    """Packages scripts/setup_env.sh installs with --no-deps (outside pyproject.toml): pinned
+    too, without their own requirements."""
+    script = (ROOT / "scripts" / "setup_env.sh").read_text()
+    return [Requirement(spec) for spec in
+            re.findall(r'install --no-deps "\$\{CONSTRAINTS\[@\]\}" "([^"]+)"', script)]
+
+
 def closure(requirements: list[Requirement]) -> dict[str, str]:
     """{distribution name: installed version} of every installed requirement and its own
     requirements (markers evaluated for this platform; extras followed)."""
@@ -81,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare, exit 1 on a difference")
     args = parser.parse_args(argv)
-    text = render(closure(project_requirements()))
+    pins = closure(project_requirements())
+    for requirement in no_deps_installs():
+        try:
+            pins.setdefault(_canonical(requirement.name),
+                            metadata.version(requirement.name).split("+")[0])
+        except metadata.PackageNotFoundError:
+            pass
+    text = render(pins)
     if args.check:
         current = OUT.read_text() if OUT.exists() else ""
         if current != text:
