@@ -481,18 +481,21 @@ class BrokerCore:
         sender per minute, and too many within a minute disconnect the sender (its jobs are
         re-queued as for a lost worker)."""
         worker = self.registry.by_identity(identity)
-        worker_id = worker.worker_id if worker is not None else ""
-        self.metrics.bad_worker_frame(worker_id)
+        self.metrics.bad_worker_frame(worker.worker_id if worker is not None else "")
+        self._strike(identity, worker, f"dropping bad frame: {error}")
+
+    def _strike(self, identity: bytes, worker: WorkerRecord | None, what: str) -> None:
+        """One more invalid message from this connection: logged once per minute; the
+        bad_frames limit within a minute disconnects it and forgets its worker."""
+        worker_id = worker.worker_id if worker is not None else "(unregistered)"
         first, cut = self._bad_frames.strike(identity, self._now)
         if first:
-            log.warning("dropping bad frame from worker %s (connection %s): %s; more this minute "
-                        "are only counted (sdxl_broker_bad_worker_frames_total)",
-                        worker_id or "(unregistered)", identity.hex(), error)
+            log.warning("worker %s (connection %s): %s; more this minute are only counted "
+                        "(sdxl_broker_bad_worker_frames_total)", worker_id, identity.hex(), what)
         if not cut:
             return
-        log.error("disconnecting worker %s (connection %s): %d bad frames within %.0f s",
-                  worker_id or "(unregistered)", identity.hex(), self._bad_frames.limit,
-                  self._bad_frames.window_s)
+        log.error("disconnecting worker %s (connection %s): %d invalid messages within %.0f s",
+                  worker_id, identity.hex(), self._bad_frames.limit, self._bad_frames.window_s)
         self._out.append(ToWorkers([identity], W.Disconnect(
             reason=f"{self._bad_frames.limit} invalid worker-protocol messages within "
                    f"{self._bad_frames.window_s:.0f} s")))
@@ -510,6 +513,17 @@ class BrokerCore:
     def _on_ready(self, identity: bytes, msg: W.Ready) -> None:
         if msg.v != W.PROTOCOL_VERSION:
             self._refuse_version(identity, msg.worker_id, msg.v)
+            return
+        holder = self.registry.get(msg.worker_id or identity.hex())
+        if (holder is not None and holder.identity != identity and not holder.lost
+                and holder.expiry > self._now):
+            # a worker id belongs to the connection that registered it until that connection
+            # is lost: a second process with the id (a rogue, or a restart racing its old
+            # self) is not answered; it reconnects after its own liveness timeout and tries
+            # again, by which time a dead holder has been declared lost
+            self.metrics.bad_worker_frame("")
+            self._strike(identity, None, f"READY for worker id {holder.worker_id!r}, which a "
+                                         f"live connection ({holder.identity.hex()}) holds: ignored")
             return
         worker, previous = self.registry.register(identity, msg)
         if previous is not None:

@@ -164,3 +164,27 @@ def test_backend_drops_frames_over_the_size_limit(cluster):
     assert c.recv_final(30.0)["success"] is True
     assert cluster.worker_state("w1") != "lost"
     big.close(linger=0)
+
+
+# --- item 6: a rogue worker taking a real worker's id ------------------------------------------------
+def test_rogue_ready_with_a_live_workers_id_is_ignored(cluster):
+    from protocol import worker_protocol as W
+    cluster.start_broker()
+    real = cluster.start_worker("w1", step_s=0.1)
+    cluster.wait_workers("w1")
+    client = cluster.client()
+    client.send(flat_request("victim", steps=20))
+    cluster.running_on("victim")
+    rogue = _rogue_worker(cluster, "w1")      # READY with the real worker's id
+    assert not rogue.poll(1000), "the rogue was answered"
+    rows = [w for w in cluster.broker.status()["workers"] if w["worker_id"] == "w1"]
+    assert len(rows) == 1 and rows[0]["pid"] == real.pid and rows[0]["state"] != "lost"
+    reply = client.recv_final(30.0)            # the legitimate job is not lost
+    assert reply["success"] is True, reply
+    assert reply["data"]["processing_metrics"]["worker_id"] == "w1"
+    for _ in range(25):                        # insisting gets it disconnected
+        rogue.send(W.encode(W.Ready(worker_id="w1")))
+    assert rogue.poll(5000) and type(W.decode_from_broker(rogue.recv())) is W.Disconnect
+    rows = [w for w in cluster.broker.status()["workers"] if w["worker_id"] == "w1"]
+    assert len(rows) == 1 and rows[0]["pid"] == real.pid and rows[0]["state"] != "lost"
+    rogue.close(linger=0)

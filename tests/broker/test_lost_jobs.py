@@ -77,14 +77,27 @@ def _submit(cluster, *rids: str):
 
 
 def test_ready_again_from_a_new_socket_requeues_running_and_prefetched_jobs(cluster):
-    """A restarted worker process with the same stable id (serve's sim-0): its READY means the
-    old process's jobs are gone; both are re-run on the new registration, the old process's
-    late answers are discarded, each client gets one final reply."""
+    """A restarted worker process with the same stable id (serve's sim-0): its READY is ignored
+    while the old connection is live (a worker id is bound to the connection that registered
+    it, so a rogue cannot take it); once the old one is lost, both its jobs are re-run on the
+    new registration, the old process's late answers are discarded, each client gets one
+    final reply."""
     cluster.start_broker(heartbeat_interval_s=SLOW_HEARTBEAT_S)
     old = _worker(cluster, "sim-0")
     client = _submit(cluster, "a", "b")
     first = _take_jobs(old, 2)                      # one running, one in the prefetch slot
-    new = _worker(cluster, "sim-0")                 # same id, new DEALER identity
+    new = cluster.ctx.socket(zmq.DEALER)            # same id, new DEALER identity
+    new.setsockopt(zmq.LINGER, 0)
+    new.connect(cluster.backend)
+    _ready(new, "sim-0")
+    assert not new.poll(500)                        # ignored while the old connection is live
+    # the old process is gone (it no longer heart-beats): once it is declared lost, the new
+    # one's next READY (a real worker sends it after its own liveness timeout) registers
+    deadline = time.monotonic() + 10
+    while cluster.worker_state("sim-0") != "lost" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _ready(new, "sim-0")
+    assert _recv_until(new, W.BrokerHeartbeat).registered is True
     second = _take_jobs(new, 2)
     for rid in ("a", "b"):
         assert second[rid].dispatch_id != first[rid].dispatch_id
@@ -186,12 +199,11 @@ def test_pending_model_load_fails_fast_when_its_worker_re_registers(cluster):
     client.send({"message_type": "model_load_request", "request_id": "ld",
                  "data": {"model_name": "tiny-sdxl"}})
     _recv_until(w, W.Manage)
-    replacement = _worker(cluster, "mute")
+    _ready(w, "mute")                               # its transport restarted in place
     reply = client.recv_final(1.5)                  # well before the 6 s liveness expiry
     assert reply["message_type"] == "model_load_response" and reply["success"] is False
     assert reply["error_code"] == "worker_lost" and "mute" in reply["error"]
     w.close(0)
-    replacement.close(0)
 
 
 def test_a_failure_while_handling_a_lost_worker_does_not_strand_its_jobs(cluster):
