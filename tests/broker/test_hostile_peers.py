@@ -188,3 +188,22 @@ def test_rogue_ready_with_a_live_workers_id_is_ignored(cluster):
     rows = [w for w in cluster.broker.status()["workers"] if w["worker_id"] == "w1"]
     assert len(rows) == 1 and rows[0]["pid"] == real.pid and rows[0]["state"] != "lost"
     rogue.close(linger=0)
+
+
+def test_second_dealer_with_the_same_routing_identity_is_answered(cluster):
+    """Two DEALERs with one routing identity (a client retrying from a fresh socket with a fixed
+    identity): the newer connection takes the identity over (ROUTER_HANDOVER) and gets replies."""
+    cluster.start_broker()
+    socks = []
+    for n in range(2):
+        sock = cluster.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, b"same-identity")
+        sock.connect(cluster.frontend)
+        socks.append(sock)
+        sock.send_multipart([b"", b'{"message_type": "status_request", "request_id": "st-%d"}' % n])
+        assert sock.poll(10_000), f"DEALER {n} with a reused identity got no reply"
+        reply = sock.recv_multipart()[-1]
+        assert b'"status_response"' in reply and b'"st-%d"' % n in reply
+    for sock in socks:
+        sock.close(linger=0)
