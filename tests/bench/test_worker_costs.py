@@ -83,8 +83,13 @@ def test_tiny_run_prints_every_row_with_a_figure(demo_models_dir):
     assert 0 < figures["worker executor total"] <= figures["through broker, send to final reply"]
     assert figures["worker inference (denoise + VAE decode)"] <= figures["worker executor total"]
     assert figures["broker + transport (trip - executor)"] >= 0
-    ratio = figures["through broker, send to final reply"] / figures["in-process plain diffusers + PNG save"]
-    assert figures["round trip / in-process"] == pytest.approx(ratio, abs=0.01)
+    broker_s = figures["through broker, send to final reply"]
+    plain_s = figures["in-process plain diffusers + PNG save"]
+    ratio = broker_s / plain_s
+    # both times are printed with 3 decimals: on a fast machine (tiny jobs take ~0.05 s) their
+    # rounding alone moves the ratio by more than 0.01, so allow what the rounding allows
+    slack = ratio * (0.0005 / broker_s + 0.0005 / plain_s) + 0.001
+    assert figures["round trip / in-process"] == pytest.approx(ratio, abs=slack)
     assert re.search(r"goal <= 1\.05x: (met|missed) \(the goal is set for 512x512, 8 steps\)", out)
     assert re.search(r"^  pairs with other load <= 0\.5 core\s+(0 of 1: |1 of 1, median ratio \d+\.\d+x; goal: )",
                      out, re.MULTILINE), out
