@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import ServeProcess
+from tests.serve.conftest import ServeProcess, one_cpu_worker_argv
 
 SIZE = 256
 
@@ -64,10 +64,8 @@ def conformance_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def serve(demo_models_dir, conformance_dirs):
-    sp = ServeProcess(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                       "--cpu-workers", "1", "--models-dir", str(demo_models_dir),
-                       "--output-dir", str(conformance_dirs / "outputs"),
-                       "--input-dir", str(conformance_dirs / "inputs")], ready_timeout_s=180)
+    sp = ServeProcess(one_cpu_worker_argv(demo_models_dir, conformance_dirs / "outputs",
+                                          conformance_dirs / "inputs"), ready_timeout_s=180)
     yield sp
     sp.kill()
 

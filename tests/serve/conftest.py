@@ -74,6 +74,13 @@ def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.05) -> bo
     return False
 
 
+def one_cpu_worker_argv(models_dir, output_dir, input_dir, *extra: str) -> list[str]:
+    """`serve` flags for one real cpu worker on the tiny kit, on free loopback ports."""
+    return ["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
+            "--cpu-workers", "1", "--models-dir", str(models_dir),
+            "--output-dir", str(output_dir), "--input-dir", str(input_dir), *extra]
+
+
 class ServeProcess:
     """`sdxl-broker serve ...` in its own session; `ready` line parsed; killed on teardown."""
 

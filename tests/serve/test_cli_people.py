@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.conftest import ROOT, cli, free_port, wait_for
+from tests.serve.conftest import ROOT, cli, free_port, one_cpu_worker_argv, wait_for
 
 
 def _generate(endpoint: str, *extra: str) -> subprocess.Popen:
@@ -160,9 +160,7 @@ def test_curve_mistakes_are_named_not_timed_out(start_serve, tmp_path):
 @pytest.mark.slow
 def test_images_land_in_the_output_root_and_precision_is_auto(start_serve, demo_models_dir, tmp_path):
     root = tmp_path / "outputs"
-    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                      "--cpu-workers", "1", "--models-dir", str(demo_models_dir),
-                      "--output-dir", str(root), "--input-dir", str(tmp_path)], ready_timeout_s=180)
+    sp = start_serve(one_cpu_worker_argv(demo_models_dir, root, tmp_path), ready_timeout_s=180)
     common = ["--model", "tiny-sdxl", "--steps", "1", "--size", "256x256", "--endpoint", sp.endpoint]
     default = cli("generate", "a fox", *common, timeout_s=180)
     assert default.returncode == 0, default.stderr + sp.log()

@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import cli
+from tests.serve.conftest import cli, one_cpu_worker_argv
 
 pytestmark = pytest.mark.slow
 
 
 def test_generate_writes_an_image(start_serve, demo_models_dir, tmp_path):
-    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                      "--cpu-workers", "1", "--models-dir", str(demo_models_dir),
-                      "--output-dir", str(tmp_path / "images"), "--input-dir", str(tmp_path)],
+    sp = start_serve(one_cpu_worker_argv(demo_models_dir, tmp_path / "images", tmp_path),
                      ready_timeout_s=180)
     out_dir = tmp_path / "here"
     done = cli("generate", "a red fox", "--model", "tiny-sdxl", "--steps", "2", "--size", "256x256",

@@ -12,7 +12,7 @@ import pytest
 
 from clients.client import BrokerClient
 from protocol import reply_models as R
-from tests.serve.conftest import cli, wait_for
+from tests.serve.conftest import cli, one_cpu_worker_argv, wait_for
 
 _MODELS = {"reply.list_models": R.ListModelsReply, "reply.list_queue": R.ListQueueReply,
            "reply.list_history": R.ListHistoryReply}
@@ -26,9 +26,7 @@ def _validate(reply: dict, stem: str) -> None:
 
 @pytest.mark.slow
 def test_models_lists_every_file_a_worker_can_load_by_kind(start_serve, demo_models_dir, tmp_path):
-    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                      "--cpu-workers", "1", "--models-dir", str(demo_models_dir),
-                      "--output-dir", str(tmp_path / "out"), "--input-dir", str(tmp_path)],
+    sp = start_serve(one_cpu_worker_argv(demo_models_dir, tmp_path / "out", tmp_path),
                      ready_timeout_s=180)
     with BrokerClient(sp.endpoint, timeout_s=60.0) as client:
         client.load_model("tiny-sdxl")

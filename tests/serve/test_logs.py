@@ -9,17 +9,15 @@ import re
 
 import pytest
 
-from tests.serve.conftest import cli
+from tests.serve.conftest import cli, one_cpu_worker_argv
 
 NOISE = ("No LoRA keys associated", "should be kept in float32", "torchvision", "[transformers]")
 
 
 @pytest.mark.slow
 def test_json_logs_every_line_with_one_line_per_finished_job(start_serve, demo_models_dir, tmp_path):
-    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                      "--cpu-workers", "1", "--models-dir", str(demo_models_dir),
-                      "--output-dir", str(tmp_path / "out"), "--input-dir", str(tmp_path),
-                      "--log-format", "json"], ready_timeout_s=180)
+    sp = start_serve(one_cpu_worker_argv(demo_models_dir, tmp_path / "out", tmp_path,
+                                         "--log-format", "json"), ready_timeout_s=180)
     common = ["--model", "tiny-sdxl", "--steps", "1", "--size", "256x256", "--endpoint", sp.endpoint]
     ids = {}
     for name, extra in (("lora", ["--lora", "tiny-lora-a:0.8"]), ("vae", ["--vae", "tiny-vae"]),

@@ -6,15 +6,15 @@ import io
 import pytest
 from PIL import Image
 
+from tests.serve.conftest import one_cpu_worker_argv
+
 pytestmark = pytest.mark.slow
 
 
 def test_progress_carries_previews_and_eta(start_serve, demo_models_dir, tmp_path):
     from clients.client import BrokerClient
 
-    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                      "--cpu-workers", "1", "--models-dir", str(demo_models_dir),
-                      "--output-dir", str(tmp_path / "images"), "--input-dir", str(tmp_path)],
+    sp = start_serve(one_cpu_worker_argv(demo_models_dir, tmp_path / "images", tmp_path),
                      ready_timeout_s=180)
     events = []
     for codec_name in ("msgpack", "json"):  # JSON carries the preview as base64
