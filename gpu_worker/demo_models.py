@@ -398,7 +398,10 @@ def check_demo_models(out_dir: str, size: int = 256, steps: int = 4) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from runtime.logs import configure_logging, route_library_logs
+
+    configure_logging(args.log_level, "text")   # the NOISE filter too (transformers' torchvision lines)
+    route_library_logs()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     print(f"building the tiny SDXL kit in {os.path.abspath(args.out)}", flush=True)
