@@ -6,7 +6,8 @@
 - Third-party messages that tell an operator nothing are dropped (NOISE below: diffusers' "No
   LoRA keys associated to CLIPTextModel" for every LoRA that has no text-encoder part, "should
   be kept in float32: []" on every model load, transformers' "requires torchvision" on every
-  worker start); the rest of diffusers' and transformers' logging is routed through this
+  worker start, peft's "Already found a `peft_config`" for every second LoRA of a job, which
+  several LoRAs at once always are); the rest of diffusers' and transformers' logging is routed through this
   handler instead of their own (`route_library_logs`, called before they are imported).
 - With `json`, every line this process writes to stderr is JSON, also what does not come
   through logging (a print, a C library's message, a child process that inherited stderr):
@@ -31,6 +32,7 @@ NOISE = (
     "No LoRA keys associated to",
     "that should be kept in float32: []",
     "requires torchvision (not installed)",
+    "Already found a `peft_config` attribute in the model",
 )
 
 

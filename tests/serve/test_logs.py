@@ -11,7 +11,8 @@ import pytest
 
 from tests.serve.conftest import cli, one_cpu_worker_argv
 
-NOISE = ("No LoRA keys associated", "should be kept in float32", "torchvision", "[transformers]")
+NOISE = ("No LoRA keys associated", "should be kept in float32", "torchvision", "[transformers]",
+         "peft_config")
 
 
 @pytest.mark.slow
@@ -21,6 +22,7 @@ def test_json_logs_every_line_with_one_line_per_finished_job(start_serve, demo_m
     common = ["--model", "tiny-sdxl", "--steps", "1", "--size", "256x256", "--endpoint", sp.endpoint]
     ids = {}
     for name, extra in (("lora", ["--lora", "tiny-lora-a:0.8"]), ("vae", ["--vae", "tiny-vae"]),
+                        ("two_loras", ["--lora", "tiny-lora-a:0.8", "--lora", "tiny-lora-b:0.5"]),
                         ("missing", ["--lora", "no-such-lora"])):
         done = cli("generate", "a fox", *common, *extra, timeout_s=180)
         ids[name] = re.match(r"request (\S+)", done.stderr).group(1)
