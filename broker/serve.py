@@ -156,7 +156,8 @@ def connectable(endpoint: str) -> str:
 # settings serve hands to every worker as they are; the sim_* ones only to simulated workers,
 # and only when given (else the worker's default applies, which is the table's default too)
 _PASSED_TO_WORKERS = ("models_dir", "output_dir", "input_dir", "allow_pickle", "upscaler",
-                      "single_file_config", "literal_prompts",
+                      "single_file_config", "literal_prompts", "preview_every_steps",
+                      "preview_interval_ms",
                       "heartbeat_interval_s", "heartbeat_liveness", "log_level", "log_format")
 _SIM_SETTINGS = tuple(s.name for s in settings_table.for_command("worker")
                       if s.name.startswith("sim_"))

@@ -31,7 +31,7 @@ import torch
 from gpu_worker import file_hashes, job_adapters, postprocess, resident_loras
 from gpu_worker.executor_api import AbortFn, ProgressFn
 from gpu_worker.images import canny_edges, decode_image, looks_like_edge_map
-from gpu_worker.previews import PreviewThrottle, encode_preview
+from gpu_worker.previews import PreviewCadence, PreviewThrottle, encode_preview
 from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, UPSCALER, VAE, PipelineCache, compose_pipeline,
                                        free_device_memory)
 from gpu_worker.schedulers import make_scheduler, scheduler_class
@@ -188,7 +188,7 @@ class DiffusersExecutor:
                  cache_budget_mb: float | None = None, allow_pickle: bool = False,
                  worker_id: str = "", fault_injector: Callable[[str], None] | None = None,
                  upscaler: str | None = None, single_file_config: str | None = None,
-                 literal_prompts: bool = False):
+                 literal_prompts: bool = False, preview_cadence: PreviewCadence | None = None):
         from gpu_worker import devices
         from gpu_worker.model_resolver import ModelResolver
         from gpu_worker.upscalers import Upscalers
@@ -196,6 +196,7 @@ class DiffusersExecutor:
         self.device = device
         self.device_type = device.split(":")[0]
         self.worker_id = worker_id
+        self._preview_cadence = preview_cadence or PreviewCadence()
         self.models_dir, self.output_dir, self.input_dir = models_dir, output_dir, input_dir
         self._devices = devices
         self._torch_device = devices.torch_device(device)
@@ -276,7 +277,7 @@ class DiffusersExecutor:
 
     def run(self, job: Job, progress: ProgressFn, should_abort: AbortFn) -> dict:
         started = time.perf_counter()
-        state = _JobState()
+        state = _JobState(previews=self._preview_cadence.throttle_for(job))
         self._reset_peak_memory()
         pipe = None
         try:

@@ -107,7 +107,8 @@ def build_executor(settings: dict, worker_id: str, threads: int | None = None):
                                  model_mb=settings["sim_model_mb"],
                                  model_sizes_mb=parse_model_sizes(settings["sim_model_sizes"]),
                                  capabilities=capabilities, worker_id=worker_id,
-                                 cost_model=settings["sim_cost_model"])
+                                 cost_model=settings["sim_cost_model"],
+                                 preview_cadence=_preview_cadence(settings))
     if threads is not None:
         _set_torch_threads(threads)   # before the executor builds anything
     from runtime.logs import route_library_logs
@@ -119,7 +120,14 @@ def build_executor(settings: dict, worker_id: str, threads: int | None = None):
                              cache_budget_mb=settings["cache_budget_mb"],
                              allow_pickle=settings["allow_pickle"], worker_id=worker_id,
                              upscaler=settings["upscaler"], single_file_config=settings["single_file_config"],
-                             literal_prompts=settings["literal_prompts"])
+                             literal_prompts=settings["literal_prompts"],
+                             preview_cadence=_preview_cadence(settings))
+
+
+def _preview_cadence(settings: dict):
+    from gpu_worker.previews import PreviewCadence
+
+    return PreviewCadence(settings["preview_every_steps"], settings["preview_interval_ms"])
 
 
 def run(args: argparse.Namespace) -> int:

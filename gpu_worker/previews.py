@@ -4,7 +4,9 @@ SDXL's VAE latents map to RGB almost linearly, so one 4x3 matrix (the approximat
 "Approx cheap" and ComfyUI's latent2rgb previews use) turns a 128x128 latent into a 128x128
 colour image in well under a millisecond; it is then resized to `preview_size` and sent as a
 JPEG in the PROGRESS message. `PreviewThrottle` keeps the cost and the traffic bounded: at
-most one preview every `every_steps` steps and `min_interval_s` seconds.
+most one preview every `every_steps` steps and `min_interval_s` seconds; `PreviewCadence` is
+the worker's default for both (--preview-every-steps, --preview-interval-ms), which a request's
+`preview_every_steps` / `preview_interval_ms` override.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import io
 import time
 
 import numpy as np
+
+from protocol import constants as C
 
 # SDXL latent channel -> (R, G, B) weights and bias, as ComfyUI's latent_formats.SDXL has them
 SDXL_LATENT_RGB_FACTORS = np.array([
@@ -23,8 +27,8 @@ SDXL_LATENT_RGB_FACTORS = np.array([
 ], dtype=np.float32)
 SDXL_LATENT_RGB_BIAS = np.array([0.1084, -0.0175, -0.0011], dtype=np.float32)
 
-PREVIEW_EVERY_STEPS = 1        # a preview at most every N steps ...
-PREVIEW_MIN_INTERVAL_S = 0.25  # ... and at most one per this many seconds
+PREVIEW_EVERY_STEPS = C.DEFAULT_PREVIEW_EVERY_STEPS                # a preview at most every N steps ...
+PREVIEW_MIN_INTERVAL_S = C.DEFAULT_PREVIEW_INTERVAL_MS / 1000.0   # ... and one per this many seconds
 PREVIEW_JPEG_QUALITY = 75
 
 
@@ -73,6 +77,22 @@ class PreviewThrottle:
             return False
         self._last_at = now
         return True
+
+
+class PreviewCadence:
+    """The worker's default cadence, and the throttle of one job (the job's own cadence fields
+    win over the defaults)."""
+
+    def __init__(self, every_steps: int | None = None, interval_ms: float | None = None):
+        self.every_steps = PREVIEW_EVERY_STEPS if every_steps is None else max(1, int(every_steps))
+        self.interval_ms = C.DEFAULT_PREVIEW_INTERVAL_MS if interval_ms is None \
+            else max(0.0, float(interval_ms))
+
+    def throttle_for(self, job) -> PreviewThrottle:
+        every = getattr(job, "preview_every_steps", None)
+        interval_ms = getattr(job, "preview_interval_ms", None)
+        return PreviewThrottle(self.every_steps if every is None else every,
+                               (self.interval_ms if interval_ms is None else interval_ms) / 1000.0)
 
 
 def simulated_preview(step: int, total_steps: int, size_px: int) -> bytes:

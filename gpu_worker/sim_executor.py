@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from gpu_worker.previews import PreviewThrottle, simulated_preview
+from gpu_worker.previews import PreviewCadence, simulated_preview
 from protocol import constants as C
 from protocol.errors import JobError
 from protocol.job import Job
@@ -44,7 +44,8 @@ class SimulatedExecutor:
                  model_sizes_mb: dict[str, float] | None = None,
                  capabilities: tuple[str, ...] = ALL_FEATURES,
                  worker_types: tuple[str, ...] = (C.WORKER_BASIC, C.WORKER_ENHANCED),
-                 worker_id: str = "", cost_model: str = "flat"):
+                 worker_id: str = "", cost_model: str = "flat",
+                 preview_cadence: PreviewCadence | None = None):
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {COST_MODELS}, not {cost_model!r}")
         self.device = device
@@ -57,6 +58,7 @@ class SimulatedExecutor:
         self.capabilities = tuple(capabilities)
         self.worker_types = tuple(worker_types)
         self.worker_id = worker_id
+        self.preview_cadence = preview_cadence or PreviewCadence()
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, float] = OrderedDict()  # name -> size_mb, LRU first
         self._loading: list[str] = []
@@ -151,7 +153,7 @@ class SimulatedExecutor:
             base_steps = job.steps
             if job.models.refiner:
                 base_steps = max(1, int(round(job.steps * job.refiner_switch)))
-            throttle = PreviewThrottle()
+            throttle = self.preview_cadence.throttle_for(job)
             for step in range(1, job.steps + 1):
                 step_start = time.perf_counter()
                 self._sleep(step_s, should_abort)

@@ -151,3 +151,9 @@ DEFAULT_CONTROLNET_RESOLUTION = 512  # the seed's preprocessor.resolution
 STREAM_PREVIEW = "preview"  # the `stream` value that asks for progress with previews
 DEFAULT_PREVIEW_SIZE = 256  # longest side of a preview image, pixels
 MIN_PREVIEW_SIZE, MAX_PREVIEW_SIZE = 32, 1024
+# cadence: a preview at most every N steps and at most one per M ms (the first step always
+# gets one); a request's preview_every_steps / preview_interval_ms, else the worker's settings
+DEFAULT_PREVIEW_EVERY_STEPS = 1
+DEFAULT_PREVIEW_INTERVAL_MS = 250
+MAX_PREVIEW_EVERY_STEPS = MAX_STEPS  # more than a job's steps would mean: the first step only
+MAX_PREVIEW_INTERVAL_MS = 60_000

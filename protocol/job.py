@@ -117,6 +117,9 @@ class Job(_Frozen):
     stream: bool = False  # progress messages wanted
     preview: bool = False  # progress events carry a preview image of the latents (implies stream)
     preview_size: int = C.DEFAULT_PREVIEW_SIZE  # longest side of a preview, pixels
+    # preview cadence; None: the worker's --preview-every-steps / --preview-interval-ms
+    preview_every_steps: Optional[int] = None
+    preview_interval_ms: Optional[int] = None
 
     # Field names the client set explicitly; lets the legacy view emit exactly what was sent
     # (the first seed's examples omit hyperparameters that were not given).

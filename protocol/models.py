@@ -163,6 +163,8 @@ def _stream(value: Any) -> Union[bool, str]:
 Stream = Annotated[Union[bool, str], PlainValidator(_stream),
                    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"const": C.STREAM_PREVIEW}]})]
 PreviewSize = Annotated[int, Field(ge=C.MIN_PREVIEW_SIZE, le=C.MAX_PREVIEW_SIZE)]
+PreviewEverySteps = Annotated[int, Field(ge=1, le=C.MAX_PREVIEW_EVERY_STEPS)]
+PreviewIntervalMs = Annotated[int, Field(ge=0, le=C.MAX_PREVIEW_INTERVAL_MS)]
 Tags = Annotated[list[Annotated[str, StringConstraints(max_length=200)]],
                  Field(max_length=C.MAX_TAGS)]
 
@@ -231,6 +233,8 @@ class FlatGenerateRequest(Edge):
     stream: Optional[Stream] = None
     preview: Optional[bool] = None  # progress events carry a preview image (implies stream)
     preview_size: Optional[PreviewSize] = None
+    preview_every_steps: Optional[PreviewEverySteps] = None  # previews at most every N steps
+    preview_interval_ms: Optional[PreviewIntervalMs] = None  # ... and M ms apart
 
 
 # --- nested: inference_request (the Phase 6 seed's EnhancedRequestTransformer) ----------------
@@ -316,6 +320,8 @@ class NestedMetadata(Edge):
     stream: Optional[Stream] = None  # extension: progress messages wanted
     preview: Optional[bool] = None  # extension: progress with preview images
     preview_size: Optional[PreviewSize] = None
+    preview_every_steps: Optional[PreviewEverySteps] = None  # previews at most every N steps
+    preview_interval_ms: Optional[PreviewIntervalMs] = None  # ... and M ms apart
 
 
 class TextualInversionItem(Edge):
@@ -370,6 +376,8 @@ class NestedGenerateRequest(Edge):
     stream: Optional[Stream] = None  # progress wanted (or data.metadata.stream)
     preview: Optional[bool] = None  # progress with previews (or data.metadata.preview)
     preview_size: Optional[PreviewSize] = None
+    preview_every_steps: Optional[PreviewEverySteps] = None  # previews at most every N steps
+    preview_interval_ms: Optional[PreviewIntervalMs] = None  # ... and M ms apart
     data: NestedData
 
 
@@ -443,6 +451,8 @@ class LegacyMetadata(Edge):
     stream: Optional[Stream] = None
     preview: Optional[bool] = None
     preview_size: Optional[PreviewSize] = None
+    preview_every_steps: Optional[PreviewEverySteps] = None  # previews at most every N steps
+    preview_interval_ms: Optional[PreviewIntervalMs] = None  # ... and M ms apart
     device: Optional[Name] = None
 
 
@@ -465,6 +475,8 @@ class LegacyGenerateRequest(Edge):
     stream: Optional[Stream] = None  # progress wanted
     preview: Optional[bool] = None  # progress with previews
     preview_size: Optional[PreviewSize] = None
+    preview_every_steps: Optional[PreviewEverySteps] = None  # previews at most every N steps
+    preview_interval_ms: Optional[PreviewIntervalMs] = None  # ... and M ms apart
     prompt_submission: PromptSubmission
 
 

@@ -23,7 +23,8 @@ from protocol.job import Job
 log = logging.getLogger(__name__)
 
 ERROR_REPLY_TYPE = "error_response"  # the reply type for a body whose type is unknown
-_TRANSPORT_ONLY = ("stream", "preview", "preview_size")  # fields that change delivery, not the job
+# fields that change delivery, not the job
+_TRANSPORT_ONLY = ("stream", "preview", "preview_size", "preview_every_steps", "preview_interval_ms")
 _TRANSPORT_ONLY_SET = frozenset(_TRANSPORT_ONLY)
 _STR_ONLY = frozenset({str})
 _GENERATION = frozenset({C.GENERATE_FLAT, C.GENERATE_NESTED, C.GENERATE_LEGACY_ACTION})
@@ -303,7 +304,7 @@ _FINGERPRINT_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), e
 
 
 def body_fingerprint(body: dict) -> str:
-    """Stable hash of a request body minus transport-only fields (stream, preview), for the
+    """Stable hash of a request body minus transport-only fields (stream, preview, ...), for the
     broker's duplicate_request_id check (same id + different body)."""
     trimmed = {k: v for k, v in body.items() if k not in _TRANSPORT_ONLY} \
         if isinstance(body, dict) else body

@@ -136,12 +136,19 @@ def _padded(items, count: int):
     return items if len(items) >= count else [*items, *([None] * (count - len(items)))]
 
 
-def _delivery(stream, preview: Optional[bool], preview_size: Optional[int]) -> dict[str, Any]:
-    """Job.stream / preview / preview_size from a form's fields: `stream: "preview"` or
-    `preview: true` asks for previews, and previews imply progress."""
-    wants_preview = preview is True or stream == C.STREAM_PREVIEW
-    return {"stream": True if wants_preview else stream,
-            "preview": True if wants_preview else preview, "preview_size": preview_size}
+_DELIVERY_FIELDS = ("stream", "preview", "preview_size", "preview_every_steps", "preview_interval_ms")
+
+
+def _delivery(*sources) -> dict[str, Any]:
+    """Job.stream / preview / preview_size / preview cadence from a form's delivery fields,
+    each from the first of `sources` (the top level, then the form's metadata) that sets it:
+    `stream: "preview"` or `preview: true` asks for previews, and previews imply progress."""
+    given = {name: next((getattr(src, name) for src in sources if getattr(src, name) is not None), None)
+             for name in _DELIVERY_FIELDS}
+    wants_preview = given["preview"] is True or given["stream"] == C.STREAM_PREVIEW
+    if wants_preview:
+        given["stream"] = given["preview"] = True
+    return given
 
 
 # --- forms -> Job ------------------------------------------------------------------------------
@@ -167,7 +174,7 @@ def flat_to_job(m: M.FlatGenerateRequest, *, request_id: str,
     fields, explicit, sections = b.fields, b.explicit, b.sections
     given = m.__dict__  # the validated field values (pydantic keeps them in __dict__)
     b.copy(given, _FLAT_SAME_NAME)
-    b.update(_delivery(m.stream, m.preview, m.preview_size))
+    b.update(_delivery(m))
     b.set_scheduler(m.scheduler, m.use_karras_sigmas)
     b.set("timeout_s", m.timeout)
     b.set("tags", tuple(m.tags) if m.tags is not None else None)
@@ -251,9 +258,7 @@ def nested_to_job(m: M.NestedGenerateRequest, *, request_id: str,
         "batch_size": d.batch.size if d.batch is not None else None,
         "priority": meta.priority, "timeout_s": meta.timeout,
         "tags": tuple(meta.tags) if meta.tags is not None else None})
-    b.update(_delivery(m.stream if m.stream is not None else meta.stream,
-                       m.preview if m.preview is not None else meta.preview,
-                       m.preview_size if m.preview_size is not None else meta.preview_size))
+    b.update(_delivery(m, meta))
     b.set_scheduler(d.scheduler, d.use_karras_sigmas)
 
     if d.lora is not None and d.lora.models:
@@ -347,9 +352,7 @@ def legacy_to_job(m: M.LegacyGenerateRequest, *, request_id: str,
     b.set("timeout_s", meta.timeout)
     b.set("tags", tuple(meta.tags) if meta.tags is not None else None)
     b.set("device", meta.device)
-    b.update(_delivery(m.stream if m.stream is not None else meta.stream,
-                       m.preview if m.preview is not None else meta.preview,
-                       m.preview_size if m.preview_size is not None else meta.preview_size))
+    b.update(_delivery(m, meta))
     return b.build(form=C.FORM_LEGACY, request_id=request_id, prompt=cond.prompt,
                    base=model.base or default_model_base, refiner=model.refiner, vae=model.vae)
 
@@ -398,6 +401,8 @@ def job_to_legacy(job: Job) -> dict:
         ("priority", "priority", job.priority), ("timeout", "timeout_s", _number(job.timeout_s)),
         ("tags", "tags", list(job.tags)), ("stream", "stream", job.stream),
         ("preview", "preview", job.preview), ("preview_size", "preview_size", job.preview_size),
+        ("preview_every_steps", "preview_every_steps", job.preview_every_steps),
+        ("preview_interval_ms", "preview_interval_ms", job.preview_interval_ms),
         ("device", "device", job.device)) if name in ex}
     if meta:
         submission["metadata"] = meta
@@ -465,8 +470,9 @@ def job_to_nested(job: Job) -> dict:
         metadata["stream"] = True
     if job.preview:
         metadata["preview"] = True
-    if "preview_size" in job.explicit:
-        metadata["preview_size"] = job.preview_size
+    for name in ("preview_size", "preview_every_steps", "preview_interval_ms"):
+        if name in job.explicit:
+            metadata[name] = getattr(job, name)
     data: dict[str, Any] = {
         "worker_type": job.worker_type,
         "prompt": job.prompt,
@@ -520,7 +526,8 @@ def job_to_flat(job: Job, *, full: bool = False) -> dict:
     for name in ("prompt_2", "negative_prompt", "negative_prompt_2", "width", "height", "steps",
                  "guidance_scale", "seed", "strength", "scheduler", "use_karras_sigmas",
                  "clip_skip", "refiner_switch", "batch_size", "init_image", "mask_image",
-                 "device", "priority", "stream", "preview", "preview_size", "literal_prompt"):
+                 "device", "priority", "stream", "preview", "preview_size", "preview_every_steps",
+                 "preview_interval_ms", "literal_prompt"):
         if want(name) and (getattr(job, name) is not None):
             body[name] = getattr(job, name)
     if want("timeout_s"):

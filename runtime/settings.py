@@ -134,6 +134,12 @@ SETTINGS: tuple[Setting, ...] = (
             "send every prompt to the text encoders as typed: no A1111 (word:1.2) weighting, no "
             "lora:NAME:W prompt tags, no long-prompt chunking (a request can ask the same with "
             "literal_prompt)", (S, W), readme=True),
+    Setting("preview_every_steps", int, 1,
+            "progress previews at most every N steps (a request's preview_every_steps wins)",
+            (S, W), metavar="N"),
+    Setting("preview_interval_ms", int, 250,
+            "progress previews at least this many ms apart (a request's preview_interval_ms "
+            "wins)", (S, W), metavar="MS"),
     Setting("single_file_config", str, None,
             "a diffusers folder (inside the model root) whose configs serve every single-file "
             "SDXL checkpoint of its architecture", (S, W), metavar="DIR", readme=True),
