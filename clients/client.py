@@ -44,6 +44,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from protocol import codec
 from protocol import constants as C
+from protocol.request_ids import request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ def cancel_body(request_id: str) -> dict:
 
 
 def _request_id_of(body: dict) -> str | None:
-    return body.get("request_id") or body.get("session_id")
+    """The id the broker will answer this body with (one decider for both sides)."""
+    return request_id_of(body)
 
 
 def _ensure_request_id(body: dict) -> dict:

@@ -17,6 +17,8 @@ from pydantic import ValidationError
 from protocol import constants as C
 from protocol import models as M
 from protocol import rules, translate
+from protocol.request_ids import message_type_of as _message_type
+from protocol.request_ids import request_id_of as _request_id
 from protocol.errors import FieldError, ProtocolError, ValidationFailed
 from protocol.job import Job
 
@@ -40,31 +42,6 @@ class ParsedRequest:
     job: Optional[Job]  # the three generation forms
     params: dict = field(default_factory=dict)  # management messages' validated fields
     warnings: list[str] = field(default_factory=list)
-
-
-def _message_type(body: dict) -> Any:
-    mt = body.get("message_type")
-    return mt if mt is not None else body.get("action")
-
-
-def _id(value: Any) -> Optional[str]:
-    if isinstance(value, str) and 0 < len(value) <= C.MAX_ID_CHARS:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**30:
-        return str(value)
-    return None
-
-
-def _request_id(body: dict, message_type: Any) -> Optional[str]:
-    """The id the client sent, wherever its form keeps it (None: it sent none)."""
-    if message_type == C.GENERATE_LEGACY_ACTION:  # the legacy form's id is its session_id
-        return _id(body.get("session_id")) or _id(body.get("request_id"))
-    rid = _id(body.get("request_id"))
-    if rid is None and message_type == C.GENERATE_NESTED:
-        data = body.get("data")
-        meta = data.get("metadata") if isinstance(data, dict) else None
-        return _id(meta.get("request_id")) if isinstance(meta, dict) else None
-    return rid if rid is not None else _id(body.get("session_id"))
 
 
 def peek(body: Any) -> tuple[str, Optional[str]]:

@@ -67,6 +67,31 @@ def _mask_needs_init(mask, init, field: str, errors: list[FieldError]) -> None:
         errors.append(FieldError(field, MASK_NEEDS_INIT))
 
 
+def _usable(value, low: float, high: float, default):
+    """`value` when it passes its own field check (a number within low..high; None: the
+    default), else None: a bad field is reported by its own check, never twice."""
+    if value is None:
+        return default
+    if type(value) in (int, float) and low <= value <= high:
+        return value
+    return None
+
+
+def _steps_strength(init, steps, strength, field: str, errors: list[FieldError]) -> None:
+    """The img2img rule (steps * strength >= 1) on the raw body, so a request hears about it
+    together with its other problems."""
+    if init is None:
+        return
+    steps = _usable(steps, C.MIN_STEPS, C.MAX_STEPS, C.DEFAULT_STEPS)
+    strength = _usable(strength, 0.0, 1.0, C.DEFAULT_STRENGTH)
+    if type(steps) is int and strength is not None and int(steps * strength) < 1:
+        errors.append(FieldError(field, steps_strength_message(steps, strength)))
+
+
+def _first(a, b):
+    return a if a is not None else b
+
+
 def cross_field_errors(message_type: str, body: dict, default_model_base: Optional[str]) -> list[FieldError]:
     errors: list[FieldError] = []
     if message_type == C.GENERATE_FLAT:
@@ -89,6 +114,8 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
         if cn_given and not (_is_list(body.get("controlnet_images")) and body["controlnet_images"]):
             errors.append(FieldError("controlnet_images", "each ControlNet needs an image"))
         _mask_needs_init(body.get("mask_image"), body.get("init_image"), "mask_image", errors)
+        _steps_strength(body.get("init_image"), body.get("steps"), body.get("strength"),
+                        "strength", errors)
     elif message_type == C.GENERATE_NESTED:
         data = body.get("data")
         if not isinstance(data, dict):
@@ -115,6 +142,14 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
                 errors.append(FieldError("data." + ".".join(where) + ".factor",
                                          "required when upscaling is enabled"))
         _mask_needs_init(data.get("mask_image"), data.get("init_image"), "data.mask_image", errors)
+        hyper = data.get("hyperparameters")
+        hyper = hyper if isinstance(hyper, dict) else {}
+        # a flat data.strength overwrites hyperparameters.strength (the seed's normalisation)
+        _steps_strength(data.get("init_image"),
+                        _first(data.get("num_inference_steps"), hyper.get("num_inference_steps")),
+                        _first(data.get("strength"), hyper.get("strength")),
+                        "data.strength" if data.get("strength") is not None
+                        else "data.hyperparameters.strength", errors)
     elif message_type == C.GENERATE_LEGACY_ACTION:
         ps = body.get("prompt_submission")
         if not isinstance(ps, dict):
@@ -131,6 +166,12 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
         if isinstance(cond, dict):
             _mask_needs_init(cond.get("mask_image"), cond.get("init_image"),
                              "prompt_submission.conditioning.mask_image", errors)
+            hyper = ps.get("hyperparameters")
+            hyper = hyper if isinstance(hyper, dict) else {}
+            _steps_strength(cond.get("init_image"),
+                            _first(hyper.get("steps"), hyper.get("num_inference_steps")),
+                            hyper.get("strength"), "prompt_submission.hyperparameters.strength",
+                            errors)
     elif message_type in (C.MODEL_LOAD, C.MODEL_LOAD_LEGACY):
         if _get(body, "data", "model_name") is None and body.get("model_name") is None:
             errors.append(FieldError("data.model_name", "model_name is required"))

@@ -102,3 +102,25 @@ def test_infotext_states_only_the_karras_that_was_applied(client):
             return image.text["parameters"]
     assert "Sampler: DDIM," in infotext(ignored) and "Karras" not in infotext(ignored)
     assert "Sampler: DPM++ 2M Karras," in infotext(applied)
+
+
+def test_a_legacy_body_with_two_ids_is_answered_under_its_session_id(serve):
+    """The legacy form's id is its session_id; the client and the broker decide it with one
+    function (protocol.request_ids), so the client waits for the id the broker answers with.
+    Before, the client waited for request_id while the broker answered session_id: every
+    reply was skipped and the request failed after its retries."""
+    from clients.client import BrokerClient
+
+    body = {"action": "generate", "session_id": "legacy-session", "request_id": "legacy-request",
+            "prompt_submission": {"model": {"base": "tiny-sdxl"},
+                                  "conditioning": {"prompt": "a fox"},
+                                  "hyperparameters": {"width": 256, "height": 256, "steps": 2}},
+            "stream": True}
+    seen = []
+    with BrokerClient(serve.endpoint, timeout_s=60, retries=1) as client:
+        reply = ok(client.request(body, on_progress=seen.append))
+        assert reply["request_id"] == "legacy-session" and reply["message_type"] == "generate_response"
+        assert seen and {m["request_id"] for m in seen} == {"legacy-session"}
+        # a numeric id (a C# long) is answered as text, and the client takes that reply too
+        numeric = {"message_type": C.STATUS, "request_id": 12345}
+        assert client.request(numeric)["request_id"] == "12345"

@@ -13,6 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_request_only_problems_are_all_listed_before_queueing(client):
+    """Field bounds, paths and the cross-field rules (steps x strength among them) in one
+    errors[] reply: the client fixes everything at once."""
     reply = client.request({"message_type": C.GENERATE_FLAT, "prompt": "p", "model_base": "tiny-sdxl",
                             "init_image": "../outside.png", "steps": 10, "strength": 0.05,
                             "model_refiner": "tiny-sdxl-refiner", "refiner_switch": 1.0,
@@ -23,11 +25,14 @@ def test_request_only_problems_are_all_listed_before_queueing(client):
     assert fields == {"init_image": rules.INPUT_PATH_ESCAPES, "refiner_switch": fields["refiner_switch"],
                       "upscale_factor": fields["upscale_factor"],
                       "upscale_method": rules.MODEL_PATH_ESCAPES,
-                      "lora_paths[0]": rules.MODEL_PATH_ESCAPES}
-    # the strength rule needs a valid job, so it is heard once the fields are right
-    reply = client.request({"message_type": C.GENERATE_FLAT, "prompt": "p", "model_base": "tiny-sdxl",
-                            "init_image": "photo.png", "steps": 10, "strength": 0.05})
-    assert reply["errors"] == [{"field": "strength", "message": rules.steps_strength_message(10, 0.05)}]
+                      "lora_paths[0]": rules.MODEL_PATH_ESCAPES,
+                      "strength": rules.steps_strength_message(10, 0.05)}
+    # the same in the legacy form, with the legacy form's paths
+    reply = client.request({"action": "generate", "prompt_submission": {
+        "model": {"base": "tiny-sdxl"}, "conditioning": {"prompt": "p", "init_image": "photo.png"},
+        "hyperparameters": {"width": 250, "steps": 2, "strength": 0.3}}})
+    assert [e["field"] for e in reply["errors"]] == ["prompt_submission.hyperparameters.width",
+                                                   "prompt_submission.hyperparameters.strength"]
 
 
 SMALL = {"width": 256, "height": 256, "steps": 2}
