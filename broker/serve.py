@@ -166,7 +166,8 @@ _SIM_SETTINGS = tuple(s.name for s in settings_table.for_command("worker")
 def worker_argv(plan: WorkerPlan, backend: str, settings: dict) -> list[str]:
     values = {name: settings[name] for name in _PASSED_TO_WORKERS if name in settings}
     values.update(connect=backend, device=plan.device, worker_id=plan.worker_id,
-                  cache_budget_mb=plan.cache_budget_mb, cpu_threads_per_worker=plan.cpu_threads)
+                  cache_budget_mb=plan.cache_budget_mb, cpu_threads_per_worker=plan.cpu_threads,
+                  supervisor_pid=os.getpid())   # the worker exits when serve is gone
     if plan.simulated:
         values["sim"] = True
         explicit = settings.get("_explicit", set())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +21,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
+
+from runtime import parent_watch
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +66,17 @@ class RestartPolicy:
         return len(self._crashes)
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when `serve` dies, even by SIGKILL (no orphans).
-    PDEATHSIG follows the *thread* that forked, so children are only spawned from threads
-    that live as long as the supervisor (the caller's thread and the watcher thread)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except Exception:  # not Linux / no glibc: stop() still terminates children
-        pass
-
-
 def _linux_child_setup(cpu_affinity: tuple[int, ...] | None) -> Callable[[], None]:
     """Runs in the child between fork and exec: die with the parent, and keep to its cores
-    (before exec, so torch and OpenMP see the affinity from their first thread on)."""
+    (before exec, so torch and OpenMP see the affinity from their first thread on).
+    The parent-death signal (SIGTERM when `serve` dies, even by SIGKILL) follows the *thread*
+    that forked, so children are only spawned from threads that live as long as the supervisor
+    (the caller's thread and the watcher thread); workers also watch serve's pid themselves
+    (runtime.parent_watch, `--supervisor-pid`)."""
+    die_with_parent = parent_watch.parent_death_signal_setter()   # looked up before the fork
+
     def setup() -> None:
-        _die_with_parent()
+        die_with_parent()
         if cpu_affinity:
             try:
                 os.sched_setaffinity(0, cpu_affinity)

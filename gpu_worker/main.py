@@ -141,10 +141,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings["log_level"], settings["log_format"])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from gpu_worker.transport import WorkerTransport
-
     device = settings["device"]
     worker_id = settings["worker_id"] or f"{os.uname().nodename}-{device}-{os.getpid()}"
+    supervisor = None
+    if settings["supervisor_pid"] is not None:
+        # started by serve: exit when serve is gone (until the transport exists, at once)
+        from runtime.parent_watch import SupervisorWatch
+
+        supervisor = SupervisorWatch(settings["supervisor_pid"], name=f"worker {worker_id}").start()
+    from gpu_worker.transport import WorkerTransport
+
     curve_server_key, curve_client_key = settings["curve_server_key"], settings["curve_client_key"]
     if (curve_server_key is None) != (curve_client_key is None):
         log.error("worker %s: CURVE needs both --curve-server-key and --curve-client-key", worker_id)
@@ -184,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if supervisor is not None:
+        supervisor.stop_with(transport.stop)
     code = transport.run()
     log.info("worker %s stopped (exit %d)", worker_id, code)
     return code

@@ -109,6 +109,10 @@ SETTINGS: tuple[Setting, ...] = (
             (W,)),
     Setting("worker_id", str, None, "stable worker id", (W,), default_text="host-device-pid",
             metavar="ID"),
+    Setting("supervisor_pid", int, None,
+            "exit when the process with this pid stops being this worker's parent (serve passes "
+            "its own pid; a worker started alone keeps running when its parent goes)", (W,),
+            default_text="none", metavar="PID"),
     Setting("cpu_threads_per_worker", int, None,
             "CPU threads of each worker's torch/OpenMP/MKL; serve also pins each worker to its "
             "own cores where the OS allows", (S, W),
