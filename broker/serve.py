@@ -229,7 +229,10 @@ def gateway_child(settings: dict, endpoint: str):
         if origin.strip():
             argv += ["--http-cors-origin", origin.strip()]
     env = dict(os.environ)
-    env.pop("SDXL_BROKER_HTTP_TOKEN", None)
+    # the child talks plain ZeroMQ to `endpoint`: a client's CURVE keys in the environment
+    # (clients.client.connection_from_args reads them) are not for it
+    for name in ("SDXL_BROKER_HTTP_TOKEN", "SDXL_BROKER_CURVE_SERVER_KEY", "SDXL_BROKER_CURVE_CLIENT_KEY"):
+        env.pop(name, None)
     if settings["http_token"]:
         env["SDXL_BROKER_HTTP_TOKEN"] = settings["http_token"]
     return ChildSpec(name="gateway", argv=argv, env=env)

@@ -688,13 +688,27 @@ def add_connection_arguments(parser) -> None:
                              "$SDXL_BROKER_CONNECT_TIMEOUT_S)")
 
 
-def client_from_args(args, **kwargs: Any) -> BrokerClient:
-    endpoint = args.endpoint or DEFAULT_ENDPOINT
-    kwargs.setdefault("connect_timeout_s", args.connect_timeout_s)
+def connection_from_args(args) -> dict[str, Any]:
+    """The keyword arguments of BrokerClient / AsyncBrokerClient that add_connection_arguments'
+    flags (and their environment variables) name: endpoint, connect timeout, CURVE keys
+    (loaded from the files). ValueError for half a CURVE configuration or an unusable key file."""
     server_key = args.curve_server_key or os.environ.get("SDXL_BROKER_CURVE_SERVER_KEY")
     client_key = args.curve_client_key or os.environ.get("SDXL_BROKER_CURVE_CLIENT_KEY")
-    if server_key and client_key:
-        return BrokerClient.with_curve(endpoint, server_key, client_key, **kwargs)
+    out: dict[str, Any] = {"endpoint": args.endpoint or DEFAULT_ENDPOINT,
+                           "connect_timeout_s": args.connect_timeout_s}
     if server_key or client_key:
-        raise ValueError("CURVE needs both --curve-server-key and --curve-client-key")
-    return BrokerClient(endpoint, **kwargs)
+        if not (server_key and client_key):
+            raise ValueError("CURVE needs both --curve-server-key and --curve-client-key")
+        from runtime.curve import client_keys
+
+        try:
+            out["curve_server_key"], out["curve_client_keys"] = client_keys(server_key, client_key)
+        except OSError as exc:
+            raise ValueError(f"cannot read a CURVE key file: {exc}") from None
+    return out
+
+
+def client_from_args(args, **kwargs: Any) -> BrokerClient:
+    connection = connection_from_args(args)
+    kwargs.setdefault("connect_timeout_s", connection.pop("connect_timeout_s"))
+    return BrokerClient(connection.pop("endpoint"), **connection, **kwargs)

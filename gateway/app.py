@@ -32,7 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic.json_schema import models_json_schema
 
-from clients.client import AsyncBrokerClient
+from clients.client import AsyncBrokerClient, BrokerUnavailable
 from gateway import a1111
 from gateway.hub import JobHub, TrackedJob
 from gateway.security import BodyLimitMiddleware, BearerTokenMiddleware
@@ -87,6 +87,10 @@ class GatewaySettings:
     max_body_mb: float = 64.0
     default_model: Optional[str] = None  # A1111's sd_model_checkpoint until /options sets one
     client_timeout_s: float = 30.0
+    # CURVE to the broker's frontend (clients.client.connection_from_args loads them from the
+    # --curve-server-key / --curve-client-key files); None: a plain connection
+    curve_server_key: Optional[bytes] = None
+    curve_client_keys: Optional[tuple[bytes, bytes]] = None
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -168,7 +172,9 @@ class Gateway:
     def __init__(self, settings: GatewaySettings):
         self.settings = settings
         self.client = AsyncBrokerClient(settings.broker_endpoint, timeout_s=settings.client_timeout_s,
-                                        codec_name=C.CODEC_MSGPACK)
+                                        codec_name=C.CODEC_MSGPACK,
+                                        curve_server_key=settings.curve_server_key,
+                                        curve_client_keys=settings.curve_client_keys)
         self.hub = JobHub(self.client)
         self.options: dict[str, Any] = {"sd_model_checkpoint": settings.default_model or "",
                                         "sd_vae": "Automatic", "samples_format": "png",
@@ -294,6 +300,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         code = C.MALFORMED_MESSAGE if exc.status_code in (400, 413) else C.VALIDATION_ERROR
         return AsciiJSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(BrokerUnavailable)
+    async def _broker_unavailable(_request, exc: BrokerUnavailable):
+        # nothing answered after every resend: what the socket saw (nothing listening, a
+        # refused CURVE key, ...), as the job hub reports it for generations
+        return AsciiJSONResponse(error_body(C.TIMEOUT, f"broker unavailable: {exc}"), status_code=504)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):

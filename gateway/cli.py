@@ -70,12 +70,19 @@ def add_arguments(parser: argparse.ArgumentParser, _command: str = "gateway") ->
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
-def settings_from_args(args, endpoint: str, output_dir: str | None):
+def settings_from_args(args, output_dir: str | None):
+    """GatewaySettings from the flags; the broker connection (endpoint, CURVE keys) as every
+    client command reads it (clients.client.connection_from_args). ValueError/OSError when a
+    key file is missing or only one of the two CURVE flags is given."""
+    from clients.client import connection_from_args
     from gateway.app import GatewaySettings
 
-    return GatewaySettings(broker_endpoint=endpoint, output_dir=output_dir, token=args.http_token,
-                           cors_origins=list(args.http_cors_origin or []),
-                           max_body_mb=args.http_max_body_mb, default_model=args.http_default_model)
+    connection = connection_from_args(args)
+    return GatewaySettings(broker_endpoint=connection["endpoint"], output_dir=output_dir,
+                           token=args.http_token, cors_origins=list(args.http_cors_origin or []),
+                           max_body_mb=args.http_max_body_mb, default_model=args.http_default_model,
+                           curve_server_key=connection.get("curve_server_key"),
+                           curve_client_keys=connection.get("curve_client_keys"))
 
 
 def serve_gateway(settings, host: str, port: int, log_level: str = "info") -> None:
@@ -98,14 +105,13 @@ def run(args) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    from clients.client import DEFAULT_ENDPOINT
-
-    if args.curve_server_key or args.curve_client_key:
-        print("the gateway does not speak CURVE yet; point it at a plain (--local-frontend) "
-              "endpoint", file=sys.stderr)
+    try:
+        settings = settings_from_args(args, args.output_dir)
+    except (OSError, ValueError) as exc:
+        print(f"sdxl-broker gateway: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings_from_args(args, args.endpoint or DEFAULT_ENDPOINT, args.output_dir)
-    print(f"gateway http://{host}:{port} -> {settings.broker_endpoint}", flush=True)
+    print(f"gateway http://{host}:{port} -> {settings.broker_endpoint}"
+          + (" (CURVE)" if settings.curve_server_key else ""), flush=True)
     serve_gateway(settings, host, port, args.log_level)
     return 0
