@@ -60,6 +60,8 @@ class BrokerConfig:
     backend: str = "tcp://127.0.0.1:5556"
     state_dir: str | None = None       # SQLite journal lives here; None -> in-memory journal
     max_queue: int = 1000
+    max_queue_mb: float = 2048.0       # request bytes queued jobs may hold; beyond: queue_full
+    max_timeout_s: float = 3600.0      # a request's timeout above this is lowered to it (warned)
     max_attempts: int = 2
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
@@ -125,11 +127,19 @@ def request_parser():
     return _parse_module
 
 
+def _mb(size_bytes: float) -> str:
+    return f"{size_bytes / 2**20:.1f}"
+
+
 class BrokerCore:
     def __init__(self, config: BrokerConfig, now: float, metrics: BrokerMetrics | None = None,
                  first_dispatch_id: int | None = None):
         if config.routing not in routing.POLICIES:
             raise ValueError(f"unknown routing policy {config.routing!r}; one of {routing.POLICIES}")
+        for name in ("max_queue_mb", "max_timeout_s"):
+            if not getattr(config, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be above 0, "
+                                 f"not {getattr(config, name)!r}")
         self.config = config
         self.metrics = metrics or BrokerMetrics()
         self._now = now
@@ -238,6 +248,8 @@ class BrokerCore:
                 "accepted": self.counters["accepted"],
                 "routing": self.config.routing,
                 "max_queue": self.config.max_queue,
+                "queue_mb": round(self.queue.bytes_held / 2**20, 3),
+                "max_queue_mb": self.config.max_queue_mb,
             },
             "workers": [w.status_row(now) for w in self.registry.all()],
         }
@@ -335,14 +347,16 @@ class BrokerCore:
             self._send_error(peer, parsed.reply_type, rid, ProtocolError(
                 C.INTERNAL_ERROR, "broker is shutting down; not accepting new jobs"))
             return
-        if len(self.queue) >= self.config.max_queue:
-            self._send_error(peer, parsed.reply_type, rid, ProtocolError(
-                C.QUEUE_FULL, f"queue is full ({self.config.max_queue} jobs waiting); retry later"))
+        refusal = self._queue_refusal(len(body))
+        if refusal is not None:
+            self._send_error(peer, parsed.reply_type, rid, refusal)
             return
         now = self._now
+        warnings = list(parsed.warnings or [])
+        job = self._bounded_timeout(job, warnings)
         state = JobState(request_id=rid, job=job, reply_type=parsed.reply_type,
                          fingerprint=fingerprint, accepted_at=now, deadline=now + job.timeout_s,
-                         peers=[peer], warnings=list(parsed.warnings or []))
+                         body_bytes=len(body), peers=[peer], warnings=warnings)
         self.journal.accept(rid, body, fingerprint)
         self._enqueue(state)
         self.counters["accepted"] += 1
@@ -353,13 +367,42 @@ class BrokerCore:
             self._progress(state, "queued", queue_position=position,
                            eta_s=queued_eta_s(job, position, self.registry.live()))
 
+    # --- admission bounds ----------------------------------------------------------------------
+    def _queue_refusal(self, body_bytes: int) -> ProtocolError | None:
+        """queue_full when a new job of `body_bytes` would pass --max-queue jobs or
+        --max-queue-mb of request bytes held by queued jobs (re-queued jobs are never refused)."""
+        if len(self.queue) >= self.config.max_queue:
+            return ProtocolError(C.QUEUE_FULL, f"queue is full ({self.config.max_queue} jobs "
+                                               f"waiting, --max-queue); retry later")
+        limit_bytes = self.config.max_queue_mb * 2**20
+        if body_bytes > limit_bytes:
+            return ProtocolError(C.QUEUE_FULL, f"this request alone holds {_mb(body_bytes)} MB, "
+                                               f"more than this broker's --max-queue-mb "
+                                               f"{self.config.max_queue_mb:g}: it can never be queued")
+        if self.queue.bytes_held + body_bytes > limit_bytes:
+            return ProtocolError(C.QUEUE_FULL, f"queue is full: queued jobs hold "
+                                               f"{_mb(self.queue.bytes_held)} MB and this request "
+                                               f"{_mb(body_bytes)} MB, over --max-queue-mb "
+                                               f"{self.config.max_queue_mb:g}; retry later")
+        return None
+
+    def _bounded_timeout(self, job: Job, warnings: list[str]) -> Job:
+        """The job with its timeout lowered to --max-timeout-s when it asked for more (a warning
+        in its reply says so), so unroutable jobs cannot hold queue places for a day."""
+        limit_s = self.config.max_timeout_s
+        if job.timeout_s <= limit_s:
+            return job
+        warnings.append(f"timeout {job.timeout_s:g} s is above this broker's limit "
+                        f"(--max-timeout-s {limit_s:g}); the job times out after {limit_s:g} s")
+        return job.model_copy(update={"timeout_s": limit_s})   # shares the image bytes
+
     def _enqueue(self, state: JobState, front: bool = False) -> None:
         self.jobs[state.request_id] = state
         state.state, state.worker_id, state.last_progress, state.stage = QUEUED, None, None, None
         if front:
-            self.queue.push_front(state.request_id, state.job.priority, None)
+            self.queue.push_front(state.request_id, state.job.priority, None, state.body_bytes)
         else:
-            self.queue.push(state.request_id, state.job.priority, None)
+            self.queue.push(state.request_id, state.job.priority, None, state.body_bytes)
         if len(self._deadlines) > 4 * len(self.jobs) + 1024:
             # finished jobs leave their entries behind until their deadline; drop them
             self._deadlines = [(d, rid) for d, rid in self._deadlines
@@ -873,10 +916,12 @@ class BrokerCore:
             if parsed.job is None:
                 continue
             age_s = max(wall_now - row.accepted_at, 0.0)
-            state = JobState(request_id=row.request_id, job=parsed.job, reply_type=parsed.reply_type,
+            warnings = list(parsed.warnings or [])
+            job = self._bounded_timeout(parsed.job, warnings)
+            state = JobState(request_id=row.request_id, job=job, reply_type=parsed.reply_type,
                              fingerprint=row.fingerprint, accepted_at=now - age_s,
-                             deadline=now - age_s + parsed.job.timeout_s,
-                             warnings=list(parsed.warnings or []))
+                             deadline=now - age_s + job.timeout_s, body_bytes=len(row.body),
+                             warnings=warnings)
             self._enqueue(state)
         log.info("journal: re-queued %d unfinished job(s) from before the restart", len(pending))
 

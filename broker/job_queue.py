@@ -2,8 +2,9 @@
 
 Jobs wait here (not on workers) so each can go to whichever worker frees up first. The
 dispatcher walks the queue in order and may skip a job no worker can take right now (its model
-does not fit anywhere free) so it does not block the jobs behind it. The size limit
-(--max-queue) is the broker core's: it refuses new jobs past it, but never a job it re-queues.
+does not fit anywhere free) so it does not block the jobs behind it. The size limits
+(--max-queue jobs, --max-queue-mb of request bytes) are the broker core's: it refuses new jobs
+past them, but never a job it re-queues. The queue counts the bytes its jobs hold for the second.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ class JobQueue:
     def __init__(self) -> None:
         # one insertion-ordered dict per priority: O(1) append, remove and membership
         self._lanes: dict[str, OrderedDict[str, object]] = {p: OrderedDict() for p in C.PRIORITIES}
+        self._sizes: dict[str, int] = {}   # request_id -> bytes its request holds
+        self.bytes_held = 0                 # sum of _sizes: what --max-queue-mb bounds
 
     def __len__(self) -> int:
         high, normal, low = self._lanes.values()   # hot: read once per dispatch pass
@@ -34,22 +37,29 @@ class JobQueue:
     def __contains__(self, request_id: str) -> bool:
         return any(request_id in lane for lane in self._lanes.values())
 
-    def push(self, request_id: str, priority: str, item: object) -> None:
-        """Append at the end of its priority."""
+    def push(self, request_id: str, priority: str, item: object, size_bytes: int = 0) -> None:
+        """Append at the end of its priority; `size_bytes`: what the job's request holds."""
         lane = self._lanes.get(priority, self._lanes[C.PRIORITY_NORMAL])
+        self._count(request_id, size_bytes)
         lane[request_id] = item
 
-    def push_front(self, request_id: str, priority: str, item: object) -> None:
+    def push_front(self, request_id: str, priority: str, item: object, size_bytes: int = 0) -> None:
         """Re-queue ahead of its priority's other jobs (a job whose worker was lost)."""
         lane = self._lanes.get(priority, self._lanes[C.PRIORITY_NORMAL])
+        self._count(request_id, size_bytes)
         lane[request_id] = item
         lane.move_to_end(request_id, last=False)
 
     def remove(self, request_id: str) -> object | None:
         for lane in self._lanes.values():
             if request_id in lane:
+                self.bytes_held -= self._sizes.pop(request_id, 0)
                 return lane.pop(request_id)
         return None
+
+    def _count(self, request_id: str, size_bytes: int) -> None:
+        self.bytes_held += size_bytes - self._sizes.get(request_id, 0)
+        self._sizes[request_id] = size_bytes
 
     def __iter__(self) -> Iterator[tuple[str, object]]:
         """(request_id, item) in serving order. Copy-safe: removal while iterating is fine."""

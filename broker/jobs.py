@@ -36,6 +36,7 @@ class JobState:
     fingerprint: str
     accepted_at: float            # broker clock
     deadline: float               # broker clock; accepted_at + job.timeout_s
+    body_bytes: int = 0           # size of the request body: what it counts for --max-queue-mb
     peers: list[Peer] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     state: str = QUEUED

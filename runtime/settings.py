@@ -152,6 +152,12 @@ SETTINGS: tuple[Setting, ...] = (
             (S, B), default_text="none (in memory)", metavar="DIR", readme=True),
     Setting("max_queue", int, 1000, "queued jobs beyond this get queue_full", (S, B), metavar="N",
             readme=True),
+    Setting("max_queue_mb", float, 2048.0,
+            "request bytes (images included) that queued jobs may hold; a job beyond it gets "
+            "queue_full naming the limit", (S, B), metavar="MB", readme=True),
+    Setting("max_timeout_s", float, 3600.0,
+            "upper bound of a job's timeout: a request asking for more is run with this one and "
+            "warned", (S, B), metavar="SECONDS", readme=True),
     Setting("max_attempts", int, 2, "runs of a job whose worker died before worker_lost", (S, B),
             metavar="N", readme=True),
     Setting("no_worker_grace_s", float, 60.0,

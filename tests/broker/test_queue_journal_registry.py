@@ -21,6 +21,20 @@ def test_priorities_then_fifo_and_positions():
     assert q.remove("n1") is None and "n1" not in q and len(q) == 5
 
 
+def test_queue_counts_the_bytes_its_jobs_hold():
+    q = JobQueue()
+    q.push("a", "normal", None, size_bytes=100)
+    q.push("b", "low", None, size_bytes=50)
+    assert q.bytes_held == 150
+    q.remove("a")
+    assert q.bytes_held == 50
+    q.push_front("a", "normal", None, size_bytes=100)   # re-queued: counted once again
+    q.push_front("a", "normal", None, size_bytes=100)
+    assert q.bytes_held == 150
+    q.remove("a"), q.remove("b"), q.remove("missing")
+    assert q.bytes_held == 0
+
+
 # the size limit moved to the broker core: test_core.py::test_queue_full_refuses_new_jobs_never_requeued_ones
 
 
