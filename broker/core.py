@@ -71,8 +71,9 @@ class BrokerConfig:
     allow_pickle: bool = False
     reply_ttl_s: float = 3600.0
     curve_secret_key: str | None = None    # broker's .key_secret file: CURVE on both sockets
-    curve_allowed_keys: str | None = None  # dir of authorised peers' public .key files
-    curve_extra_keys: tuple = ()           # more authorised public .key files (serve's workers)
+    curve_allowed_keys: str | None = None  # dir of the public .key files of allowed clients
+    curve_worker_keys: str | None = None   # dir of the public .key files of allowed workers
+    curve_local_worker_keys: tuple = ()    # public .key files of serve's own workers (backend)
     local_frontend: str | None = None      # a second, NULL-security client endpoint (loopback only)
     # jobs one worker may hold (one running + one prefetched); bench/replay.py varies it
     max_jobs_per_worker: int = W.MAX_JOBS_PER_WORKER

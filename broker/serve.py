@@ -271,7 +271,7 @@ class LocalWorkers:
 
     def prepare_curve(self, config) -> None:
         """With CURVE on, the workers get their own key pair (in <state-dir>/curve or a temp
-        dir), authorised for this broker only through config.curve_extra_keys."""
+        dir), authorised on this broker's backend only, through config.curve_local_worker_keys."""
         if not getattr(config, "curve_secret_key", None):
             return
         from runtime.curve import local_worker_keys
@@ -281,7 +281,7 @@ class LocalWorkers:
                      else tempfile.mkdtemp(prefix="sdxl-broker-curve-"))
         broker_public, worker_public, worker_secret = local_worker_keys(config.curve_secret_key,
                                                                         directory)
-        config.curve_extra_keys = (worker_public,)
+        config.curve_local_worker_keys = (worker_public,)
         log.info("CURVE on; the local workers use the key pair in %s", directory)
         self._curve_argv = ["--curve-server-key", broker_public, "--curve-client-key", worker_secret]
 

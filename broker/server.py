@@ -23,6 +23,7 @@ from protocol import codec
 from protocol import constants as C
 from protocol import worker_protocol as W
 from protocol.replies import final_reply
+from runtime.curve import CLIENT_DOMAIN, WORKER_DOMAIN
 
 from broker.core import (FALLBACK_REPLY_TYPE, BrokerConfig, BrokerCore, ClientRequest, Output,
                          ToWorkers, request_parser)
@@ -72,13 +73,13 @@ class Broker:
             # a client that retries from a fresh socket with the same identity (a C# DEALER
             # with Options.Identity) takes the identity over instead of being ignored
             self.frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            self._secure(self.frontend)
+            self._secure(self.frontend, CLIENT_DOMAIN)
             self.frontend.bind(self.config.frontend)
             self.backend = self._ctx.socket(zmq.ROUTER)
             self.backend.setsockopt(zmq.LINGER, 0)
             # a frame over the limit drops that peer's connection before a byte is stored
             self.backend.setsockopt(zmq.MAXMSGSIZE, int(self.config.max_message_mb) * 2**20)
-            self._secure(self.backend)
+            self._secure(self.backend, WORKER_DOMAIN)
             self.backend.bind(self.config.backend)
             self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
             self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -140,26 +141,51 @@ class Broker:
         self.local_frontend_endpoint = self.local_frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("local frontend (no CURVE, loopback only) on %s", self.local_frontend_endpoint)
 
-    # --- CURVE (runtime.curve): same security on both sockets -----------------------------------
+    # --- CURVE (runtime.curve): clients and workers each pass their own list ---------------------
     def _start_curve_auth(self) -> None:
+        """With CURVE on, a ZAP authenticator always runs (it tells each message's peer key):
+        the frontend's domain admits client keys, the backend's worker keys only."""
         self._curve_auth = None
-        if self.config.curve_allowed_keys and not self.config.curve_secret_key:
-            raise ValueError("curve_allowed_keys needs curve_secret_key (the broker's key pair)")
-        if not self.config.curve_secret_key:
+        config = self.config
+        if not config.curve_secret_key:
+            given = [name for name in ("curve_allowed_keys", "curve_worker_keys")
+                     if getattr(config, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} needs curve_secret_key (the broker's key pair)")
             return
         from runtime import curve
-        curve.load_secret_pair(self.config.curve_secret_key)   # fail early on a bad file
-        if self.config.curve_allowed_keys:
-            self._curve_auth = curve.start_authenticator(self._ctx, self.config.curve_allowed_keys,
-                                                         tuple(self.config.curve_extra_keys))
-        else:
-            log.warning("CURVE without --curve-allowed-keys: traffic is encrypted but any "
-                        "peer that knows the broker's public key may connect")
+        curve.load_secret_pair(config.curve_secret_key)   # fail early on a bad file
+        self._curve_auth = curve.start_authenticator(self._ctx, {
+            CLIENT_DOMAIN: self._client_keys(curve), WORKER_DOMAIN: self._worker_keys(curve)})
 
-    def _secure(self, sock: zmq.Socket) -> None:
+    def _client_keys(self, curve):
+        config = self.config
+        if config.curve_allowed_keys:
+            return curve.AllowedKeys([config.curve_allowed_keys], role="client")
+        log.warning("CURVE without --curve-allowed-keys: traffic is encrypted but any client "
+                    "that knows the broker's public key may connect")
+        return curve.AnyKey()
+
+    def _worker_keys(self, curve):
+        config = self.config
+        local = tuple(config.curve_local_worker_keys)
+        if config.curve_worker_keys:
+            return curve.AllowedKeys([config.curve_worker_keys], local, role="worker")
+        if config.curve_allowed_keys:
+            if not local:
+                raise ValueError("--curve-allowed-keys lists clients only: workers need "
+                                 "--curve-worker-keys DIR (their public .key files)")
+            log.info("CURVE: no --curve-worker-keys, so only serve's own workers may register")
+            return curve.AllowedKeys([], local, role="worker")
+        log.warning("CURVE without --curve-worker-keys: any worker that knows the broker's "
+                    "public key may register")
+        return curve.AnyKey()
+
+    def _secure(self, sock: zmq.Socket, zap_domain: str) -> None:
         if self.config.curve_secret_key:
             from runtime import curve
             curve.make_curve_server(sock, self.config.curve_secret_key)
+            sock.zap_domain = zap_domain.encode()
 
     def _stop_curve_auth(self) -> None:
         auth, self._curve_auth = getattr(self, "_curve_auth", None), None

@@ -1,8 +1,9 @@
 """`sdxl-broker keys DIR`: CURVE key pairs for the broker and its peers (zmq.auth).
 
 Writes NAME.key (public) and NAME.key_secret (secret) for each name: by default a `server`
-pair (the broker's --curve-secret-key) and a `client` pair. Copy a peer's public NAME.key
-into the broker's --curve-allowed-keys directory to authorise it.
+pair (the broker's --curve-secret-key) and a `client` pair. Copy a peer's public NAME.key into
+the broker's --curve-allowed-keys (clients), --curve-worker-keys (workers) or
+--curve-admin-keys (clients allowed to manage) directory to authorise it (docs/curve.md).
 """
 
 from __future__ import annotations
@@ -83,69 +84,101 @@ def make_curve_client(sock, server_public_file: str, client_secret_file: str) ->
     sock.curve_secretkey = secret
 
 
-class AllowedKeys:
-    """ZAP credentials provider: a key is allowed when its public `.key` file is in the
-    directory. The directory is read again on an unknown key, so a key copied in later is
-    accepted without a restart; a refusal is logged at WARNING (pyzmq logs it at DEBUG only)."""
+# ZAP domains: the frontend authenticates clients (and admins), the backend workers only, so a
+# client key can never register as a worker (receive others' prompts, forge results)
+CLIENT_DOMAIN = "clients"
+WORKER_DOMAIN = "workers"
 
-    def __init__(self, directory: str, extra_key_files: tuple[str, ...] = ()):
+
+class AllowedKeys:
+    """ZAP credentials provider: a key is allowed when its public `.key` file is in one of the
+    directories (or is one of extra_key_files). The directories are read again on an unknown
+    key, so a key copied in later is accepted without a restart; a refusal is logged at
+    WARNING (pyzmq logs it at DEBUG only), naming the role ("client", "worker")."""
+
+    def __init__(self, directories: list[str] | tuple[str, ...], extra_key_files: tuple[str, ...] = (),
+                 role: str = "client"):
         import zmq.auth
 
-        if not os.path.isdir(directory):
-            raise ValueError(f"CURVE allowed-keys directory {directory} does not exist")
-        self.directory = directory
+        self.directories = tuple(d for d in directories if d)
+        for directory in self.directories:
+            if not os.path.isdir(directory):
+                raise ValueError(f"CURVE {role} keys directory {directory} does not exist")
+        self.role = role
         self._extra = {zmq.auth.load_certificate(f)[0] for f in extra_key_files}
         self._keys: set[bytes] = set()
         self._reloaded_at = 0.0
         self._warned_at: dict[bytes, float] = {}
         self._reload()
 
+    def __len__(self) -> int:
+        return len(self._keys)
+
     def _reload(self) -> None:
         import zmq.auth
 
         keys = set()
-        for name in sorted(os.listdir(self.directory)):
-            if not name.endswith(".key"):
-                continue
-            try:
-                public, _ = zmq.auth.load_certificate(os.path.join(self.directory, name))
-            except (ValueError, OSError) as exc:
-                log.warning("CURVE: cannot read key file %s: %s", name, exc)
-                continue
-            keys.add(public)
+        for directory in self.directories:
+            for name in sorted(os.listdir(directory)):
+                if not name.endswith(".key"):
+                    continue
+                try:
+                    public, _ = zmq.auth.load_certificate(os.path.join(directory, name))
+                except (ValueError, OSError) as exc:
+                    log.warning("CURVE: cannot read key file %s: %s", name, exc)
+                    continue
+                keys.add(public)
         self._keys = keys | self._extra
         self._reloaded_at = time.monotonic()
 
-    def callback(self, domain: str, z85_key: bytes) -> bool:
+    def knows(self, z85_key: bytes) -> bool:
+        """The key is listed (the directories re-read at most once a second on a miss)."""
         if z85_key in self._keys:
             return True
-        now = time.monotonic()
-        # a refused peer retries every ~100 ms: re-read the dir at most once a second and
-        # warn about one key at most once a minute
-        if now - self._reloaded_at >= 1.0:
+        if time.monotonic() - self._reloaded_at >= 1.0:
             self._reload()
-            if z85_key in self._keys:
-                return True
+            return z85_key in self._keys
+        return False
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        if self.knows(z85_key):
+            return True
+        # a refused peer retries every ~100 ms: warn about one key at most once a minute
+        now = time.monotonic()
         if now - self._warned_at.get(z85_key, -_WARN_EVERY_S) >= _WARN_EVERY_S:
             if len(self._warned_at) > 10_000:   # bounded memory under a key-spraying peer
                 self._warned_at.clear()
             self._warned_at[z85_key] = now
-            log.warning("CURVE: refused client key %s... (not in %s)",
-                        z85_key[:8].decode("ascii", "replace"), self.directory)
+            where = " or ".join(self.directories) or "the keys this broker made for its own workers"
+            log.warning("CURVE: refused %s key %s... (not in %s)", self.role,
+                        z85_key[:8].decode("ascii", "replace"), where)
         return False
 
 
-def start_authenticator(context, allowed_dir: str, extra_key_files: tuple[str, ...] = ()):
-    """A running ZAP authenticator for every CURVE server socket of `context` (stop() it
-    before terminating the context). Only peers whose public key is in allowed_dir (or in
-    one of extra_key_files) pass."""
+class AnyKey:
+    """ZAP credentials provider for CURVE without an allowed-keys list: every key passes (the
+    traffic is encrypted and the peer's key is still known, as its User-Id)."""
+
+    def callback(self, domain: str, z85_key: bytes) -> bool:
+        return True
+
+
+def start_authenticator(context, providers: dict[str, object]):
+    """A running ZAP authenticator for the CURVE server sockets of `context` (stop() it before
+    terminating the context). `providers`: ZAP domain -> credentials provider; a socket's
+    `zap_domain` picks its provider, a key passes only that one. The peer's z85 public key
+    becomes the ZAP User-Id of its messages (pyzmq's default), which the broker reads."""
     from zmq.auth.thread import ThreadAuthenticator
 
-    provider = AllowedKeys(allowed_dir, tuple(extra_key_files))
     auth = ThreadAuthenticator(context, log=logging.getLogger("runtime.curve.zap"))
     auth.start()
-    auth.configure_curve_callback(domain="*", credentials_provider=provider)
-    log.info("CURVE: %d authorised key(s) in %s", len(provider._keys), allowed_dir)
+    for domain, provider in providers.items():
+        auth.configure_curve_callback(domain=domain, credentials_provider=provider)
+        if isinstance(provider, AllowedKeys):
+            log.info("CURVE %s: %d authorised key(s) in %s", domain, len(provider),
+                     ", ".join(provider.directories) or "(serve's own workers only)")
+        else:
+            log.info("CURVE %s: any key (no allowed-keys directory)", domain)
     return auth
 
 

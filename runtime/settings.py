@@ -185,13 +185,16 @@ SETTINGS: tuple[Setting, ...] = (
             "the broker's CURVE .key_secret file (from `sdxl-broker keys`): CURVE on the "
             "frontend and backend", (S, B), metavar="FILE", readme=True),
     Setting("curve_allowed_keys", str, None,
-            "directory of public .key files of the clients and workers allowed to connect",
-            (S, B), metavar="DIR", readme=True),
+            "directory of public .key files of the clients allowed to connect to the frontend "
+            "(workers need --curve-worker-keys)", (S, B), metavar="DIR", readme=True),
+    Setting("curve_worker_keys", str, None,
+            "directory of public .key files of the workers allowed to connect to the backend "
+            "(serve's own workers get a key of their own)", (S, B), metavar="DIR", readme=True),
     Setting("curve_server_key", str, None,
             "the broker's public CURVE .key file: talk CURVE to the backend", (W,), metavar="FILE"),
     Setting("curve_client_key", str, None,
             "this worker's CURVE .key_secret file (its public .key must be in the broker's "
-            "--curve-allowed-keys)", (W,), metavar="FILE"),
+            "--curve-worker-keys)", (W,), metavar="FILE"),
     # --- metrics and logs ---
     Setting("metrics_port", int, None, "serve Prometheus metrics on this port (/metrics)", (S, B),
             default_text="off", metavar="PORT", readme=True),

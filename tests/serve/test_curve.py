@@ -16,23 +16,33 @@ from clients.client import BrokerClient, BrokerUnavailable, RequestFailed
 from tests.serve.conftest import ROOT, stop_processes, wait_for
 
 
+def _allow(directory, pairs, *names) -> str:
+    """A directory holding the public .key files of `names` (an allowed-keys folder)."""
+    directory.mkdir()
+    for name in names:
+        (directory / f"{name}.key").write_text(open(pairs[name][0]).read())
+    return str(directory)
+
+
 @pytest.fixture
 def keys(tmp_path):
-    """server/client/worker/stranger pairs; client and worker are authorised, stranger is not."""
+    """server/client/worker/stranger pairs; client is an allowed client, stranger is nothing."""
     pairs = make_keys(str(tmp_path / "keys"), ["server", "client", "worker", "stranger"])
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    for name in ("client", "worker"):
-        (allowed / f"{name}.key").write_text(open(pairs[name][0]).read())
-    return pairs, str(allowed)
+    return pairs, _allow(tmp_path / "allowed", pairs, "client")
 
 
 @pytest.fixture
-def curve_broker(tmp_path, keys):
+def worker_keys(tmp_path, keys):
+    """The --curve-worker-keys folder: the worker pair only."""
+    return _allow(tmp_path / "workers", keys[0], "worker")
+
+
+@pytest.fixture
+def curve_broker(tmp_path, keys, worker_keys):
     pairs, allowed = keys
     broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
                                  heartbeat_interval_s=0.2, curve_secret_key=pairs["server"][1],
-                                 curve_allowed_keys=allowed))
+                                 curve_allowed_keys=allowed, curve_worker_keys=worker_keys))
     broker.start()
     yield broker
     broker.stop()
@@ -87,6 +97,9 @@ def test_only_an_authorised_worker_registers_and_runs_jobs(curve_broker, keys, s
     stranger = spawn_worker(curve_broker.backend_endpoint, "w-stranger",
                             "--curve-server-key", server_public, "--curve-client-key", pairs["stranger"][1])
     plain = spawn_worker(curve_broker.backend_endpoint, "w-plain")
+    # an allowed CLIENT key is not a worker key: it must not register (it would get prompts)
+    as_client = spawn_worker(curve_broker.backend_endpoint, "w-client-key",
+                             "--curve-server-key", server_public, "--curve-client-key", pairs["client"][1])
     good = spawn_worker(curve_broker.backend_endpoint, "w-good",
                         "--curve-server-key", server_public, "--curve-client-key", pairs["worker"][1])
     assert wait_for(lambda: "w-good" in _worker_ids(curve_broker), timeout_s=30), good.stderr
@@ -96,7 +109,25 @@ def test_only_an_authorised_worker_registers_and_runs_jobs(curve_broker, keys, s
     assert result.images
     # the refused workers had the same seconds to register (and keep retrying): none did
     assert _worker_ids(curve_broker) == {"w-good"}
-    assert stranger.poll() is None and plain.poll() is None
+    assert stranger.poll() is None and plain.poll() is None and as_client.poll() is None
+
+
+def test_a_worker_key_is_not_a_client_key(curve_broker, keys):
+    pairs, _ = keys
+    with BrokerClient.with_curve(curve_broker.frontend_endpoint, pairs["server"][0], pairs["worker"][1],
+                                 timeout_s=0.5, retries=1) as worker_as_client:
+        with pytest.raises(BrokerUnavailable):
+            worker_as_client.status()
+
+
+def test_broker_refuses_client_keys_without_worker_keys(tmp_path, keys):
+    """One folder for both sockets let any client key register as a worker: a broker with
+    allowed client keys and no worker keys (and no workers of its own) stops at start."""
+    pairs, allowed = keys
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
+                                 curve_secret_key=pairs["server"][1], curve_allowed_keys=allowed))
+    with pytest.raises(ValueError, match="--curve-worker-keys"):
+        broker.start()
 
 
 def test_worker_refuses_half_a_curve_configuration(tmp_path, keys):
@@ -121,6 +152,7 @@ def test_serve_with_curve_authorises_its_own_workers(start_serve, tmp_path, keys
     sp = start_serve(["--frontend", f"ipc://{tmp_path}/sfe.sock", "--backend", f"ipc://{tmp_path}/sbe.sock",
                       "--sim-workers", "1", "--sim-step-s", "0.01", "--state-dir", str(tmp_path / "state"),
                       "--curve-secret-key", pairs["server"][1], "--curve-allowed-keys", allowed])
+    # (no --curve-worker-keys: the backend admits serve's own workers only)
     # `ready` is printed only once every worker registered, so the generated worker key worked
     with BrokerClient.with_curve(sp.endpoint, pairs["server"][0], pairs["client"][1], timeout_s=10.0) as client:
         assert [w["worker_id"] for w in client.status()["workers"]] == ["sim-0"]
@@ -130,10 +162,42 @@ def test_serve_with_curve_authorises_its_own_workers(start_serve, tmp_path, keys
     assert not (tmp_path / "allowed" / "serve-worker.key").exists()  # the user's dir is untouched
 
 
-def test_a_plain_local_frontend_beside_curve_serves_local_tools(tmp_path, keys):
+@pytest.mark.slow
+def test_serve_admits_worker_keys_on_the_backend_and_refuses_a_client_key(start_serve, tmp_path, keys,
+                                                                         worker_keys, spawn_worker):
+    """A real `serve` with separate client and worker folders: a process holding an allowed
+    CLIENT key tries to register as a worker and never does (the refusal is logged); a remote
+    worker with a key from --curve-worker-keys registers beside serve's own worker."""
+    pairs, allowed = keys
+    backend = f"ipc://{tmp_path}/sbe.sock"
+    sp = start_serve(["--frontend", f"ipc://{tmp_path}/sfe.sock", "--backend", backend,
+                      "--sim-workers", "1", "--sim-step-s", "0.01",
+                      "--curve-secret-key", pairs["server"][1], "--curve-allowed-keys", allowed,
+                      "--curve-worker-keys", worker_keys])
+    rogue = spawn_worker(backend, "rogue-with-client-key",
+                         "--curve-server-key", pairs["server"][0], "--curve-client-key", pairs["client"][1])
+    remote = spawn_worker(backend, "remote-worker",
+                          "--curve-server-key", pairs["server"][0], "--curve-client-key", pairs["worker"][1])
+
+    def registered() -> set[str]:
+        with BrokerClient.with_curve(sp.endpoint, pairs["server"][0], pairs["client"][1],
+                                     timeout_s=10.0) as client:
+            return {w["worker_id"] for w in client.status()["workers"]}
+
+    assert wait_for(lambda: "remote-worker" in registered(), timeout_s=30), remote.stderr
+    client_public = open(pairs["client"][0]).read().split('"')[1]
+    assert wait_for(lambda: any("refused worker key " + client_public[:8] in line
+                                for line in sp.stderr_lines), timeout_s=20), sp.log()
+    # the rogue kept retrying the whole time (it is still running) and never got in
+    assert registered() == {"sim-0", "remote-worker"}
+    assert rogue.poll() is None
+
+
+def test_a_plain_local_frontend_beside_curve_serves_local_tools(tmp_path, keys, worker_keys):
     pairs, allowed = keys
     broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
                                  curve_secret_key=pairs["server"][1], curve_allowed_keys=allowed,
+                                 curve_worker_keys=worker_keys,
                                  local_frontend=f"ipc://{tmp_path}/local.sock"))
     broker.start()
     try:
