@@ -821,7 +821,7 @@ class BrokerCore:
             return
         max_jobs = self.config.max_jobs_per_worker
         live = self.registry.live()
-        if not any(len(w.jobs) < max_jobs for w in live):
+        if not any(w.calls < max_jobs for w in live):
             return
         window = [self.jobs[rid] for rid, _ in self.queue.head(DISPATCH_LOOKAHEAD)]
         needs = [self._needs(state) for state in window]
@@ -829,27 +829,72 @@ class BrokerCore:
         # models the jobs about to be considered need: smart routing avoids evicting them
         wanted = frozenset(m for n in needs for m in n.models)
         for state, job_needs in zip(window, needs):
-            rid = state.request_id
+            if state.state != QUEUED:   # went along as a batch companion of an earlier job
+                continue
             worker = routing.choose_worker(state.job, live, self.config.routing, self._rr,
                                            waiting=waiting, wanted=wanted, live_count=len(live),
                                            needs=job_needs, max_jobs=max_jobs)
             if worker is None:
                 continue
-            self.queue.remove(rid)
-            waiting -= 1
-            state.state, state.worker_id = RUNNING, worker.worker_id
-            state.attempt += 1
-            state.dispatch_id = next(self._dispatch_ids)
-            state.dispatched_at = self._now
-            self.registry.assign(worker, rid, state.dispatch_id,
-                                 routing.dispatch_estimate(state.job, worker, job_needs))
-            if state.wire is None:
-                state.wire = state.job.to_wire()
-            self._out.append(ToWorkers([worker.identity], W.RunJob(
-                request_id=rid, attempt=state.attempt, dispatch_id=state.dispatch_id, job=state.wire)))
-            log.debug("job %s -> worker %s (attempt %d)", rid, worker.worker_id, state.attempt)
-            if not any(len(w.jobs) < max_jobs for w in live):
+            companions = self._batch_companions(state, job_needs, worker, window, needs, live)
+            for member, member_needs in [(state, job_needs), *companions]:
+                self._send_job(member, worker, member_needs, batch_of=1 + len(companions),
+                               companion=member is not state)
+            waiting -= 1 + len(companions)
+            if not any(w.calls < max_jobs for w in live):
                 return
+
+    def _send_job(self, state: JobState, worker: WorkerRecord, job_needs: routing.JobNeeds,
+                  batch_of: int = 1, companion: bool = False) -> None:
+        rid = state.request_id
+        self.queue.remove(rid)
+        state.state, state.worker_id = RUNNING, worker.worker_id
+        state.attempt += 1
+        state.dispatch_id = next(self._dispatch_ids)
+        state.dispatched_at = self._now
+        estimate = routing.dispatch_estimate(state.job, worker, job_needs)
+        self.registry.assign(worker, rid, state.dispatch_id,
+                             routing.companion_estimate(estimate) if companion else estimate,
+                             companion=companion)
+        if state.wire is None:
+            state.wire = state.job.to_wire()
+        self._out.append(ToWorkers([worker.identity], W.RunJob(
+            request_id=rid, attempt=state.attempt, dispatch_id=state.dispatch_id, job=state.wire,
+            batch_of=batch_of)))
+        log.debug("job %s -> worker %s (attempt %d%s)", rid, worker.worker_id, state.attempt,
+                  f", batch of {batch_of}" if batch_of > 1 else "")
+
+    def _batch_companions(self, lead: JobState, lead_needs: routing.JobNeeds, worker: WorkerRecord,
+                          window: list[JobState], needs: list[routing.JobNeeds],
+                          live: list[WorkerRecord]) -> list[tuple[JobState, routing.JobNeeds]]:
+        """Queued jobs that can share `lead`'s pipeline call on `worker` (dynamic batching:
+        protocol.batching.batch_key), sent with it. Up to the worker's max_batch images, and no
+        more than an even share of the compatible queued images over the workers that would
+        start them soon (a batch of 8 on one worker while another idles is slower than 4+4)."""
+        if worker.max_batch <= lead.job.batch_size:
+            return []
+        key = lead.batch_key()
+        if key is None:
+            return []
+        same = [(state, n) for state, n in zip(window, needs)
+                if state is not lead and state.state == QUEUED and state.batch_key() == key]
+        if not same:
+            return []
+        images = lead.job.batch_size + sum(state.job.batch_size for state, _ in same)
+        # the workers that would start these jobs soon: the idle ones that can run them, and
+        # this one (its prefetch slot) when it is busy
+        sharing = sum(1 for w in live if w.calls == 0 and routing.could_run(lead_needs, w)) \
+            + (worker.calls > 0)
+        room = min(worker.max_batch, -(-images // max(sharing, 1))) - lead.job.batch_size
+        chosen = []
+        for state, state_needs in same:
+            size = state.job.batch_size
+            if size <= room and routing.could_run(state_needs, worker) and \
+                    routing.fits_batch(lead_needs, worker, extra_images=sum(
+                        s.job.batch_size for s, _ in chosen) + size):
+                chosen.append((state, state_needs))
+                room -= size
+        return chosen
 
     def _needs(self, state: JobState) -> routing.JobNeeds:
         """The job's routing needs, computed once per job (again only when a worker reports a

@@ -51,6 +51,14 @@ class JobState:
     wire: dict | None = None          # job.to_wire()
     needs: object = None              # routing.JobNeeds, valid for needs_sizes_version
     needs_sizes_version: int = -1     # registry.model_sizes_version it was computed with
+    _batch_key: object = field(default=False, repr=False)   # False: not computed yet
+
+    def batch_key(self):
+        """protocol.batching.batch_key of the job (None: it runs alone), computed once."""
+        if self._batch_key is False:
+            from protocol.batching import batch_key
+            self._batch_key = batch_key(self.job)
+        return self._batch_key
 
     @property
     def wants_progress(self) -> bool:

@@ -36,6 +36,7 @@ class WorkerRecord:
     capabilities: frozenset[str] = frozenset()
     worker_types: frozenset[str] = frozenset()
     simulated: bool = False
+    max_batch: int = 1               # images it runs in one batched call (READY; 1: no batching)
     telemetry: Telemetry = field(default_factory=Telemetry)
     expiry: float = 0.0              # clock time after which it is lost
     last_heartbeat: float = 0.0      # clock time of the last message from it
@@ -46,6 +47,9 @@ class WorkerRecord:
     # request_id -> routing's estimate recorded at dispatch, so routing can count a worker's
     # backlog; entries for request_ids no longer in `jobs` are ignored
     estimates: dict[str, DispatchEstimate] = field(default_factory=dict)
+    # request_ids sent as batch companions of another job (dynamic batching): they ride in that
+    # job's pipeline call, so they take no slot of their own (see `calls`)
+    companions: set[str] = field(default_factory=set)
     current_job: str | None = None   # request_id the worker said (last heartbeat) it runs
     current_step: int = 0            # ... and the step it had reached
     jobs_done: int = 0
@@ -57,6 +61,12 @@ class WorkerRecord:
     _warm: frozenset = field(default=frozenset(), repr=False)
 
     # --- views the routing policy reads -------------------------------------------------
+    @property
+    def calls(self) -> int:
+        """Pipeline calls it holds: its jobs less the batch companions riding in another's call
+        (the broker's max_jobs_per_worker counts these: one running, one prefetched)."""
+        return len(self.jobs) - len(self.companions)
+
     @property
     def state(self) -> str:
         if self.lost:
@@ -224,6 +234,7 @@ class WorkerRegistry:
             capabilities=frozenset(ready.capabilities),
             worker_types=frozenset(ready.worker_types),
             simulated=ready.simulated,
+            max_batch=ready.max_batch,
             telemetry=ready.telemetry,
             expiry=now + self.expiry_s,
             last_heartbeat=now,
@@ -258,12 +269,15 @@ class WorkerRegistry:
 
     # --- the jobs a worker holds (changed by the broker core as it dispatches and hears back) ---
     def assign(self, rec: WorkerRecord, request_id: str, dispatch_id: int,
-               estimate: DispatchEstimate) -> None:
+               estimate: DispatchEstimate, companion: bool = False) -> None:
         """The broker sent `rec` a job: it holds it, and routing counts `estimate` as its
-        backlog until it answers (estimates of jobs it no longer holds are dropped here)."""
+        backlog until it answers (estimates of jobs it no longer holds are dropped here).
+        `companion`: it rides in another job's batched call and takes no slot."""
         rec.estimates = {r: e for r, e in rec.estimates.items() if r in rec.jobs}
         rec.estimates[request_id] = estimate
         rec.jobs[request_id] = dispatch_id
+        if companion:
+            rec.companions.add(request_id)
 
     def release(self, rec: WorkerRecord, request_id: str, dispatch_id: int | None = None) -> bool:
         """The worker no longer holds the job (answered, aborted); with `dispatch_id`, only if
@@ -272,11 +286,13 @@ class WorkerRegistry:
         if held is None or (dispatch_id is not None and held != dispatch_id):
             return False
         del rec.jobs[request_id]
+        rec.companions.discard(request_id)
         return True
 
     def take_jobs(self, rec: WorkerRecord) -> dict[str, int]:
         """Everything the worker held (request_id -> dispatch_id), which it now holds no more."""
         jobs, rec.jobs = rec.jobs, {}
+        rec.companions = set()
         return jobs
 
     def count_answer(self, rec: WorkerRecord, success: bool) -> None:

@@ -87,6 +87,8 @@ def plan_workers(settings: dict, discover: Callable[[], list] | None = None,
     cpu_n = settings["cpu_workers"]
     if sim_n < 0 or (cpu_n is not None and cpu_n < 0):
         raise ConfigError("worker counts must be >= 0")
+    if int(settings.get("max_batch", 1)) < 1 or float(settings.get("batch_window_ms", 0.0)) < 0:
+        raise ConfigError("max_batch must be >= 1 and batch_window_ms >= 0")
     only_sim = sim_n > 0 and "devices" not in explicit and "cpu_workers" not in explicit
     accelerators: list[str] = []
     want_cpu = False
@@ -157,7 +159,7 @@ def connectable(endpoint: str) -> str:
 # and only when given (else the worker's default applies, which is the table's default too)
 _PASSED_TO_WORKERS = ("models_dir", "output_dir", "input_dir", "allow_pickle", "upscaler",
                       "single_file_config", "literal_prompts", "preview_every_steps",
-                      "preview_interval_ms",
+                      "preview_interval_ms", "max_batch", "batch_window_ms",
                       "heartbeat_interval_s", "heartbeat_liveness", "log_level", "log_format")
 _SIM_SETTINGS = tuple(s.name for s in settings_table.for_command("worker")
                       if s.name.startswith("sim_"))

@@ -332,6 +332,11 @@ class DiffusersExecutor:
             "warnings": state.warnings,
         }
 
+    def run_batch(self, members: list) -> list:
+        """Compatible jobs in one diffusers call (gpu_worker/batched_call.py)."""
+        from gpu_worker.batched_call import run_batch
+        return run_batch(self, members)
+
     # --- validation --------------------------------------------------------------------------
     def _validate(self, job: Job) -> None:
         """The broker's job rules (protocol.rules) once more, so a job from an older broker or a
@@ -672,12 +677,23 @@ class DiffusersExecutor:
         state.feature("oom_retry")
         return images
 
-    def _infer(self, job, pipe, refiner, vae, inputs, seeds, progress, should_abort, state, attempt):
+    def _infer(self, job, pipe, refiner, vae, inputs, seeds, progress, should_abort, state, attempt,
+               batch_prompts: dict | None = None, batch_refiner_prompts: dict | None = None):
+        """One pipeline call for `seeds` (one image each). A batched call of several jobs
+        (gpu_worker/batched_call.py) passes each image's prompt embeddings in `batch_prompts`
+        and the refiner's prompts in `batch_refiner_prompts` instead of `job`'s prompts."""
         if self._fault_injector is not None:
             self._fault_injector(attempt)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        step_key = f"{job.models.base}@{job.width}x{job.height}"
+        # a batched call's step times would be read as one image's by routing: not recorded
+        step_key = None if batch_prompts else f"{job.models.base}@{job.width}x{job.height}"
         kwargs = self._call_kwargs(job, pipe, inputs, len(seeds), generators, state)
+        if batch_prompts:
+            for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "clip_skip",
+                         "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                         "negative_pooled_prompt_embeds"):
+                kwargs.pop(name, None)
+            kwargs.update(batch_prompts, num_images_per_prompt=1)
         # the refiner takes over the base's latents at refiner_switch; pipelines without
         # denoising_end (SDXL ControlNet img2img) run to the end, and the refiner then re-noises and
         # refines the last (1 - refiner_switch) of the schedule, img2img style (SDXL's other
@@ -702,13 +718,13 @@ class DiffusersExecutor:
                 # of latents per prompt and its embeddings no longer match (batch 2 -> 4 vs 2)
                 count = len(latents)
                 latents = refiner(
-                    **state.prompts.refiner_kwargs(refiner, count),
+                    **(batch_refiner_prompts or state.prompts.refiner_kwargs(refiner, count)),
                     image=latents, num_inference_steps=job.steps,
                     **({"denoising_start": job.refiner_switch} if hand_over
                        else {"strength": 1 - job.refiner_switch}),
                     guidance_scale=job.guidance_scale, generator=generators, output_type="latent",
                     callback_on_step_end=self._step_callback("refining", progress, should_abort, state,
-                                                             f"{job.models.refiner}@{job.width}x{job.height}",
+                                                             step_key and f"{job.models.refiner}@{job.width}x{job.height}",
                                                              job),
                 ).images
                 if state.aborted:
@@ -760,15 +776,18 @@ class DiffusersExecutor:
 
         def on_step_end(pipe, step: int, _timestep, callback_kwargs: dict) -> dict:
             now = time.perf_counter()
-            self._record_step_time(step_key, now - last[0])
+            step_s = now - last[0]   # a batched call (no step_key): its own last step's time
+            if step_key:
+                self._record_step_time(step_key, step_s)
             last[0] = now
             state.steps_run[stage] = state.steps_run.get(stage, 0) + 1
             state.memory_peak_mb = max(state.memory_peak_mb, self._current_memory_mb())
             total = int(getattr(pipe, "num_timesteps", 0) or 0)
             extra = {}
             if job.stream:
-                with self._stats_lock:
-                    step_s = self._step_time_s.get(step_key, 0.0)
+                if step_key:
+                    with self._stats_lock:
+                        step_s = self._step_time_s.get(step_key, 0.0)
                 extra["eta_s"] = round(max(0, total - step - 1 + later_steps) * step_s, 3)
                 latents = callback_kwargs.get("latents")
                 if job.preview and latents is not None and state.previews.due(step + 1):

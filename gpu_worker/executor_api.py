@@ -8,8 +8,10 @@ its heartbeat thread, so `telemetry` must be cheap and thread-safe.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol, Union
 
+from protocol.errors import JobError
 from protocol.job import Job
 
 # progress(stage, step, total_steps, *, eta_s=None, preview=None): stage is one of
@@ -18,6 +20,17 @@ from protocol.job import Job
 ProgressFn = Callable[..., None]
 # should_abort(): True once the job was cancelled or timed out; checked at every step
 AbortFn = Callable[[], bool]
+
+
+@dataclass
+class BatchMember:
+    """One job of a batched call (dynamic batching): the job with its own progress and abort."""
+    job: Job
+    progress: ProgressFn
+    should_abort: AbortFn
+
+
+Outcome = Union[dict, JobError]   # one job's reply data (as run() returns it), or its error
 
 
 class Executor(Protocol):
@@ -36,6 +49,11 @@ class Executor(Protocol):
         features_used) plus `warnings: [str]` (the transport moves them to the envelope).
         Raises protocol.errors.JobError with a catalogue code on failure; `cancelled` when
         should_abort() turned True (the transport then sends cancelled/timeout as it knows)."""
+
+    def run_batch(self, members: list[BatchMember]) -> list[Outcome]:
+        """Optional (dynamic batching): run compatible jobs (protocol.batching.batch_key) as one
+        call. One outcome per member, in order; a failure or abort of one member is its own
+        outcome and never the others'. An executor without it runs every job alone."""
 
     def load_model(self, name: str) -> dict:
         """Load a base model into the cache ahead of use. Returns {model, load_time_s}."""

@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         if not settings["connect"]:
             raise ConfigError("--connect (the broker's backend endpoint) is required")
         threads = apply_cpu_threads(settings["cpu_threads_per_worker"])
+        if settings["max_batch"] < 1 or settings["batch_window_ms"] < 0:
+            raise ConfigError("max_batch must be >= 1 and batch_window_ms >= 0")
     except ConfigError as exc:
         print(f"sdxl-broker worker: {exc}", file=sys.stderr)
         return 2
@@ -182,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
                                 heartbeat_liveness=settings["heartbeat_liveness"],
                                 curve_server_key=curve_server_key,
                                 curve_client_key=curve_client_key,
-                                process_info={"cpu_threads": threads, "cpu_affinity": affinity})
+                                process_info={"cpu_threads": threads, "cpu_affinity": affinity},
+                                max_batch=settings["max_batch"], batch_window_ms=settings["batch_window_ms"])
 
     def _stop(signum, _frame):
         log.info("worker %s: signal %d, stopping", worker_id, signum)

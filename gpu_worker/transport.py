@@ -25,9 +25,12 @@ import socket as pysocket
 import threading
 import time
 import uuid
+from collections import deque
 
 import zmq
 
+from gpu_worker.executor_api import BatchMember
+from protocol import batching
 from protocol import constants as C
 from protocol import worker_protocol as W
 from protocol.errors import JobError
@@ -36,6 +39,60 @@ from protocol.job import Job
 log = logging.getLogger(__name__)
 
 JobKey = tuple[str, int]   # (request_id, dispatch_id)
+# how long the busy thread waits for the rest of a group of jobs the broker dispatched together
+# (they are sent back to back, but may arrive in two reads of the socket)
+GROUP_WAIT_S = 0.25
+
+
+class _TaskQueue:
+    """The busy thread's tasks (RunJob / Manage messages, None to stop), in arrival order; the
+    busy thread may take compatible jobs out of the middle for a batched call."""
+
+    def __init__(self):
+        self._items: deque = deque()
+        self._changed = threading.Condition()
+
+    def put(self, item) -> None:
+        self.put_many([item])
+
+    def put_many(self, items: list) -> None:
+        """Several tasks at once: the busy thread sees them all together (one socket read's
+        jobs become one batch, not a batch of the first only)."""
+        if not items:
+            return
+        with self._changed:
+            self._items.extend(items)
+            self._changed.notify_all()
+
+    def get(self):
+        with self._changed:
+            while not self._items:
+                self._changed.wait()
+            return self._items.popleft()
+
+    def take_compatible(self, images_of, room: int, window_s: float, group_wait_s: float,
+                        group_rest: int) -> list:
+        """Take queued tasks for which images_of(task) is not None while their images fit in
+        `room`; wait up to window_s for more (and up to group_wait_s while fewer than
+        group_rest were taken). A stop (None) ends the wait."""
+        taken: list = []
+        deadline = time.monotonic() + window_s
+        group_deadline = time.monotonic() + group_wait_s
+        with self._changed:
+            while True:
+                for item in list(self._items):
+                    if item is None:
+                        return taken
+                    images = images_of(item)
+                    if images is not None and images <= room:
+                        self._items.remove(item)
+                        taken.append(item)
+                        room -= images
+                now = time.monotonic()
+                until = deadline if len(taken) >= group_rest else max(deadline, group_deadline)
+                if room <= 0 or now >= until:
+                    return taken
+                self._changed.wait(until - now)
 
 
 class _JobBook:
@@ -104,8 +161,12 @@ class WorkerTransport:
                  heartbeat_interval_s: float = 1.0, heartbeat_liveness: int = 3,
                  context: zmq.Context | None = None,
                  curve_server_key: str | None = None, curve_client_key: str | None = None,
-                 process_info: dict | None = None):
+                 process_info: dict | None = None, max_batch: int = 1,
+                 batch_window_ms: float = 0.0):
         self.executor = executor
+        # dynamic batching: images per call (1: off), and how long a job waits for companions
+        self.max_batch = max(int(max_batch), 1)
+        self.batch_window_s = max(float(batch_window_ms), 0.0) / 1000
         # facts about this process sent with every telemetry (e.g. cpu_threads, cpu_affinity)
         self.process_info = dict(process_info or {})
         self.connect = connect
@@ -118,7 +179,8 @@ class WorkerTransport:
         self.heartbeat_liveness = heartbeat_liveness
         self.context = context or zmq.Context.instance()
         self._stop = threading.Event()
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()     # IO thread -> busy thread
+        self._tasks = _TaskQueue()                               # IO thread -> busy thread
+        self._arrived: list[W.RunJob] = []   # jobs of the socket read being handled (IO thread)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()    # busy thread -> IO thread (frames)
         self._jobs = _JobBook()
         # the inproc wake-up: PULL owned by the IO thread, PUSH by the busy thread
@@ -171,6 +233,7 @@ class WorkerTransport:
                     for frame in frames:
                         if self._handle(frame) == "reconnect":
                             reconnect = True
+                    self._release_arrived()
                 if self.fatal:
                     return 1
                 if not reconnect and time.monotonic() > broker_deadline:
@@ -235,7 +298,8 @@ class WorkerTransport:
             capabilities=list(info.get("capabilities", ())),
             worker_types=list(info.get("worker_types", ())),
             simulated=bool(info.get("simulated", False)),
-            telemetry=self._safe_telemetry())))
+            telemetry=self._safe_telemetry(),
+            max_batch=self.max_batch if hasattr(self.executor, "run_batch") else 1)))
         log.info("worker %s: connecting to %s (%s)", self.worker_id, self.connect,
                  "SIMULATED" if info.get("simulated") else info.get("device_name", ""))
         return dealer
@@ -255,7 +319,12 @@ class WorkerTransport:
 
     def _on_job(self, msg: W.RunJob) -> None:
         self._jobs.hold((msg.request_id, msg.dispatch_id))
-        self._tasks.put(msg)
+        self._arrived.append(msg)
+
+    def _release_arrived(self) -> None:
+        """Hand the jobs of this read to the busy thread together (see _TaskQueue.put_many)."""
+        arrived, self._arrived = self._arrived, []
+        self._tasks.put_many(arrived)
 
     def _on_abort(self, msg: W.AbortJob) -> None:
         if self._jobs.abort((msg.request_id, msg.dispatch_id)):
@@ -265,6 +334,7 @@ class WorkerTransport:
         if msg.op == W.MANAGE_LIST_MODELS:   # a directory listing: never wait behind a job
             self._run_manage(msg)
             return
+        self._release_arrived()   # in order: the jobs that came before it first
         self._tasks.put(msg)
 
     def _on_disconnect(self, msg: W.Disconnect) -> str | None:
@@ -308,44 +378,121 @@ class WorkerTransport:
             self._wake_push.close(linger=0)
 
     def _run_job(self, task: W.RunJob) -> None:
+        """Run `task`, with the compatible jobs waiting behind it as one batched call when the
+        executor can batch (--max-batch > 1)."""
+        companions = self._batch_companions(task)
+        if companions:
+            self._run_batch([task, *companions])
+            return
         request_id, dispatch_id = task.request_id, task.dispatch_id
         key = (request_id, dispatch_id)
         started = time.perf_counter()
         jobs = self._jobs
         jobs.start(key)
-        ok = False
+        outcome: dict | Exception
         try:
             if jobs.is_aborted(key):
                 raise JobError(C.CANCELLED, "aborted before it started")
             job = Job.from_wire(task.job)
+            outcome = self.executor.run(job, self._progress_fn(task, job), lambda: jobs.is_aborted(key))
+        except Exception as exc:  # JobError: the job's own failure; others: an executor bug
+            outcome = exc
+        self._answer(task, outcome, started)
 
-            def progress(stage: str, step: int, total_steps: int, eta_s: float | None = None,
-                         preview: bytes | None = None) -> None:
-                jobs.step(step)
-                if job.stream:
-                    self._send(W.encode(W.JobProgress(
-                        request_id=request_id, dispatch_id=dispatch_id, stage=stage,
-                        step=step, total_steps=total_steps, eta_s=eta_s, preview=preview)))
+    def _progress_fn(self, task: W.RunJob, job: Job):
+        jobs, request_id, dispatch_id = self._jobs, task.request_id, task.dispatch_id
 
-            data = self.executor.run(job, progress, lambda: jobs.is_aborted(key))
-            if jobs.is_aborted(key):  # finished anyway (e.g. a pipeline that decodes after interrupt)
-                raise JobError(C.CANCELLED, "aborted")
-            warnings = list(data.pop("warnings", []) or [])
-            self._send(W.encode(W.JobResult(
-                request_id=request_id, dispatch_id=dispatch_id, data=data,
-                warnings=[str(w) for w in warnings], execution_time=time.perf_counter() - started)))
-            ok = True
-        except JobError as exc:
-            self._send(W.encode(W.JobFailed(request_id=request_id, dispatch_id=dispatch_id,
-                                            code=exc.code, message=exc.message,
-                                            details=dict(exc.details or {}))))
-        except Exception as exc:  # an executor bug fails this job, never the worker
-            log.exception("worker %s: job %s failed", self.worker_id, request_id)
-            self._send(W.encode(W.JobFailed(request_id=request_id, dispatch_id=dispatch_id,
-                                            code=C.INTERNAL_ERROR,
-                                            message=f"{type(exc).__name__}: {exc}")))
+        def progress(stage: str, step: int, total_steps: int, eta_s: float | None = None,
+                     preview: bytes | None = None) -> None:
+            jobs.step(step)
+            if job.stream:
+                self._send(W.encode(W.JobProgress(
+                    request_id=request_id, dispatch_id=dispatch_id, stage=stage,
+                    step=step, total_steps=total_steps, eta_s=eta_s, preview=preview)))
+        return progress
+
+    def _answer(self, task: W.RunJob, outcome, started: float) -> None:
+        """RESULT or ERROR for one job, from its reply data or the exception it ended with."""
+        request_id, dispatch_id = task.request_id, task.dispatch_id
+        key = (request_id, dispatch_id)
+        ok = False
+        try:
+            if isinstance(outcome, dict) and self._jobs.is_aborted(key):
+                # finished anyway (e.g. a pipeline that decodes after interrupt)
+                outcome = JobError(C.CANCELLED, "aborted")
+            if isinstance(outcome, dict):
+                warnings = list(outcome.pop("warnings", []) or [])
+                self._send(W.encode(W.JobResult(
+                    request_id=request_id, dispatch_id=dispatch_id, data=outcome,
+                    warnings=[str(w) for w in warnings], execution_time=time.perf_counter() - started)))
+                ok = True
+            elif isinstance(outcome, JobError):
+                self._send(W.encode(W.JobFailed(request_id=request_id, dispatch_id=dispatch_id,
+                                                code=outcome.code, message=outcome.message,
+                                                details=dict(outcome.details or {}))))
+            else:  # an executor bug fails this job, never the worker
+                log.error("worker %s: job %s failed", self.worker_id, request_id,
+                          exc_info=(type(outcome), outcome, outcome.__traceback__))
+                self._send(W.encode(W.JobFailed(request_id=request_id, dispatch_id=dispatch_id,
+                                                code=C.INTERNAL_ERROR,
+                                                message=f"{type(outcome).__name__}: {outcome}")))
         finally:
-            jobs.finish(key, ok)
+            self._jobs.finish(key, ok)
+
+    # --- dynamic batching --------------------------------------------------------------------
+    def _batch_companions(self, task: W.RunJob) -> list[W.RunJob]:
+        """The jobs waiting in the local queue that can share `task`'s pipeline call
+        (protocol.batching.batch_key), up to max_batch images in all. Waits up to
+        batch_window_s for more to arrive, and for the rest of a group the broker dispatched
+        together (RunJob.batch_of) a little longer, so a group split over two reads of the
+        socket is still one call."""
+        if self.max_batch <= 1 or not hasattr(self.executor, "run_batch"):
+            return []
+        try:
+            job = Job.from_wire(task.job)
+        except Exception:   # _run_job answers it
+            return []
+        key = batching.batch_key(job)
+        if key is None or job.batch_size >= self.max_batch:
+            return []
+
+        def compatible(other) -> int | None:
+            if not isinstance(other, W.RunJob) or self._jobs.is_aborted((other.request_id, other.dispatch_id)):
+                return None
+            try:
+                other_job = Job.from_wire(other.job)
+            except Exception:
+                return None
+            return other_job.batch_size if batching.batch_key(other_job) == key else None
+
+        room = self.max_batch - job.batch_size
+        group_wait_s = GROUP_WAIT_S if task.batch_of > 1 else 0.0
+        return self._tasks.take_compatible(compatible, room, self.batch_window_s,
+                                           group_wait_s, max(task.batch_of - 1, 0))
+
+    def _run_batch(self, tasks: list[W.RunJob]) -> None:
+        started = time.perf_counter()
+        jobs = self._jobs
+        jobs.start((tasks[0].request_id, tasks[0].dispatch_id))   # the heartbeat names the first
+        members, runnable = [], []
+        for task in tasks:
+            key = (task.request_id, task.dispatch_id)
+            try:
+                job = Job.from_wire(task.job)
+            except Exception as exc:
+                self._answer(task, exc, started)
+                continue
+            members.append(BatchMember(job, self._progress_fn(task, job),
+                                       lambda key=key: jobs.is_aborted(key)))
+            runnable.append(task)
+        log.info("worker %s: batched call of %d jobs (%d images): %s", self.worker_id, len(members),
+                 sum(m.job.batch_size for m in members), ", ".join(t.request_id for t in runnable))
+        try:
+            outcomes = self.executor.run_batch(members)
+        except Exception as exc:  # an executor bug fails these jobs, never the worker
+            outcomes = [exc] * len(runnable)
+        for task, outcome in zip(runnable, outcomes):
+            self._answer(task, outcome, started)
 
     def _run_manage(self, task: W.Manage) -> None:
         op_id, op, args = task.op_id, task.op, task.args

@@ -70,6 +70,7 @@ Name = Annotated[str, Meta(max_length=C.MAX_NAME_CHARS)]
 Text = Annotated[str, Meta(max_length=64 * 1024)]   # error messages, reasons
 DispatchId = Annotated[int, Meta(ge=0)]
 Names = Annotated[list[Name], Meta(max_length=10_000)]
+BatchImages = Annotated[int, Meta(ge=1, le=1000)]
 
 
 # --- telemetry (what a worker reports in READY and every HEARTBEAT) --------------------------
@@ -135,6 +136,8 @@ class Ready(Message, tag=READY):
     worker_types: Names = field(default_factory=list)
     simulated: bool = False
     telemetry: Telemetry = field(default_factory=Telemetry)
+    # dynamic batching: images this worker runs in one call (--max-batch; 1: it does not batch)
+    max_batch: BatchImages = 1
 
 
 class WorkerHeartbeat(Message, tag=HEARTBEAT):
@@ -198,6 +201,9 @@ class RunJob(Message, tag=JOB):
     attempt: Annotated[int, Meta(ge=1)]     # 1, 2, ... (re-dispatch after a lost worker)
     dispatch_id: DispatchId                 # unique, echoed back in PROGRESS/RESULT/ERROR
     job: dict[str, Any]                     # protocol.job.Job.to_wire()
+    # jobs the broker sent together for one batched call, this one included (the worker waits
+    # a moment for the rest: docs/worker-protocol.md, dynamic batching)
+    batch_of: BatchImages = 1
 
 
 class AbortJob(Message, tag=ABORT):

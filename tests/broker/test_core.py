@@ -171,3 +171,51 @@ def test_queue_full_refuses_new_jobs_never_requeued_ones():
     core.tick(3.5)                                                # w silent: lost, a and b back
     assert core.status(3.5)["broker"]["queue_depth"] == 4          # past max_queue, none refused
     assert _finals(core.on_worker(w, W.Disconnect(), 3.6)) == []
+
+
+def _register_batching(core, worker_id: str, now: float, max_batch: int) -> bytes:
+    identity = f"id-{worker_id}".encode()
+    core.on_worker(identity, W.Ready(worker_id=worker_id, memory_total_mb=8000.0,
+                                     capabilities=["txt2img"], max_batch=max_batch), now)
+    return identity
+
+
+def test_compatible_queued_jobs_go_to_one_worker_together_up_to_its_max_batch():
+    core = _core()
+    for rid, fields in [("a", {}), ("odd", {"steps": 9}), ("b", {"prompt": "x", "seed": 5}),
+                        ("c", {"batch_size": 2}), ("d", {}), ("e", {})]:
+        _submit(core, rid, 0.0, **fields)
+    w = _register_batching(core, "w1", 0.0, max_batch=4)
+    sent = [m for _, m in _to_workers(core.tick(0.1), W.RunJob)]
+    # a with its companions b, c (2 images), the rest of 4 images; then odd (the second slot)
+    assert [(m.request_id, m.batch_of) for m in sent] == [("a", 3), ("b", 3), ("c", 3), ("odd", 1)]
+    # the companions ride in a's call: the worker still has its prefetch slot, which odd took
+    assert core.registry.get("w1").calls == 2
+    # the companions count a share of their steps in the worker's backlog, no loads
+    record = core.registry.get("w1")
+    assert record.estimates["b"].total_s < record.estimates["a"].total_s
+    for m in sent:
+        core.on_worker(w, W.JobResult(request_id=m.request_id, dispatch_id=m.dispatch_id,
+                                      data={"generated_images": []}), 1.0)
+    sent = [m for _, m in _to_workers(core.tick(1.1), W.RunJob)]
+    assert [(m.request_id, m.batch_of) for m in sent] == [("d", 2), ("e", 2)]
+
+
+def test_a_worker_without_batching_gets_one_job_per_slot_and_batches_are_shared_out():
+    core = _core()
+    for rid in "abcdefgh":
+        _submit(core, rid, 0.0)
+    _register(core, "plain", 0.0)   # READY without max_batch: 1
+    sent = [m for _, m in _to_workers(core.tick(0.1), W.RunJob)]
+    assert [(m.request_id, m.batch_of) for m in sent] == [("a", 1), ("b", 1)]
+    # two batching workers and six compatible queued jobs: three each, not six and none
+    core = _core()
+    for rid in "abcdef":
+        _submit(core, rid, 0.0)
+    _register_batching(core, "w1", 0.0, max_batch=8)
+    _register_batching(core, "w2", 0.0, max_batch=8)
+    sent = _to_workers(core.tick(0.1), W.RunJob)
+    by_worker: dict = {}
+    for identities, m in sent:
+        by_worker.setdefault(identities[0], []).append(m.batch_of)
+    assert sorted(by_worker.values()) == [[3, 3, 3], [3, 3, 3]]
