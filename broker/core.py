@@ -37,7 +37,7 @@ from protocol.errors import FieldError, ProtocolError, worker_field_errors
 from protocol.job import Job
 from protocol.replies import error_reply, final_reply, progress_message
 
-from broker import job_log, listings, management, routing
+from broker import job_log, listings, management, routing, watchdog
 from broker.bad_frames import BadFrames
 from broker.eta import queued_eta_s
 from broker.job_queue import JobQueue
@@ -82,6 +82,9 @@ class BrokerConfig:
     # registered, a job none of them can ever run fails at once
     no_worker_grace_s: float = 60.0
     queue_position_interval_s: float = 1.0  # queue_position updates: at most one per this
+    # a worker holding jobs without progress this long: its jobs are aborted there and re-run
+    # elsewhere, and it is unhealthy until it finishes one (broker/watchdog.py); 0: off
+    stuck_job_s: float = watchdog.DEFAULT_STUCK_JOB_S
 
 
 # --- what goes in and out ------------------------------------------------------------------------
@@ -141,6 +144,8 @@ class BrokerCore:
             if not getattr(config, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be above 0, "
                                  f"not {getattr(config, name)!r}")
+        if config.stuck_job_s < 0:
+            raise ValueError(f"--stuck-job-s must be 0 (off) or above, not {config.stuck_job_s!r}")
         self.config = config
         self.metrics = metrics or BrokerMetrics()
         self._now = now
@@ -591,6 +596,8 @@ class BrokerCore:
         self.registry.touch(worker)
         state = self._current_job(worker, msg)
         if state is not None:
+            self.registry.note_progress(worker)
+        if state is not None:
             state.stage = msg.stage   # list_queue shows it, whether or not a peer streams
         if state is not None and state.wants_progress:
             self._progress(state, msg.stage, step=msg.step, total_steps=msg.total_steps,
@@ -633,7 +640,10 @@ class BrokerCore:
             return
         now = self._now
         success = type(msg) is W.JobResult
-        self.registry.count_answer(worker, success)
+        self.registry.note_progress(worker)
+        if self.registry.count_answer(worker, success):
+            log.info("worker %s finished job %s: healthy again (the stuck-job watchdog had "
+                     "fired on it %d time(s))", worker.worker_id, rid, worker.stalls)
         if success:
             data = msg.data
             metrics = data.get("processing_metrics")
@@ -688,6 +698,24 @@ class BrokerCore:
                       "treating it as lost", state.request_id, state.worker_id, state.dispatch_id)
             self._job_lost(state, state.worker_id or "?", "no longer holds it")
 
+    def _check_stuck(self) -> None:
+        """The stuck-job watchdog (broker/watchdog.py): a worker alive but holding jobs
+        without progress for stuck_job_s has them aborted there and re-queued (or failed with
+        worker_lost past max_attempts), and is unhealthy until it finishes a job."""
+        for stall in watchdog.stalled(self.registry.live(), self._now, self.config.stuck_job_s):
+            worker = stall.worker
+            held = dict(worker.jobs)
+            log.warning("watchdog: worker %s holds job(s) %s but showed %s; aborting them there "
+                        "and re-queueing them; it gets no job a healthy worker could take until "
+                        "it finishes one", worker.worker_id, ", ".join(held), stall.reason())
+            self.metrics.watchdog_fired(worker.worker_id)
+            self.registry.mark_unhealthy(worker, stall.reason())
+            for rid, dispatch_id in held.items():
+                self._out.append(ToWorkers([worker.identity], W.AbortJob(
+                    request_id=rid, dispatch_id=dispatch_id, reason="stuck")))
+            self._requeue_jobs_of(worker, f"showed {stall.reason()}")
+            self._dirty = True
+
     def _worker_lost(self, worker: WorkerRecord, why: str) -> None:
         if not worker.lost:
             self.registry.mark_lost(worker)
@@ -713,7 +741,8 @@ class BrokerCore:
                         worker_id, why, state.attempt)
             self._finish(state, error_reply(state.reply_type, rid, ProtocolError(
                 C.WORKER_LOST, f"worker(s) {', '.join(state.lost_workers)} lost while running "
-                               f"the job ({state.attempt} of {self.config.max_attempts} attempts)"),
+                               f"the job ({state.attempt} of {self.config.max_attempts} attempts; "
+                               f"last: {worker_id} {why})"),
                 warnings=state.warnings, execution_time=self._now - state.accepted_at))
         else:
             log.warning("job %s: worker %s %s; re-queued (attempt %d of %d used)", rid,
@@ -725,6 +754,7 @@ class BrokerCore:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             self._check_liveness()
+            self._check_stuck()
         if self._deadlines and self._deadlines[0][0] <= now:
             self._expire_deadlines(now)
         if self._ops:
@@ -805,9 +835,12 @@ class BrokerCore:
             if state is None or state.deadline != deadline:
                 continue
             if state.state == QUEUED:
-                reason = routing.unroutable_reason(state.job, self.registry.live())
+                live = self.registry.live()
+                reason = routing.unroutable_reason(state.job, live)
                 why = (f"no worker can run it: {reason}" if reason
                        else f"still queued (position {self.queue.position(rid)})")
+                if not reason and live and not any(w.healthy for w in live):
+                    why += "; every worker is unhealthy (the stuck-job watchdog fired on it)"
             else:
                 why = f"running on worker {state.worker_id}"
             self._abort(state, "timeout")

@@ -67,6 +67,10 @@ class BrokerMetrics:
             "worker-protocol messages (bad type, out-of-range field, not msgpack), by the "
             "registered worker id of the connection that sent them (empty: not registered)",
             ["worker_id"], registry=self.registry)
+        self.watchdog_firings = Counter(
+            "sdxl_broker_watchdog_firings", "Times the stuck-job watchdog found a worker holding "
+            "jobs without progress for --stuck-job-s (its jobs were aborted there and re-queued, "
+            "and it was marked unhealthy), by worker id", ["worker_id"], registry=self.registry)
         # labelled children, looked up once: .labels() takes a lock and validates every call
         self._children: dict[tuple, object] = {}
 
@@ -108,3 +112,6 @@ class BrokerMetrics:
 
     def heartbeat_missed(self, worker_id: str) -> None:
         self.missed_heartbeats.labels(str(worker_id)).inc()
+
+    def watchdog_fired(self, worker_id: str) -> None:
+        self._child(self.watchdog_firings, str(worker_id)).inc()

@@ -3,6 +3,10 @@
 Paranoid-Pirate liveness: every message from a worker refreshes its expiry to
 `now + heartbeat_interval_s * heartbeat_liveness`; a worker past its expiry is declared lost.
 The clock is injected so the liveness logic is tested without sleeping.
+
+Health, beside liveness: a worker alive but making no progress on the jobs it holds (the
+stuck-job watchdog, broker/watchdog.py, reads `progress_at`) is marked unhealthy until it
+finishes a job; routing gives unhealthy workers only probe jobs (broker/routing.py).
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ class WorkerRecord:
     jobs_done: int = 0
     jobs_failed: int = 0
     loading: bool = False            # a model_load_request is running on it
+    # --- progress and health (the stuck-job watchdog) ---
+    progress_at: float = 0.0         # clock time it last showed progress on the jobs it holds
+    work_report: tuple = ()          # what its last heartbeat said about its work (compared)
+    unhealthy_since: float | None = None   # the watchdog fired on it and it has not finished a job since
+    unhealthy_reason: str = ""
+    stalls: int = 0                  # times the watchdog fired on it
+    last_success_at: float | None = None   # clock time of its last successful result
     _memory: dict | None = field(default=None, repr=False)
     _models_loaded: dict | None = field(default=None, repr=False)
     _loaded_total_mb: float = field(default=0.0, repr=False)
@@ -66,6 +77,16 @@ class WorkerRecord:
         """Pipeline calls it holds: its jobs less the batch companions riding in another's call
         (the broker's max_jobs_per_worker counts these: one running, one prefetched)."""
         return len(self.jobs) - len(self.companions)
+
+    @property
+    def healthy(self) -> bool:
+        return self.unhealthy_since is None
+
+    @property
+    def probe_ready(self) -> bool:
+        """Unhealthy, but it may take one probe job: it holds none, and its heartbeat says it
+        runs nothing (it let go of the job it was stuck on)."""
+        return not self.healthy and not self.jobs and self.current_job is None
 
     @property
     def state(self) -> str:
@@ -174,6 +195,12 @@ class WorkerRecord:
             "model_sizes_mb": self.models_loaded,
             "jobs_done": self.jobs_done,
             "jobs_failed": self.jobs_failed,
+            # false after the stuck-job watchdog fired on it, until it finishes a job
+            "healthy": self.healthy,
+            "unhealthy_reason": self.unhealthy_reason or None,
+            "stalls": self.stalls,
+            "last_success_s": (None if self.last_success_at is None
+                               else round(max(now - self.last_success_at, 0.0), 3)),
             "last_heartbeat_s": round(max(now - self.last_heartbeat, 0.0), 3),
             "current_jobs": sorted(self.jobs),
             "current_step": self.current_step,
@@ -218,6 +245,9 @@ class WorkerRegistry:
         now = self.clock()
         worker_id = ready.worker_id or identity.hex()
         previous = self._by_id.get(worker_id)
+        # the same process reconnecting, whether its old record is live or lost
+        same_process = previous if (previous is not None and previous.pid == ready.pid
+                                    and previous.host == ready.host) else None
         if previous is not None:
             self._by_identity.pop(previous.identity, None)
             if previous.lost:
@@ -239,7 +269,14 @@ class WorkerRegistry:
             expiry=now + self.expiry_s,
             last_heartbeat=now,
             registered_at=now,
+            progress_at=now,
         )
+        if same_process is not None:
+            # the same process reconnecting (its transport timed out) is no healthier than
+            # before: it may still be stuck on the job the watchdog took from it
+            rec.unhealthy_since = same_process.unhealthy_since
+            rec.unhealthy_reason = same_process.unhealthy_reason
+            rec.stalls, rec.last_success_at = same_process.stalls, same_process.last_success_at
         self._by_id[worker_id] = rec
         self._by_identity[identity] = worker_id
         self._learn_sizes(rec)
@@ -262,10 +299,27 @@ class WorkerRegistry:
             self._learn_sizes(rec)
 
     def heartbeat(self, rec: WorkerRecord, beat: WorkerHeartbeat) -> None:
-        """A worker's HEARTBEAT: alive, its telemetry, and the job and step it is at."""
+        """A worker's HEARTBEAT: alive, its telemetry, and the job and step it is at. A report
+        of its work different from the previous one is progress: another job, another step,
+        another model loading, another job answered."""
         self.touch(rec, beat.telemetry)
         rec.current_job = beat.current_job
         rec.current_step = beat.current_step
+        report = (beat.busy, beat.current_job, beat.current_step,
+                  tuple(beat.telemetry.models_loading), beat.jobs_done, beat.jobs_failed)
+        if report != rec.work_report:
+            rec.work_report = report
+            rec.progress_at = rec.last_heartbeat
+
+    def note_progress(self, rec: WorkerRecord) -> None:
+        """A PROGRESS, RESULT or ERROR from the worker: it is moving."""
+        rec.progress_at = self.clock()
+
+    def mark_unhealthy(self, rec: WorkerRecord, reason: str) -> None:
+        """The watchdog fired on it: routing gives it only probe jobs until it finishes one."""
+        rec.unhealthy_since = self.clock()
+        rec.unhealthy_reason = reason
+        rec.stalls += 1
 
     # --- the jobs a worker holds (changed by the broker core as it dispatches and hears back) ---
     def assign(self, rec: WorkerRecord, request_id: str, dispatch_id: int,
@@ -273,6 +327,8 @@ class WorkerRegistry:
         """The broker sent `rec` a job: it holds it, and routing counts `estimate` as its
         backlog until it answers (estimates of jobs it no longer holds are dropped here).
         `companion`: it rides in another job's batched call and takes no slot."""
+        if not rec.jobs:
+            rec.progress_at = self.clock()   # the watchdog's clock starts with its first job
         rec.estimates = {r: e for r, e in rec.estimates.items() if r in rec.jobs}
         rec.estimates[request_id] = estimate
         rec.jobs[request_id] = dispatch_id
@@ -295,11 +351,17 @@ class WorkerRegistry:
         rec.companions = set()
         return jobs
 
-    def count_answer(self, rec: WorkerRecord, success: bool) -> None:
-        if success:
-            rec.jobs_done += 1
-        else:
+    def count_answer(self, rec: WorkerRecord, success: bool) -> bool:
+        """A job's answer from the worker. A success makes an unhealthy worker healthy again;
+        returns whether it did."""
+        if not success:
             rec.jobs_failed += 1
+            return False
+        rec.jobs_done += 1
+        rec.last_success_at = self.clock()
+        recovered = not rec.healthy
+        rec.unhealthy_since, rec.unhealthy_reason = None, ""
+        return recovered
 
     def set_loading(self, rec: WorkerRecord, loading: bool) -> None:
         """A model_load_request is (no longer) running on it (status shows it as loading)."""

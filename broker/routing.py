@@ -18,6 +18,12 @@ telemetry (no sockets, no clock), so every rule here is unit-tested directly.
 Other policies for comparison, each among workers with a free slot: "round-robin",
 "least-loaded", "tiered" (Ray Serve style: has the model, then fewest models loaded, then the
 rest; least-loaded within a tier).
+3. Health, under every policy: a worker the stuck-job watchdog fired on (broker/watchdog.py) is
+   unhealthy until it finishes a job. Each policy chooses among the healthy workers only; when
+   that gives no worker now (none passes the filters, or the best is full), an unhealthy one
+   that holds no job and reports running none (it let go of the job it was stuck on) gets the
+   job as a probe, one at a time. So routing prefers workers whose last outcome is a success to
+   one whose last outcome was a stall, and a recovered worker can prove itself.
 """
 
 from __future__ import annotations
@@ -329,6 +335,22 @@ def choose_worker(job: Job, workers: Sequence[WorkerRecord], policy: str,
         candidates = _eligible(needs, workers, max_jobs)
     if not candidates:
         return None
+    healthy = [w for w in candidates if w.unhealthy_since is None]   # w.healthy, inlined
+    chosen = None
+    if healthy:
+        chosen = _choose(policy, needs, healthy, rr, waiting, wanted, live_count, workers, max_jobs)
+    if chosen is None:
+        probes = [w for w in candidates if w.probe_ready]
+        if probes:
+            chosen = rr.pick(probes)
+    return chosen
+
+
+def _choose(policy: str, needs: JobNeeds, candidates: list[WorkerRecord], rr: RoundRobin,
+            waiting: int, wanted: frozenset[str], live_count: int | None,
+            workers: Sequence[WorkerRecord], max_jobs: int) -> WorkerRecord | None:
+    """The policy's choice among `candidates` (they pass the filters), or None (smart: the
+    best one is full)."""
     if policy == "round-robin":
         return rr.pick(candidates)
     if policy == "least-loaded":

@@ -71,6 +71,9 @@ class StatusCollector:
                                                 labels=_WORKER_LABELS),
             "models_loaded": GaugeMetricFamily("sdxl_worker_models_loaded",
                                                "Models held warm", labels=_WORKER_LABELS),
+            "healthy": GaugeMetricFamily("sdxl_worker_healthy",
+                                         "0 after the stuck-job watchdog fired on the worker, "
+                                         "until it finishes a job; else 1", labels=_WORKER_LABELS),
         }
         load_seconds = GaugeMetricFamily("sdxl_worker_model_load_duration_seconds",
                                          "How long the worker's last load of this model took",
@@ -91,6 +94,7 @@ class StatusCollector:
             gauges["last_heartbeat"].add_metric(
                 labels, round(now - float(w.get("last_heartbeat_s") or 0.0), 3))
             gauges["models_loaded"].add_metric(labels, float(len(w.get("models_loaded") or [])))
+            gauges["healthy"].add_metric(labels, 0.0 if w.get("healthy") is False else 1.0)
             for model, seconds in sorted((w.get("load_time_s") or {}).items()):
                 load_seconds.add_metric(labels + [str(model)], float(seconds))
             done.add_metric(labels + ["done"], float(w.get("jobs_done") or 0))

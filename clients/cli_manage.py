@@ -73,6 +73,9 @@ def render_status(data: dict, console) -> None:
         table.add_column(column)
     for w in data.get("workers") or []:
         state = str(w.get("state"))
+        shown = f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
+        if w.get("healthy") is False:   # the stuck-job watchdog fired on it
+            shown += " [red]unhealthy[/]"
         device = str(w.get("device"))
         if w.get("device_name"):
             device += f" ({w['device_name']})"
@@ -81,7 +84,7 @@ def render_status(data: dict, console) -> None:
         table.add_row(
             str(w.get("worker_id")), device, _memory_bar(w.get("memory") or {}),
             ", ".join(w.get("models_loaded") or []) or "-",
-            f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+            shown,
             str(w.get("jobs_done", 0)), f"{float(w.get('last_heartbeat_s') or 0):.1f}s ago")
     console.print(table)
 

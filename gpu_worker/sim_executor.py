@@ -10,6 +10,10 @@ Cost model: a model's load time is `load_s` scaled by its size over `model_mb` (
 count against the memory budget: they are kept free while loading, and a job whose models plus
 activations exceed the whole budget fails with out_of_memory, as it would on a device.
 Telemetry counts oom_events, models_loaded_total (loads), evictions_total, jobs_total, busy_s.
+
+Fault (for the stuck-job watchdog's tests and scripts/stress.py): `stall_after_jobs=N` makes
+the job after the first N stall forever: no progress, abort ignored, never answered, while the
+worker's transport keeps heart-beating, as a hung driver or deadlocked pipeline would.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ class SimulatedExecutor:
                  capabilities: tuple[str, ...] = ALL_FEATURES,
                  worker_types: tuple[str, ...] = (C.WORKER_BASIC, C.WORKER_ENHANCED),
                  worker_id: str = "", cost_model: str = "flat",
-                 preview_cadence: PreviewCadence | None = None):
+                 preview_cadence: PreviewCadence | None = None,
+                 stall_after_jobs: int | None = None):
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {COST_MODELS}, not {cost_model!r}")
         self.device = device
@@ -59,6 +64,7 @@ class SimulatedExecutor:
         self.worker_types = tuple(worker_types)
         self.worker_id = worker_id
         self.preview_cadence = preview_cadence or PreviewCadence()
+        self.stall_after_jobs = stall_after_jobs
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, float] = OrderedDict()  # name -> size_mb, LRU first
         self._loading: list[str] = []
@@ -115,6 +121,10 @@ class SimulatedExecutor:
             self._counters[name] += amount
 
     def run(self, job: Job, progress, should_abort) -> dict:
+        if self.stall_after_jobs is not None and self.counters()["jobs_total"] >= self.stall_after_jobs:
+            log.warning("SIMULATED stall: job %s will never finish (stall after %d job(s)); "
+                        "heartbeats go on", job.request_id, self.stall_after_jobs)
+            threading.Event().wait()   # forever: a hung device does not look at should_abort
         started = time.perf_counter()
         try:
             return self._run(job, progress, should_abort, started)

@@ -209,7 +209,7 @@ class RunJob(Message, tag=JOB):
 class AbortJob(Message, tag=ABORT):
     request_id: RequestId
     dispatch_id: DispatchId
-    reason: Name = "cancelled"             # "cancelled" | "timeout"
+    reason: Name = "cancelled"             # "cancelled" | "timeout" | "stuck" (the watchdog)
 
 
 class ManageArgs(Struct, kw_only=True, omit_defaults=True):

@@ -169,6 +169,11 @@ SETTINGS: tuple[Setting, ...] = (
             "warned", (S, B), metavar="SECONDS", readme=True),
     Setting("max_attempts", int, 2, "runs of a job whose worker died before worker_lost", (S, B),
             metavar="N", readme=True),
+    Setting("stuck_job_s", float, 300.0,
+            "a worker holding jobs without progress this long (no step, no model load begun, no "
+            "answer) has them aborted there and re-run elsewhere within --max-attempts, and gets "
+            "only probe jobs until it finishes one; above the longest model load or step of a "
+            "healthy worker; 0: off", (S, B), metavar="SECONDS"),
     Setting("no_worker_grace_s", float, 60.0,
             "with no worker registered, a job waits this long for one, then unsupported_feature "
             "(with workers registered, a job none can run is refused at once)", (S, B),
@@ -249,6 +254,10 @@ SETTINGS: tuple[Setting, ...] = (
             "flat: every step takes --sim-step-s; scaled: steps scale with pixels and activations "
             "count against the memory budget (out_of_memory when models + activations exceed it)",
             (S, W), choices=("flat", "scaled")),
+    Setting("sim_stall_after_jobs", int, None,
+            "SIMULATED fault: after this many jobs the simulated worker stalls forever in its next "
+            "job (no progress, ignores abort) while it keeps heart-beating", (S, W),
+            default_text="never", metavar="N"),
     Setting("sim_capabilities", str, None,
             "comma list of features the simulated worker offers", (S, W), default_text="all",
             metavar="LIST"),
