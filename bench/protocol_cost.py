@@ -5,18 +5,30 @@ Prints the median microseconds to decode + validate + translate one request of e
 full nested request with three LoRAs and two ControlNets.
 
     .venv/bin/python bench/protocol_cost.py [--repeat 2000] [--cpu-time]
+    .venv/bin/python bench/protocol_cost.py --baseline ec17609 [--rounds 3]
 
 On a shared machine the wall-clock median moves with whatever else runs; --cpu-time reports
 this thread's CPU time per call instead (best of batches of 25), which other processes
 barely move, so before/after comparisons stay meaningful.
+
+--baseline GITREF runs the same cases on protocol/ as of GITREF (`git archive` into a temporary
+folder) and on this tree, in alternating subprocesses (`--cpu-time`), and prints each request
+row's best time on both sides and the change. ec17609 is the protocol before issue 15's one set
+of rules (the broker's added validation must cost at most 10% over it).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from protocol import codec
 from protocol import constants as C
@@ -135,6 +147,49 @@ def best_cpu_us(fn, repeat: int) -> float:
     return best / 1000.0
 
 
+ROOT = Path(__file__).resolve().parents[1]
+_ROW = re.compile(r"^(?P<label>.{36}) (?P<codec>json|msgpack)\s+\d+\s+(?P<us>[\d.]+)$")
+
+
+def _rows(pythonpath: str, repeat: int) -> dict[tuple[str, str], float]:
+    """One --cpu-time run of this script with `pythonpath` first: {(request, codec): us}."""
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    done = subprocess.run([sys.executable, __file__, "--cpu-time", "--repeat", str(repeat)],
+                          env=env, capture_output=True, text=True, check=True, cwd=pythonpath)
+    rows = {}
+    for line in done.stdout.splitlines():
+        match = _ROW.match(line)
+        if match and not match["label"].startswith(" "):
+            rows[(match["label"].strip(), match["codec"])] = float(match["us"])
+    return rows
+
+
+def compare(ref: str, rounds: int, repeat: int) -> int:
+    """Baseline (protocol/ at `ref`) vs this tree, alternating, best of `rounds` each."""
+    with tempfile.TemporaryDirectory(prefix="protocol-baseline-") as base:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "protocol"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", base], input=archive, check=True)
+        best: dict[str, dict] = {"base": {}, "now": {}}
+        for _ in range(rounds):
+            for side, path in (("base", base), ("now", str(ROOT))):
+                for key, us in _rows(path, repeat).items():
+                    best[side][key] = min(us, best[side].get(key, us))
+    print(f"best-batch thread CPU microseconds, best of {rounds} alternating runs each "
+          f"(decode + validate + translate to a Job)")
+    print(f"{'request':36} {'codec':8} {ref[:10]:>10} {'this tree':>10} {'change':>8}")
+    worst = 0.0
+    for key, base_us in best["base"].items():
+        now_us = best["now"].get(key)
+        if now_us is None:
+            continue
+        change = now_us / base_us - 1.0
+        worst = max(worst, change)
+        print(f"{key[0]:36} {key[1]:8} {base_us:10.1f} {now_us:10.1f} {change:+8.1%}")
+    print(f"largest change {worst:+.1%}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-time", action="store_true",
                         help="report best-batch thread CPU time per call instead of the "
                              "wall-clock median (steadier on a busy machine)")
+    parser.add_argument("--baseline", metavar="GITREF",
+                        help="compare with protocol/ as of this git commit (alternating runs)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --baseline: runs of each side (default 3)")
     args = parser.parse_args(argv)
+    if args.baseline:
+        return compare(args.baseline, args.rounds, args.repeat)
     measure = best_cpu_us if args.cpu_time else median_us
     what = "best-batch thread CPU microseconds" if args.cpu_time else "median microseconds"
 

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Union
 
 from protocol import codec
 from protocol import constants as C
+from protocol import rule_texts as R
 from protocol import worker_protocol as W
 from protocol.errors import FieldError, ProtocolError, worker_field_errors
 from protocol.job import Job
@@ -780,7 +781,7 @@ class BrokerCore:
             return False
         reason = routing.unroutable_reason(state.job, live) or "no registered worker can run it"
         errors = [FieldError(state.job.client_path("device"), reason)] \
-            if reason.startswith("no worker on device") else []
+            if R.DEVICE.pattern().match(reason) else []
         self._fail_unrunnable(state, f"no worker can run this job: {reason}", errors)
         return True
 

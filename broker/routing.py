@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
+from protocol import rule_texts as R
 from protocol.job import Job
 from protocol.worker_protocol import MAX_JOBS_PER_WORKER
 
@@ -138,7 +139,7 @@ def unroutable_reason(job: Job, workers: Sequence[WorkerRecord]) -> str | None:
     if missing:
         return f"no worker offers feature {', '.join(missing)}"
     if job.device and not any(_device_matches(job.device, w) for w in live):
-        return f"no worker on device {job.device}"
+        return R.DEVICE(device=job.device)
     largest = max(w.memory["total_mb"] for w in live)
     if needs.need_mb > largest:
         return f"needs {needs.need_mb:.0f} MB, largest worker has {largest:.0f} MB"

@@ -36,6 +36,7 @@ from gpu_worker.pipeline_cache import (BASE, CONTROLNET, REFINER, UPSCALER, VAE,
                                        free_device_memory)
 from gpu_worker.schedulers import make_scheduler, scheduler_class
 from protocol import constants as C
+from protocol import rule_texts as R
 from protocol import rules
 from protocol.errors import JobError, about_field
 from protocol.job import Job
@@ -350,8 +351,8 @@ class DiffusersExecutor:
 
     def _dtype(self, name: str, warnings: list, field_name: str = "dtype") -> tuple[torch.dtype, str]:
         if name not in _DTYPES and name != "auto":
-            raise JobError(C.VALIDATION_ERROR, f"{field_name} {name!r}; expected one of auto, {', '.join(_DTYPES)}",
-                           {"field": field_name})
+            raise JobError(C.VALIDATION_ERROR, f"{field_name}: {R.DTYPE.message}",
+                           {"errors": [{"field": field_name, "message": R.DTYPE.message}]})
         if name == "auto":   # the default: what runs well here, nothing to warn about
             name = "float32" if self.device_type == "cpu" else "float16"
         elif name == "float16" and self.device_type == "cpu":

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 
 from gpu_worker.schedulers import a1111_sampler_name
 from protocol import constants as C
+from protocol import rule_texts as R
 from protocol.errors import JobError
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def upscale(image: Image.Image, factor: float, method: str = "lanczos",
     """Lanczos is built in; any other method runs `model_upscale(image)` (a model upscaler's
     output at its own fixed scale, gpu_worker/upscalers.py), brought to `factor` with Lanczos."""
     if not (1.0 <= factor <= MAX_UPSCALE_FACTOR):
-        raise JobError(C.VALIDATION_ERROR, f"upscale_factor {factor} is outside 1..{MAX_UPSCALE_FACTOR:g}",
-                       {"field": "upscale_factor"})
+        raise JobError(C.VALIDATION_ERROR, f"upscale_factor: {R.UPSCALE_FACTOR.message}",
+                       {"errors": [{"field": "upscale_factor", "message": R.UPSCALE_FACTOR.message}]})
     method = (method or "lanczos").lower()
     if factor == 1.0:
         return image

@@ -18,7 +18,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidat
 
 from protocol import constants as C
 from protocol import json_patterns as JP
-from protocol import normalize, rules
+from protocol import normalize
+from protocol import rule_texts as R
 
 
 class Edge(BaseModel):
@@ -32,25 +33,22 @@ class Edge(BaseModel):
 
 # --- field types ----------------------------------------------------------------------------
 
-def _not_blank(value: str) -> str:
+def _prompt(value: str) -> str:
     if not value.strip():
-        raise ValueError("is required and cannot be empty")
-    return value
-
-
-def _no_pickle(value: str, info: ValidationInfo) -> str:
-    if normalize.has_pickle_suffix(value) and not (info.context or {}).get("allow_pickle"):
-        raise ValueError("pickle checkpoints are refused unless the operator allows them "
-                         "(use .safetensors or a diffusers folder)")
+        raise ValueError(R.PROMPT.message)
     return value
 
 
 def _model_ref(value: str, info: ValidationInfo) -> str:
-    """_not_blank, _no_pickle and no '..', as one call: a request carries several model
-    references."""
+    """_not_blank, _no_pickle and no '..', inlined as one call: a request carries several model
+    references, and every call costs on the broker's hot path."""
     if ".." in value and normalize.leaves_root(value):
-        raise ValueError(rules.MODEL_PATH_ESCAPES)
-    return _no_pickle(_not_blank(value), info)
+        raise ValueError(R.MODEL_PATH_ESCAPES.message)
+    if value.lower().endswith(C.PICKLE_SUFFIXES) and not (info.context or {}).get("allow_pickle"):
+        raise ValueError(R.PICKLE.message)
+    if value[0].isspace() and not value.strip():  # min_length=1 already refused ""
+        raise ValueError(R.NOT_BLANK.message)
+    return value
 
 
 def _scheduler(value: str) -> str:
@@ -69,12 +67,14 @@ def _save_path(value: str) -> str:
     return value
 
 
-def _choice(options: tuple[str, ...], aliases: dict[str, str] | None = None):
+def _choice(options: tuple[str, ...], rule: R.Rule, aliases: dict[str, str] | None = None):
     def check(value: str) -> str:
+        if value in options:  # spelled as listed: most requests
+            return value
         low = value.strip().lower()
         low = (aliases or {}).get(low, low)
         if low not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
+            raise ValueError(rule.message)
         return low
     return check
 
@@ -83,47 +83,50 @@ def _image(value: Any) -> Union[bytes, str]:
     if isinstance(value, (bytearray, memoryview)):
         value = bytes(value)
     if not isinstance(value, (bytes, str)):
-        raise ValueError("must be a path, a base64 string / data URI, or binary image data")
+        raise ValueError(R.IMAGE.message)
     if not value:
-        raise ValueError("must not be empty")
+        raise ValueError(R.IMAGE_EMPTY.message)
     if isinstance(value, str) and ".." in value and normalize.leaves_root(value):
-        raise ValueError(rules.INPUT_PATH_ESCAPES)  # base64 and data URIs hold no '.'
+        raise ValueError(R.INPUT_PATH_ESCAPES.message)  # base64 and data URIs hold no '.'
     return value
 
 
-Text = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS)]
-Prompt = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS), AfterValidator(_not_blank),
+# each bounded type carries its rule (protocol.rule_texts) as a marker: protocol.parse words a
+# bound error with the rule's message, never pydantic's
+Text = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS), R.TEXT]
+Prompt = Annotated[str, StringConstraints(max_length=C.MAX_PROMPT_CHARS), AfterValidator(_prompt),
                    WithJsonSchema({"type": "string", "maxLength": C.MAX_PROMPT_CHARS,
-                                   "pattern": JP.NOT_BLANK})]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS)]
-Id = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_ID_CHARS)]
+                                   "pattern": JP.NOT_BLANK}), R.PROMPT]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS), R.NAME]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_ID_CHARS), R.ID]
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS),
-                     AfterValidator(_model_ref), WithJsonSchema(JP.model_ref())]
+                     AfterValidator(_model_ref), WithJsonSchema(JP.model_ref()), R.NAME]
 Image = Annotated[Union[bytes, str], PlainValidator(_image),
                   WithJsonSchema(JP.image())]
-Size = Annotated[int, Field(ge=C.MIN_SIZE, le=C.MAX_SIZE, multiple_of=C.SIZE_MULTIPLE)]
-Steps = Annotated[int, Field(ge=C.MIN_STEPS, le=C.MAX_STEPS)]
-Guidance = Annotated[float, Field(ge=C.MIN_GUIDANCE, le=C.MAX_GUIDANCE)]
-Seed = Annotated[int, Field(ge=-1, le=C.MAX_SEED)]
-Strength = Annotated[float, Field(ge=0.0, le=1.0)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-RefinerSwitch = Annotated[float, Field(gt=C.MIN_REFINER_SWITCH, lt=C.MAX_REFINER_SWITCH)]
-ClipSkip = Annotated[int, Field(ge=0, le=C.MAX_CLIP_SKIP)]
-LoraWeight = Annotated[float, Field(ge=C.MIN_LORA_WEIGHT, le=C.MAX_LORA_WEIGHT)]
-ControlScale = Annotated[float, Field(ge=C.MIN_CONTROLNET_SCALE, le=C.MAX_CONTROLNET_SCALE)]
-Batch = Annotated[int, Field(ge=C.MIN_BATCH, le=C.MAX_BATCH)]
-Quality = Annotated[int, Field(ge=C.MIN_QUALITY, le=C.MAX_QUALITY)]
-UpscaleFactor = Annotated[float, Field(ge=1.0, le=C.MAX_UPSCALE_FACTOR)]
-Resolution = Annotated[int, Field(ge=64, le=C.MAX_SIZE)]
-TimeoutS = Annotated[float, Field(gt=0.0, le=C.MAX_TIMEOUT_S)]
-SchedulerName = Annotated[str, StringConstraints(max_length=100), AfterValidator(_scheduler),
+Size = Annotated[int, Field(ge=C.MIN_SIZE, le=C.MAX_SIZE, multiple_of=C.SIZE_MULTIPLE), R.SIZE]
+Steps = Annotated[int, Field(ge=C.MIN_STEPS, le=C.MAX_STEPS), R.STEPS]
+Guidance = Annotated[float, Field(ge=C.MIN_GUIDANCE, le=C.MAX_GUIDANCE), R.GUIDANCE]
+Seed = Annotated[int, Field(ge=-1, le=C.MAX_SEED), R.SEED]
+Strength = Annotated[float, Field(ge=0.0, le=1.0), R.STRENGTH]
+RefinerSwitch = Annotated[float, Field(gt=C.MIN_REFINER_SWITCH, lt=C.MAX_REFINER_SWITCH),
+                          R.REFINER_SWITCH]
+ClipSkip = Annotated[int, Field(ge=0, le=C.MAX_CLIP_SKIP), R.CLIP_SKIP]
+LoraWeight = Annotated[float, Field(ge=C.MIN_LORA_WEIGHT, le=C.MAX_LORA_WEIGHT), R.LORA_WEIGHT]
+ControlScale = Annotated[float, Field(ge=C.MIN_CONTROLNET_SCALE, le=C.MAX_CONTROLNET_SCALE),
+                         R.CONTROL_SCALE]
+Batch = Annotated[int, Field(ge=C.MIN_BATCH, le=C.MAX_BATCH), R.BATCH]
+Quality = Annotated[int, Field(ge=C.MIN_QUALITY, le=C.MAX_QUALITY), R.QUALITY]
+UpscaleFactor = Annotated[float, Field(ge=1.0, le=C.MAX_UPSCALE_FACTOR), R.UPSCALE_FACTOR]
+Resolution = Annotated[int, Field(ge=64, le=C.MAX_SIZE), R.PREPROCESS_RESOLUTION]
+TimeoutS = Annotated[float, Field(gt=0.0, le=C.MAX_TIMEOUT_S), R.TIMEOUT]
+SchedulerName = Annotated[str, AfterValidator(_scheduler),
                           WithJsonSchema(JP.choice(normalize.scheduler_spellings(),
                                                    "a scheduler: diffusers class, C# or A1111 name, "
                                                    "any case"))]
-ControlNetType = Annotated[str, StringConstraints(max_length=100), AfterValidator(_controlnet_type),
+ControlNetType = Annotated[str, AfterValidator(_controlnet_type),
                            WithJsonSchema(JP.controlnet_type())]
 SavePath = Annotated[str, StringConstraints(max_length=C.MAX_NAME_CHARS), AfterValidator(_save_path),
-                     WithJsonSchema(JP.save_path())]
+                     WithJsonSchema(JP.save_path()), R.NAME]
 def _upscale_method(value: str, info: ValidationInfo) -> str:
     """lanczos or the default model upscaler's aliases (case-insensitive), else the name or path
     of an upscaler model file, with the rules of every model reference."""
@@ -134,43 +137,42 @@ def _upscale_method(value: str, info: ValidationInfo) -> str:
 
 
 UpscaleMethod = Annotated[str, StringConstraints(min_length=1, max_length=C.MAX_NAME_CHARS),
-                          AfterValidator(_upscale_method), WithJsonSchema(JP.upscale_method())]
+                          AfterValidator(_upscale_method), WithJsonSchema(JP.upscale_method()),
+                          R.NAME]
 _FORMAT_ALIASES = {"jpg": "jpeg"}
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
                   "bf16": "bfloat16"}
 _WORKER_TYPES = (C.WORKER_BASIC, C.WORKER_ENHANCED)
-OutputFormat = Annotated[str, StringConstraints(max_length=20),
-                         AfterValidator(_choice(C.OUTPUT_FORMATS, _FORMAT_ALIASES)),
+OutputFormat = Annotated[str, AfterValidator(_choice(C.OUTPUT_FORMATS, R.OUTPUT_FORMAT,
+                                                     _FORMAT_ALIASES)),
                          WithJsonSchema(JP.choice([*C.OUTPUT_FORMATS, *_FORMAT_ALIASES],
                                                   "png, jpeg (jpg) or webp, any case"))]
-Dtype = Annotated[str, StringConstraints(max_length=20),
-                  AfterValidator(_choice(C.DTYPES, _DTYPE_ALIASES)),
+Dtype = Annotated[str, AfterValidator(_choice(C.DTYPES, R.DTYPE, _DTYPE_ALIASES)),
                   WithJsonSchema(JP.choice([*C.DTYPES, *_DTYPE_ALIASES],
                                            "auto, float16, bfloat16, float32 (fp16, half, bf16, "
                                            "fp32, float accepted), any case"))]
-Priority = Annotated[str, StringConstraints(max_length=20), AfterValidator(_choice(C.PRIORITIES)),
+Priority = Annotated[str, AfterValidator(_choice(C.PRIORITIES, R.PRIORITY)),
                      WithJsonSchema(JP.choice(C.PRIORITIES, "high, normal or low, any case"))]
-WorkerType = Annotated[str, StringConstraints(max_length=100),
-                       AfterValidator(_choice(_WORKER_TYPES)),
+WorkerType = Annotated[str, AfterValidator(_choice(_WORKER_TYPES, R.WORKER_TYPE)),
                        WithJsonSchema(JP.choice(_WORKER_TYPES, "the seed's worker types, any case"))]
 # progress wanted: true/false, or "preview" for progress with preview images
 def _stream(value: Any) -> Union[bool, str]:
     if isinstance(value, bool) or value == C.STREAM_PREVIEW:
         return value
-    raise ValueError('must be true, false or "preview"')
+    raise ValueError(R.STREAM.message)
 
 
 Stream = Annotated[Union[bool, str], PlainValidator(_stream),
                    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"const": C.STREAM_PREVIEW}]})]
-PreviewSize = Annotated[int, Field(ge=C.MIN_PREVIEW_SIZE, le=C.MAX_PREVIEW_SIZE)]
-PreviewEverySteps = Annotated[int, Field(ge=1, le=C.MAX_PREVIEW_EVERY_STEPS)]
-PreviewIntervalMs = Annotated[int, Field(ge=0, le=C.MAX_PREVIEW_INTERVAL_MS)]
-Tags = Annotated[list[Annotated[str, StringConstraints(max_length=200)]],
-                 Field(max_length=C.MAX_TAGS)]
+PreviewSize = Annotated[int, Field(ge=C.MIN_PREVIEW_SIZE, le=C.MAX_PREVIEW_SIZE), R.PREVIEW_SIZE]
+PreviewEverySteps = Annotated[int, Field(ge=1, le=C.MAX_PREVIEW_EVERY_STEPS), R.PREVIEW_EVERY_STEPS]
+PreviewIntervalMs = Annotated[int, Field(ge=0, le=C.MAX_PREVIEW_INTERVAL_MS), R.PREVIEW_INTERVAL_MS]
+Tags = Annotated[list[Annotated[str, StringConstraints(max_length=200), R.TAGS]],
+                 Field(max_length=C.MAX_TAGS), R.TAGS]
 
 
 def _items(item_type):
-    return Annotated[list[item_type], Field(max_length=C.MAX_LIST_ITEMS)]
+    return Annotated[list[item_type], Field(max_length=C.MAX_LIST_ITEMS), R.LIST_ITEMS]
 
 
 # --- flat: generate_sdxl_enhanced -------------------------------------------------------------
@@ -551,7 +553,7 @@ class ListQueueRequest(_Management):
 
 
 class ListHistoryData(Edge):
-    limit: Optional[Annotated[int, Field(ge=1, le=C.MAX_HISTORY_LIMIT)]] = None
+    limit: Optional[Annotated[int, Field(ge=1, le=C.MAX_HISTORY_LIMIT), R.HISTORY_LIMIT]] = None
 
 
 class ListHistoryRequest(_Management):

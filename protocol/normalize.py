@@ -7,6 +7,7 @@ import ntpath
 import posixpath
 
 from protocol import constants as C
+from protocol import rule_texts as R
 
 # lower-cased name -> (diffusers class, use_karras_sigmas or None when the name says nothing)
 _SCHEDULER_ALIASES: dict[str, tuple[str, bool | None]] = {}
@@ -78,8 +79,13 @@ def resolve_scheduler(name: str) -> tuple[str, bool | None]:
     try:
         return _SCHEDULER_ALIASES[key]
     except KeyError:
-        raise ValueError(
-            f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULER_NAMES)}") from None
+        raise ValueError(R.SCHEDULER(name=shown(name), valid=", ".join(SCHEDULER_NAMES))) from None
+
+
+def shown(value: object, limit: int = 100) -> str:
+    """A value sent by a client, quoted for an error message and cut to `limit` characters."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _stem(path: str) -> str:
@@ -117,7 +123,7 @@ def controlnet_type(given: str | None, model_path: str | None) -> str:
     for kind in C.CONTROLNET_TYPES:
         if kind in low:
             return kind
-    raise ValueError(f"unknown ControlNet type {given!r}; valid: {', '.join(C.CONTROLNET_TYPES)}")
+    raise ValueError(R.CONTROLNET_TYPE(name=shown(given)))
 
 
 def has_pickle_suffix(path: str) -> bool:
@@ -132,11 +138,11 @@ def leaves_root(path: str) -> bool:
 def save_path_problem(path: str) -> str | None:
     """Why a save_path would leave the output root, or None when it stays inside."""
     if path.startswith(("/", "\\")) or path[1:2] == ":" or "://" in path:
-        return "save_path must be relative to the output root"
+        return R.SAVE_PATH_RELATIVE.message
     if ".." in path and leaves_root(path):
-        return "save_path must not contain '..'"
+        return R.SAVE_PATH_DOTDOT.message
     if "\x00" in path:
-        return "save_path must not contain NUL"
+        return R.SAVE_PATH_NUL.message
     return None
 
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from protocol import constants as C
 from protocol import models as M
+from protocol import rule_texts as R
 from protocol import rules, translate
 from protocol.request_ids import message_type_of as _message_type
 from protocol.request_ids import request_id_of as _request_id
@@ -67,19 +68,85 @@ def _path(loc: tuple) -> str:
     return out
 
 
-def _message(err: dict) -> str:
+# pydantic error types that say a value has the wrong type, worded by the table's type rules
+_TYPE_RULES = {
+    "int_type": R.INTEGER, "int_from_float": R.INTEGER, "int_parsing": R.INTEGER,
+    "float_type": R.NUMBER, "float_parsing": R.NUMBER, "finite_number": R.FINITE,
+    "bool_type": R.BOOLEAN, "bool_parsing": R.BOOLEAN, "string_type": R.STRING,
+    "bytes_type": R.STRING, "list_type": R.LIST, "model_type": R.OBJECT,
+    "model_attributes_type": R.OBJECT, "dict_type": R.OBJECT, "missing": R.MISSING,
+}
+_NO_RULE = object()
+_RULE_AT: dict[tuple, Any] = {}  # (model class, loc with indices as 0) -> its Rule or _NO_RULE
+
+
+def _levels(annotation: Any):
+    """`annotation` and what Optional / Union / Annotated wrap around it, not list items."""
+    yield annotation
+    for arg in typing.get_args(annotation) if typing.get_origin(annotation) is not list else ():
+        yield from _levels(arg)
+
+
+def _marker(annotation: Any, metadata) -> Optional[R.Rule]:
+    for item in metadata:
+        if isinstance(item, R.Rule):
+            return item
+    for level in _levels(annotation):
+        for item in getattr(level, "__metadata__", ()):
+            if isinstance(item, R.Rule):
+                return item
+    return None
+
+
+def _item_type(annotation: Any) -> Any:
+    for level in _levels(annotation):
+        if typing.get_origin(level) is list:
+            return typing.get_args(level)[0]
+    return None
+
+
+def _rule_at(cls: type, loc: tuple) -> Optional[R.Rule]:
+    """The rule marked on the type of the field at `loc` (pydantic's error location) in `cls`.
+    Runs only for a refused request; cached per location."""
+    key = (cls, tuple(0 if isinstance(p, int) else p for p in loc))
+    found = _RULE_AT.get(key)
+    if found is None:
+        annotation, metadata, model = None, (), cls
+        for part in loc:
+            if isinstance(part, int):
+                annotation, metadata = _item_type(annotation), ()
+            else:
+                info = model.model_fields.get(part) if model is not None else None
+                if info is None:
+                    annotation = None
+                    break
+                annotation, metadata = info.annotation, info.metadata
+            model = next((a for a in _levels(annotation)
+                          if isinstance(a, type) and issubclass(a, M.Edge)), None)
+        rule = _marker(annotation, metadata) if annotation is not None else None
+        found = _RULE_AT[key] = rule if rule is not None else _NO_RULE
+    return None if found is _NO_RULE else found
+
+
+def _message(err: dict, cls: type) -> str:
+    """An error in the table's words (protocol.rule_texts): our validators raise them, type
+    errors have one rule each, a bound error takes the rule marked on the field's type."""
     kind = err.get("type", "")
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return "must be an object"
-    if kind == "missing":
-        return "is required"
     msg = str(err.get("msg", "invalid"))
-    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    if kind == "value_error":
+        return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    rule = _TYPE_RULES.get(kind)
+    if rule is not None:
+        return rule.message
+    if kind == "literal_error":
+        return R.LITERAL(expected=str((err.get("ctx") or {}).get("expected", "")))
+    rule = _rule_at(cls, tuple(err.get("loc", ())))
+    return rule.message if rule is not None else msg  # tests/protocol/test_rule_texts.py: never
 
 
-def _field_errors(exc: ValidationError) -> list[FieldError]:
-    return [FieldError(_path(e["loc"]), _message(e)) for e in exc.errors(include_url=False,
-                                                                           include_input=False)]
+def _field_errors(exc: ValidationError, cls: type) -> list[FieldError]:
+    return [FieldError(_path(e["loc"]), _message(e, cls))
+            for e in exc.errors(include_url=False, include_input=False)]
 
 
 # per request model: its field names, and the fields that hold request models as
@@ -194,7 +261,7 @@ def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> 
     try:
         model = M.REQUEST_MODELS[mt].model_validate(body, context={"allow_pickle": allow_pickle})
     except ValidationError as exc:
-        errors.extend(_field_errors(exc))
+        errors.extend(_field_errors(exc, M.REQUEST_MODELS[mt]))
     errors.extend(rules.cross_field_errors(mt, body, default_model_base))
     if errors:
         raise ValidationFailed(_dedupe(errors))
@@ -232,10 +299,6 @@ def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> 
     elif mt == C.LIST_HISTORY:
         params = {"limit": (model.data.limit if model.data and model.data.limit
                             else C.DEFAULT_HISTORY_LIMIT)}
-    if job is not None:  # the rules over the whole job, decided here rather than on a worker
-        problems = rules.job_field_errors(job)
-        if problems:
-            raise ValidationFailed(problems)
     return ParsedRequest(message_type=mt, reply_type=reply_type, request_id=request_id, job=job,
                          params=params, warnings=warnings)
 

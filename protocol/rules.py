@@ -11,17 +11,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from protocol import constants as C
+from protocol import rule_texts as R
 from protocol.errors import FieldError
 
-
-# the words every error and docs/protocol.md use for a rule (one place for each)
-MASK_NEEDS_INIT = "mask_image needs init_image (inpainting edits an image)"
-REFINER_SWITCH_BOUNDS = (f"must be between {C.MIN_REFINER_SWITCH:g} and {C.MAX_REFINER_SWITCH:g}, "
-                         "both excluded (the share of the steps the base runs before the refiner)")
-SIZE_MULTIPLE = f"must be a multiple of {C.SIZE_MULTIPLE}"
-UPSCALE_FACTOR_BOUNDS = f"must be 1.0-{C.MAX_UPSCALE_FACTOR:g}"
-INPUT_PATH_ESCAPES = "an image path must stay under the input root (no '..')"
-MODEL_PATH_ESCAPES = "a model path must stay under the model root (no '..')"
+# the words of these rules live in protocol.rule_texts (with every other rule's); short names
+# for the ones tests and callers use most
+MASK_NEEDS_INIT = R.MASK_NEEDS_INIT.message
+INPUT_PATH_ESCAPES = R.INPUT_PATH_ESCAPES.message
+MODEL_PATH_ESCAPES = R.MODEL_PATH_ESCAPES.message
 
 
 def _at(i: int, items: Optional[list]):
@@ -30,6 +27,10 @@ def _at(i: int, items: Optional[list]):
 
 def _is_list(v) -> bool:
     return isinstance(v, list)
+
+
+def _nonempty_list(v) -> bool:
+    return isinstance(v, list) and len(v) > 0
 
 
 def _get(d: Any, *keys):
@@ -48,10 +49,10 @@ def _parallel(body: dict, names: tuple[str, ...], errors: list[FieldError]) -> N
             lengths[n] = len(v)
     if len(lengths) > 1 and len(set(lengths.values())) > 1:
         shown = ", ".join(f"{n} ({k})" for n, k in lengths.items())
-        errors.append(FieldError(",".join(lengths), f"parallel arrays differ in length: {shown}"))
+        errors.append(FieldError(",".join(lengths), R.PARALLEL_ARRAYS(lengths=shown)))
 
 
-def _null_items(body: dict, key: str, fallback: str, errors: list[FieldError], what: str) -> None:
+def _null_items(body: dict, key: str, fallback: str, errors: list[FieldError], rule: R.Rule) -> None:
     """Each item needs `key` or, when that item is null, `fallback` (e.g. a LoRA name or path)."""
     a, b = body.get(key), body.get(fallback)
     if isinstance(a, list) and None not in a and not (isinstance(b, list) and len(b) > len(a)):
@@ -59,12 +60,12 @@ def _null_items(body: dict, key: str, fallback: str, errors: list[FieldError], w
     count = max(len(a) if _is_list(a) else 0, len(b) if _is_list(b) else 0)
     for i in range(count):
         if (_at(i, a) if _is_list(a) else None) is None and (_at(i, b) if _is_list(b) else None) is None:
-            errors.append(FieldError(f"{key}[{i}]", f"each {what} needs a name or a path"))
+            errors.append(FieldError(f"{key}[{i}]", rule.message))
 
 
 def _mask_needs_init(mask, init, field: str, errors: list[FieldError]) -> None:
     if mask is not None and init is None:
-        errors.append(FieldError(field, MASK_NEEDS_INIT))
+        errors.append(FieldError(field, R.MASK_NEEDS_INIT.message))
 
 
 def _usable(value, low: float, high: float, default):
@@ -96,7 +97,7 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
     errors: list[FieldError] = []
     if message_type == C.GENERATE_FLAT:
         if body.get("model_base") is None and not default_model_base:
-            errors.append(FieldError("model_base", "base model is required"))
+            errors.append(FieldError("model_base", R.BASE_REQUIRED.message))
         _parallel(body, ("lora_names", "lora_paths", "lora_weights"), errors)
         _parallel(body, ("controlnet_types", "controlnet_images", "controlnet_weights",
                          "controlnet_models", "controlnet_preprocess"), errors)
@@ -104,64 +105,71 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
                          "textual_inversion_tokens"), errors)
         if _is_list(body.get("lora_weights")) and body["lora_weights"] and not (
                 _is_list(body.get("lora_names")) or _is_list(body.get("lora_paths"))):
-            errors.append(FieldError("lora_weights", "lora_weights given without lora_names or lora_paths"))
-        _null_items(body, "lora_names", "lora_paths", errors, "LoRA")
+            errors.append(FieldError("lora_weights", R.LORA_WEIGHTS_ALONE.message))
+        _null_items(body, "lora_names", "lora_paths", errors, R.LORA_NAME_OR_PATH)
         _null_items(body, "textual_inversion_names", "textual_inversion_paths", errors,
-                    "textual inversion")
-        cn_given = any(isinstance(v := body.get(n), list) and v
-                       for n in ("controlnet_types", "controlnet_weights", "controlnet_models",
-                                 "controlnet_preprocess"))
-        if cn_given and not (_is_list(body.get("controlnet_images")) and body["controlnet_images"]):
-            errors.append(FieldError("controlnet_images", "each ControlNet needs an image"))
-        _mask_needs_init(body.get("mask_image"), body.get("init_image"), "mask_image", errors)
-        _steps_strength(body.get("init_image"), body.get("steps"), body.get("strength"),
-                        "strength", errors)
+                    R.TI_NAME_OR_PATH)
+        images = body.get("controlnet_images")
+        if not (_is_list(images) and images) and (  # an `or` chain: no generator per request
+                _nonempty_list(body.get("controlnet_types"))
+                or _nonempty_list(body.get("controlnet_weights"))
+                or _nonempty_list(body.get("controlnet_models"))
+                or _nonempty_list(body.get("controlnet_preprocess"))):
+            errors.append(FieldError("controlnet_images", R.CONTROLNET_IMAGE.message))
+        init = body.get("init_image")
+        if init is None:
+            _mask_needs_init(body.get("mask_image"), init, "mask_image", errors)
+        else:
+            _steps_strength(init, body.get("steps"), body.get("strength"), "strength", errors)
     elif message_type == C.GENERATE_NESTED:
         data = body.get("data")
         if not isinstance(data, dict):
             return errors
-        if _get(data, "models", "base") is None and data.get("model_name") is None \
-                and not default_model_base:
-            errors.append(FieldError("data.models.base", "base model is required "
-                                                         "(data.models.base or data.model_name)"))
+        models = data.get("models")
+        if (models.get("base") if isinstance(models, dict) else None) is None \
+                and data.get("model_name") is None and not default_model_base:
+            errors.append(FieldError("data.models.base", R.BASE_REQUIRED.message))
         single = data.get("controlnet")
         if isinstance(single, dict) and single.get("enabled") is True \
                 and single.get("control_image") is None:
-            errors.append(FieldError("data.controlnet.control_image",
-                                     "required when the ControlNet is enabled"))
+            errors.append(FieldError("data.controlnet.control_image", R.CONTROLNET_IMAGE.message))
         many = data.get("controlnets")
         if _is_list(many):
             for i, cn in enumerate(many):
                 if isinstance(cn, dict) and cn.get("enabled") is not False \
                         and cn.get("control_image") is None:
                     errors.append(FieldError(f"data.controlnets[{i}].control_image",
-                                             "each ControlNet needs an image"))
-        for where in (("output", "upscale"), ("postprocessing", "upscale")):
-            up = _get(data, *where)
+                                             R.CONTROLNET_IMAGE.message))
+        for section in ("output", "postprocessing"):
+            part = data.get(section)
+            up = part.get("upscale") if isinstance(part, dict) else None
             if isinstance(up, dict) and up.get("enabled") is True and up.get("factor") is None:
-                errors.append(FieldError("data." + ".".join(where) + ".factor",
-                                         "required when upscaling is enabled"))
-        _mask_needs_init(data.get("mask_image"), data.get("init_image"), "data.mask_image", errors)
-        hyper = data.get("hyperparameters")
-        hyper = hyper if isinstance(hyper, dict) else {}
-        # a flat data.strength overwrites hyperparameters.strength (the seed's normalisation)
-        _steps_strength(data.get("init_image"),
-                        _first(data.get("num_inference_steps"), hyper.get("num_inference_steps")),
-                        _first(data.get("strength"), hyper.get("strength")),
-                        "data.strength" if data.get("strength") is not None
-                        else "data.hyperparameters.strength", errors)
+                errors.append(FieldError(f"data.{section}.upscale.factor",
+                                         R.UPSCALE_NEEDS_FACTOR.message))
+        init = data.get("init_image")
+        if init is None:
+            _mask_needs_init(data.get("mask_image"), init, "data.mask_image", errors)
+        else:
+            hyper = data.get("hyperparameters")
+            hyper = hyper if isinstance(hyper, dict) else {}
+            # a flat data.strength overwrites hyperparameters.strength (the seed's normalisation)
+            _steps_strength(init,
+                            _first(data.get("num_inference_steps"), hyper.get("num_inference_steps")),
+                            _first(data.get("strength"), hyper.get("strength")),
+                            "data.strength" if data.get("strength") is not None
+                            else "data.hyperparameters.strength", errors)
     elif message_type == C.GENERATE_LEGACY_ACTION:
         ps = body.get("prompt_submission")
         if not isinstance(ps, dict):
             return errors
         if _get(ps, "model", "base") is None and not default_model_base:
-            errors.append(FieldError("prompt_submission.model.base", "base model is required"))
+            errors.append(FieldError("prompt_submission.model.base", R.BASE_REQUIRED.message))
         loras = _get(ps, "conditioning", "loras")
         if _is_list(loras):
             for i, lora in enumerate(loras):
                 if isinstance(lora, dict) and lora.get("name") is None and lora.get("path") is None:
                     errors.append(FieldError(f"prompt_submission.conditioning.loras[{i}]",
-                                             "each LoRA needs a name or a path"))
+                                             R.LORA_NAME_OR_PATH.message))
         cond = ps.get("conditioning")
         if isinstance(cond, dict):
             _mask_needs_init(cond.get("mask_image"), cond.get("init_image"),
@@ -174,10 +182,10 @@ def cross_field_errors(message_type: str, body: dict, default_model_base: Option
                             errors)
     elif message_type in (C.MODEL_LOAD, C.MODEL_LOAD_LEGACY):
         if _get(body, "data", "model_name") is None and body.get("model_name") is None:
-            errors.append(FieldError("data.model_name", "model_name is required"))
+            errors.append(FieldError("data.model_name", R.MODEL_NAME_REQUIRED.message))
     elif message_type == C.CANCEL:
         if _get(body, "data", "request_id") is None and body.get("request_id") is None:
-            errors.append(FieldError("request_id", "the request_id of the job to cancel is required"))
+            errors.append(FieldError("request_id", R.CANCEL_TARGET_REQUIRED.message))
     return errors
 
 
@@ -198,8 +206,7 @@ def min_steps(strength: float) -> int:
 def steps_strength_message(steps: int, strength: float) -> str:
     hint = (f"raise steps to at least {min_steps(strength)} or raise strength"
             if strength > 0 else "raise strength above 0")
-    return (f"strength {strength:g} x steps {steps} leaves no denoising step "
-            f"(needs steps * strength >= 1); {hint}")
+    return R.STEPS_STRENGTH(strength=f"{strength:g}", steps=steps, hint=hint)
 
 
 def job_problems(job) -> list[tuple[str, str]]:
@@ -208,18 +215,18 @@ def job_problems(job) -> list[tuple[str, str]]:
     if job.init_image is not None and int(job.steps * job.strength) < 1:
         problems.append(("strength", steps_strength_message(job.steps, job.strength)))
     if job.mask_image is not None and job.init_image is None:
-        problems.append(("mask_image", MASK_NEEDS_INIT))
-    if job.models.refiner and not 0.0 < job.refiner_switch < 1.0:
-        problems.append(("refiner_switch", REFINER_SWITCH_BOUNDS))
+        problems.append(("mask_image", R.MASK_NEEDS_INIT.message))
+    if job.models.refiner and not C.MIN_REFINER_SWITCH < job.refiner_switch < C.MAX_REFINER_SWITCH:
+        problems.append(("refiner_switch", R.REFINER_SWITCH.message))
     for name in ("width", "height"):
         value = getattr(job, name)
-        if value % C.SIZE_MULTIPLE:  # the 256-2048 bounds are the broker's field checks
-            problems.append((name, SIZE_MULTIPLE))
+        if value % C.SIZE_MULTIPLE or not C.MIN_SIZE <= value <= C.MAX_SIZE:
+            problems.append((name, R.SIZE.message))
     if not C.MIN_BATCH <= job.batch_size <= C.MAX_BATCH:
-        problems.append(("batch_size", f"must be {C.MIN_BATCH}-{C.MAX_BATCH}"))
+        problems.append(("batch_size", R.BATCH.message))
     factor = job.postprocess.upscale_factor
     if factor is not None and not 1.0 <= factor <= C.MAX_UPSCALE_FACTOR:
-        problems.append(("postprocess.upscale_factor", UPSCALE_FACTOR_BOUNDS))
+        problems.append(("postprocess.upscale_factor", R.UPSCALE_FACTOR.message))
     return problems
 
 

@@ -8,6 +8,7 @@ Job -> forms: `job_to_legacy` (the first seed's `prompt_submission`, only what t
 
 from __future__ import annotations
 
+import operator
 import uuid
 from typing import Any, Optional
 
@@ -137,16 +138,20 @@ def _padded(items, count: int):
 
 
 _DELIVERY_FIELDS = ("stream", "preview", "preview_size", "preview_every_steps", "preview_interval_ms")
+_delivery_values = operator.itemgetter(*_DELIVERY_FIELDS)  # one C call per source, per request
 
 
 def _delivery(*sources) -> dict[str, Any]:
     """Job.stream / preview / preview_size / preview cadence from a form's delivery fields,
     each from the first of `sources` (the top level, then the form's metadata) that sets it:
     `stream: "preview"` or `preview: true` asks for previews, and previews imply progress."""
-    given = {name: next((getattr(src, name) for src in sources if getattr(src, name) is not None), None)
-             for name in _DELIVERY_FIELDS}
-    wants_preview = given["preview"] is True or given["stream"] == C.STREAM_PREVIEW
-    if wants_preview:
+    values = _delivery_values(sources[0].__dict__)
+    for source in sources[1:]:
+        if None in values:
+            values = tuple(v if v is not None else o
+                           for v, o in zip(values, _delivery_values(source.__dict__)))
+    given = dict(zip(_DELIVERY_FIELDS, values))
+    if given["preview"] is True or given["stream"] == C.STREAM_PREVIEW:
         given["stream"] = given["preview"] = True
     return given
 

@@ -37,7 +37,7 @@ def test_seed1_example2_needs_a_base_model_without_a_default():
     from protocol.errors import ValidationFailed
     with pytest.raises(ValidationFailed) as info:
         parse_request(load("seed1_example2_request.json"))
-    assert [(e.field, e.message) for e in info.value.errors] == [("model_base", "base model is required")]
+    assert [(e.field, e.message) for e in info.value.errors] == [("model_base", "a base model is required")]
 
 
 def test_seed1_example2_job_fields():

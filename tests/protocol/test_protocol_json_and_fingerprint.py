@@ -187,6 +187,16 @@ def test_protocol_cost_bench_runs_and_prints_every_case(flags, capsys):
     assert ("thread CPU" in out) == bool(flags)
 
 
+def test_protocol_cost_compares_with_a_baseline_commit(capsys):
+    """--baseline runs both sides in subprocesses and prints each row's change (here against
+    the commit the branch stands on; the figures are printed, never asserted)."""
+    from bench import protocol_cost
+    assert protocol_cost.main(["--baseline", "HEAD", "--rounds", "1", "--repeat", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("nested, 3 LoRAs + 2 ControlNets") == 2 and "largest change" in out
+    assert all(line.rstrip().endswith("%") for line in out.splitlines()[2:10])
+
+
 # --- the broker's duplicate check: body_fingerprint ------------------------------------------
 
 def _reference_canonical(obj):

@@ -94,7 +94,7 @@ def test_bounds_in_nested_and_legacy_report_the_client_path():
 
 def test_prompt_and_base_model_are_required_in_every_form():
     assert fields_of({"message_type": "generate_sdxl_enhanced"}) == {
-        "prompt": "is required", "model_base": "base model is required"}
+        "prompt": "is required", "model_base": "a base model is required"}
     assert set(fields_of({"message_type": "inference_request", "data": {"prompt": "  "}})) == \
         {"data.prompt", "data.models.base"}
     assert set(fields_of({"message_type": "inference_request"})) == {"data"}
