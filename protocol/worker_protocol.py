@@ -255,6 +255,11 @@ class _Envelope(Struct):
 _envelope = msgspec.msgpack.Decoder(_Envelope)
 
 
+# msgspec raises RecursionError (not a MsgspecError) for a frame nested deeper than it
+# recurses, e.g. 100,000 maps inside each other: garbage like any other, never a crash
+_UNDECODABLE = (msgspec.MsgspecError, RecursionError)
+
+
 def encode(message: Message) -> bytes:
     """One frame for any message, either direction."""
     return _encoder.encode(message)
@@ -265,7 +270,7 @@ def decode_from_worker(frame: bytes) -> FromWorker:
     for a frame of another protocol version that does not decode as this one's)."""
     try:
         return _from_worker.decode(frame)
-    except msgspec.MsgspecError as exc:
+    except _UNDECODABLE as exc:
         raise _explain(frame, exc) from None
 
 
@@ -273,14 +278,14 @@ def decode_from_broker(frame: bytes) -> FromBroker:
     """The worker's decoder for a frame from the broker; raises WorkerProtocolError."""
     try:
         return _from_broker.decode(frame)
-    except msgspec.MsgspecError as exc:
+    except _UNDECODABLE as exc:
         raise _explain(frame, exc) from None
 
 
 def _explain(frame: bytes, exc: Exception) -> WorkerProtocolError:
     try:
         env = _envelope.decode(frame)
-    except msgspec.MsgspecError:
+    except _UNDECODABLE:
         return WorkerProtocolError(f"not a worker-protocol map: {exc}")
     if env.v is not None and env.v != PROTOCOL_VERSION:
         worker_id = env.worker_id if isinstance(env.worker_id, str) else None

@@ -67,9 +67,16 @@ def test_a_hand_written_map_with_missing_optional_fields_decodes_with_defaults()
     assert msg == W.Disconnect(reason="x")
 
 
+def _nested_heartbeat(depth: int) -> bytes:
+    """A HEARTBEAT whose telemetry is `depth` maps deep (by hand: msgpack's packer stops at 512)."""
+    head = b"\x83" + b"".join(msgpack.packb(x) for x in ("t", "HEARTBEAT", "v", 1, "telemetry"))
+    return head + b"\x81\xa1a" * depth + msgpack.packb(1)
+
+
 @pytest.mark.parametrize("frame", [
     b"",
     b"\xc1",                                                          # not msgpack
+    _nested_heartbeat(100_000),                                       # deeper than msgspec recurses
     msgpack.packb([1, 2]),                                            # not a map
     msgpack.packb({"v": 1}),                                          # no type
     msgpack.packb({"t": "NOPE", "v": 1}),                             # unknown type
@@ -93,6 +100,7 @@ def test_bad_worker_frames_raise_one_error_type(frame):
     msgpack.packb({"t": "JOB", "v": 1, "request_id": "r", "attempt": 1, "dispatch_id": 1}),
     msgpack.packb({"t": "MANAGE", "v": 1, "op_id": 1, "op": "load_model", "args": []}),
     msgpack.packb({"t": "RESULT", "v": 1, "request_id": "r", "dispatch_id": 1}),  # a worker message
+    _nested_heartbeat(100_000),
 ])
 def test_bad_broker_frames_raise_one_error_type(frame):
     with pytest.raises(W.WorkerProtocolError):
