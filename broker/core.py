@@ -42,6 +42,7 @@ from broker import job_log, listings, management, routing, watchdog
 from broker.bad_frames import BadFrames
 from broker.eta import queued_eta_s
 from broker.job_queue import JobQueue
+from broker.journal import JournalError, UnstoredReplies
 from broker.jobs import QUEUED, RUNNING, JobState, Peer
 from broker.metrics import BrokerMetrics
 from broker.registry import WorkerRecord, WorkerRegistry
@@ -52,6 +53,7 @@ log = logging.getLogger("broker.server")   # the broker's log lines keep their l
 # worker does not block the ones behind it, but a pass stays bounded with a long queue
 DISPATCH_LOOKAHEAD = 64
 JOURNAL_EXPIRE_EVERY_S = 60.0
+STORE_RETRY_EVERY_S = 2.0   # a reply the journal could not store is tried again this often
 FALLBACK_REPLY_TYPE = "error_response"  # a body too broken to tell what it asked for
 
 
@@ -156,6 +158,8 @@ class BrokerCore:
         self.queue = JobQueue()   # its size limit is checked here, at acceptance
         self.jobs: dict[str, JobState] = {}     # accepted, not finished
         self.journal = None                     # set by open()
+        self._unstored = UnstoredReplies()      # final replies the journal failed to store
+        self._next_store_retry = now
         self._bad_frames = BadFrames()
         self.counters = {"completed": 0, "failed": 0, "accepted": 0, "malformed": 0}
         self._ops = management.PendingOps()
@@ -257,6 +261,7 @@ class BrokerCore:
                 "max_queue": self.config.max_queue,
                 "queue_mb": round(self.queue.bytes_held / 2**20, 3),
                 "max_queue_mb": self.config.max_queue_mb,
+                "unstored_replies": len(self._unstored),
             },
             "workers": [w.status_row(now) for w in self.registry.all()],
         }
@@ -342,7 +347,11 @@ class BrokerCore:
                 else:
                     self._send_to(peer, active.last_progress)
             return
-        stored = self.journal.stored_reply(rid)
+        try:
+            stored = self._stored_reply(rid)
+        except JournalError as exc:
+            self._journal_unavailable(peer, parsed.reply_type, rid, "read", exc)
+            return
         if stored is not None:
             if stored.fingerprint != fingerprint:
                 self._send_duplicate(peer, parsed.reply_type, rid)
@@ -364,7 +373,11 @@ class BrokerCore:
         state = JobState(request_id=rid, job=job, reply_type=parsed.reply_type,
                          fingerprint=fingerprint, accepted_at=now, deadline=now + job.timeout_s,
                          body_bytes=len(body), peers=[peer], warnings=warnings)
-        self.journal.accept(rid, body, fingerprint)
+        try:
+            self.journal.accept(rid, body, fingerprint)
+        except JournalError as exc:   # never accepted silently without a journal row
+            self._journal_unavailable(peer, parsed.reply_type, rid, "accept", exc)
+            return
         self._enqueue(state)
         self.counters["accepted"] += 1
         if self._refuse_if_no_worker_can_run(state):
@@ -373,6 +386,50 @@ class BrokerCore:
             position = self.queue.position(rid)
             self._progress(state, "queued", queue_position=position,
                            eta_s=queued_eta_s(job, position, self.registry.live()))
+
+    # --- the journal's failures (a full or failing --state-dir disk) ---------------------------
+    def _journal_unavailable(self, peer: Peer, reply_type: str, rid: str, operation: str,
+                             exc: JournalError) -> None:
+        """The request cannot be taken while the journal fails: `unavailable`, nothing queued."""
+        self.metrics.journal_error(operation)
+        log.error("request %s refused (unavailable): %s", rid, exc)
+        self._send_error(peer, reply_type, rid, ProtocolError(
+            C.UNAVAILABLE, f"the broker cannot take jobs right now: {exc}. Nothing was queued; "
+                           f"send the same request again later"))
+
+    def _stored_reply(self, rid: str):
+        """The final reply of a finished job: one the journal could not store yet, else the
+        journal's (JournalError when the journal cannot be read)."""
+        return self._unstored.get(rid) or self.journal.stored_reply(rid)
+
+    def _store_reply(self, state: JobState, reply: dict) -> None:
+        """Into the journal; when it fails, kept in memory and stored again by the timer."""
+        codec_name = state.peers[0].codec if state.peers else C.CODEC_JSON
+        if not self._unstored:
+            try:
+                self.journal.finish(state.request_id, state.fingerprint, codec_name, reply)
+                return
+            except JournalError as exc:
+                self.metrics.journal_error("finish")
+                log.error("job %s: %s; its reply is kept in memory and stored again every "
+                          "%g s (a resend gets it meanwhile)", state.request_id, exc,
+                          STORE_RETRY_EVERY_S)
+                self._next_store_retry = self._now + STORE_RETRY_EVERY_S
+        # behind earlier unstored replies, so they are stored in the order they finished
+        self._unstored.keep(state.request_id, state.fingerprint, codec_name, reply)
+
+    def _retry_unstored(self, why: str) -> None:
+        try:
+            stored = self._unstored.store_into(self.journal)
+        except JournalError as exc:
+            self.metrics.journal_error("retry")
+            if why != "timer":
+                log.error("%d final repl(ies) still not stored (%s): %s", len(self._unstored),
+                          why, exc)
+            return
+        if stored:
+            log.info("journal: stored %d final repl(ies) kept in memory since the journal failed",
+                     stored)
 
     # --- admission bounds ----------------------------------------------------------------------
     def _queue_refusal(self, body_bytes: int) -> ProtocolError | None:
@@ -473,9 +530,17 @@ class BrokerCore:
 
     def _on_list_history(self, peer: Peer, parsed) -> None:
         limit = management.param(parsed, "limit", default=C.DEFAULT_HISTORY_LIMIT)
+        try:
+            data = listings.history_view(self.journal, limit)
+        except JournalError as exc:
+            self._journal_unavailable(peer, parsed.reply_type, parsed.request_id, "read", exc)
+            return
+        warnings = list(parsed.warnings or ())
+        if self._unstored:
+            warnings.append(f"{len(self._unstored)} finished job(s) are missing: the journal "
+                            f"could not store their replies yet")
         self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
-                                        data=listings.history_view(self.journal, limit),
-                                        warnings=parsed.warnings or ()))
+                                        data=data, warnings=warnings))
 
     def _start_op(self, peer: Peer, parsed, op: str, workers: list[WorkerRecord],
                   args: W.ManageArgs, timeout_s: float) -> None:
@@ -760,9 +825,16 @@ class BrokerCore:
             self._expire_deadlines(now)
         if self._ops:
             self._complete_ops(self._ops.expire(now))
+        if self._unstored and now >= self._next_store_retry:
+            self._next_store_retry = now + STORE_RETRY_EVERY_S
+            self._retry_unstored("timer")
         if now >= self._next_journal_expire:
             self._next_journal_expire = now + JOURNAL_EXPIRE_EVERY_S
-            self.journal.expire()
+            try:
+                self.journal.expire()
+            except JournalError as exc:
+                self.metrics.journal_error("expire")
+                log.error("%s; trying again in %g s", exc, JOURNAL_EXPIRE_EVERY_S)
         if self._pool_changed or (self.queue and not self.registry.live()):
             self._check_pool(now)
         if self._dirty:
@@ -965,9 +1037,8 @@ class BrokerCore:
                                   steps=state.job.steps)
         for peer in state.peers:
             self._send_to(peer, reply)
-        codec_name = state.peers[0].codec if state.peers else C.CODEC_JSON
-        self.journal.finish(state.request_id, state.fingerprint, codec_name, reply)
         self._dirty = True
+        self._store_reply(state, reply)
 
     def _progress(self, state: JobState, stage: str, **fields) -> None:
         if stage not in C.STAGES:
@@ -1008,6 +1079,12 @@ class BrokerCore:
     def _answer_unfinished_on_stop(self) -> None:
         # management requests are never journaled
         self._complete_ops(self._ops.abandon_all("the broker stopped before the worker answered"))
+        if self._unstored and self.journal is not None:
+            self._retry_unstored("the broker is stopping")
+            if self._unstored:
+                log.error("stopping with %d final repl(ies) the journal could not store: their "
+                          "jobs (%s) stay in the journal and run again after a restart",
+                          len(self._unstored), ", ".join(self._unstored.request_ids()[:20]))
         if self.config.state_dir or self.journal is None:
             return
         for state in list(self.jobs.values()):

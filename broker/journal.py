@@ -14,6 +14,7 @@ import os
 import sqlite3
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import msgpack
@@ -39,6 +40,11 @@ CREATE TABLE IF NOT EXISTS replies (
 );
 CREATE INDEX IF NOT EXISTS replies_finished ON replies(finished_at);
 """
+
+
+class JournalError(Exception):
+    """The journal could not be read or written (a full or failing disk). Raised by the
+    journal's methods instead of sqlite3's errors; the transaction was rolled back."""
 
 
 @dataclass(frozen=True)
@@ -80,38 +86,58 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    @contextmanager
+    def _io(self, what: str):
+        """sqlite3 errors (SQLITE_FULL: "database or disk is full", disk I/O errors) become a
+        JournalError naming the journal file; an open transaction is rolled back, so the
+        connection stays usable once the disk has room again."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            try:
+                if self._db.in_transaction:
+                    self._db.rollback()
+            except sqlite3.Error:
+                pass
+            raise JournalError(f"journal {self.path} could not {what}: {exc}") from exc
+
     def accept(self, request_id: str, body: bytes, fingerprint: str) -> None:
         """Store an accepted job's body. Written through SQLite's incremental blob I/O, not
         bound as a parameter: a bound blob is copied by SQLite and the copy stays in the cached
         statement until its next run (one more 60 MB in RAM after a 60 MB request)."""
-        if not hasattr(self._db, "blobopen"):   # Python 3.10: no incremental blob I/O
-            self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?)",
-                             (request_id, body, fingerprint, self.wall_clock()))
-            return
-        with self._db:
-            self._db.execute("BEGIN")
-            rowid = self._db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?, zeroblob(?), ?, ?)",
-                (request_id, len(body), fingerprint, self.wall_clock())).lastrowid
-            if body:
-                view = memoryview(body)
-                with self._db.blobopen("jobs", "body", rowid) as blob:
-                    for offset in range(0, len(view), _BLOB_CHUNK):
-                        blob.write(view[offset:offset + _BLOB_CHUNK])
+        with self._io("store the job"):
+            if not hasattr(self._db, "blobopen"):   # Python 3.10: no incremental blob I/O
+                self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?)",
+                                 (request_id, body, fingerprint, self.wall_clock()))
+                return
+            with self._db:
+                self._db.execute("BEGIN")
+                rowid = self._db.execute(
+                    "INSERT OR REPLACE INTO jobs VALUES (?, zeroblob(?), ?, ?)",
+                    (request_id, len(body), fingerprint, self.wall_clock())).lastrowid
+                if body:
+                    view = memoryview(body)
+                    with self._db.blobopen("jobs", "body", rowid) as blob:
+                        for offset in range(0, len(view), _BLOB_CHUNK):
+                            blob.write(view[offset:offset + _BLOB_CHUNK])
 
-    def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict) -> None:
-        """Store the final reply and drop the job row, in one transaction."""
+    def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict,
+               finished_at: float | None = None) -> None:
+        """Store the final reply and drop the job row, in one transaction. `finished_at`
+        (wall clock): when it finished, for a reply stored late (a retry after a full disk)."""
         blob = _pack_reply(reply)
-        with self._db:
+        with self._io("store the reply"), self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
-                             (request_id, fingerprint, codec, blob, self.wall_clock()))
+                             (request_id, fingerprint, codec, blob,
+                              self.wall_clock() if finished_at is None else finished_at))
             self._db.execute("DELETE FROM jobs WHERE request_id = ?", (request_id,))
 
     def stored_reply(self, request_id: str) -> StoredReply | None:
-        row = self._db.execute(
-            "SELECT fingerprint, codec, reply, finished_at FROM replies WHERE request_id = ?",
-            (request_id,)).fetchone()
+        with self._io("read a stored reply"):
+            row = self._db.execute(
+                "SELECT fingerprint, codec, reply, finished_at FROM replies WHERE request_id = ?",
+                (request_id,)).fetchone()
         if row is None:
             return None
         if self.wall_clock() - row[3] > self.reply_ttl_s:
@@ -122,9 +148,10 @@ class Journal:
         """(request_id, finished_at, reply) of the newest stored replies within the TTL, newest
         first (list_history)."""
         cutoff = self.wall_clock() - self.reply_ttl_s
-        rows = self._db.execute(
-            "SELECT request_id, finished_at, reply FROM replies WHERE finished_at >= ? "
-            "ORDER BY finished_at DESC LIMIT ?", (cutoff, int(limit)))
+        with self._io("read the history"):
+            rows = self._db.execute(
+                "SELECT request_id, finished_at, reply FROM replies WHERE finished_at >= ? "
+                "ORDER BY finished_at DESC LIMIT ?", (cutoff, int(limit))).fetchall()
         return [(r[0], r[1], _unpack_reply(r[2])) for r in rows]
 
     def pending(self) -> list[PendingJob]:
@@ -136,13 +163,15 @@ class Journal:
     def expire(self) -> int:
         """Delete replies older than the TTL and the oldest past max_replies. Returns rows deleted."""
         cutoff = self.wall_clock() - self.reply_ttl_s
-        deleted = self._db.execute("DELETE FROM replies WHERE finished_at < ?", (cutoff,)).rowcount
-        count = self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
-        if count > self.max_replies:
-            deleted += self._db.execute(
-                "DELETE FROM replies WHERE request_id IN "
-                "(SELECT request_id FROM replies ORDER BY finished_at LIMIT ?)",
-                (count - self.max_replies,)).rowcount
+        with self._io("expire old replies"):
+            deleted = self._db.execute("DELETE FROM replies WHERE finished_at < ?",
+                                       (cutoff,)).rowcount
+            count = self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+            if count > self.max_replies:
+                deleted += self._db.execute(
+                    "DELETE FROM replies WHERE request_id IN "
+                    "(SELECT request_id FROM replies ORDER BY finished_at LIMIT ?)",
+                    (count - self.max_replies,)).rowcount
         return deleted
 
     def counts(self) -> dict:
@@ -193,10 +222,12 @@ class MemoryJournal:
     def accept(self, request_id: str, body: bytes, fingerprint: str) -> None:
         self._jobs[request_id] = PendingJob(request_id, b"", fingerprint, self.wall_clock())
 
-    def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict) -> None:
+    def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict,
+               finished_at: float | None = None) -> None:
         blob = _pack_reply(reply)
         self._replies.pop(request_id, None)
-        self._replies[request_id] = (fingerprint, codec, blob, self.wall_clock())
+        self._replies[request_id] = (fingerprint, codec, blob,
+                                     self.wall_clock() if finished_at is None else finished_at)
         self._jobs.pop(request_id, None)
         if len(self._replies) > self.max_replies:
             self._replies.popitem(last=False)
@@ -232,6 +263,48 @@ class MemoryJournal:
 
     def counts(self) -> dict:
         return {"jobs": len(self._jobs), "replies": len(self._replies)}
+
+
+class UnstoredReplies:
+    """Final replies the journal could not store (a full disk), kept in memory until a retry
+    stores them: a resend meanwhile gets the reply from here, never a second run. The job's
+    row stays in the journal until then, so a broker stopped before the disk has room runs
+    the job again after its restart (logged when it stops; docs/reliability.md)."""
+
+    def __init__(self, wall_clock=time.time):
+        self.wall_clock = wall_clock
+        # request_id -> (fingerprint, codec, msgpack reply, finished_at wall clock), oldest first
+        self._replies: OrderedDict[str, tuple[str, str, bytes, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._replies
+
+    def keep(self, request_id: str, fingerprint: str, codec: str, reply: dict) -> None:
+        self._replies[request_id] = (fingerprint, codec, _pack_reply(reply), self.wall_clock())
+
+    def get(self, request_id: str) -> StoredReply | None:
+        entry = self._replies.get(request_id)
+        if entry is None:
+            return None
+        fingerprint, codec, blob, _ = entry
+        return StoredReply(request_id, fingerprint, codec, _unpack_reply(blob))
+
+    def store_into(self, journal) -> int:
+        """Store what the journal takes now, oldest first; stop at the first JournalError
+        (raised, with what was stored so far removed). Returns how many were stored."""
+        stored = 0
+        for request_id, (fingerprint, codec, blob, finished_at) in list(self._replies.items()):
+            journal.finish(request_id, fingerprint, codec, _unpack_reply(blob),
+                           finished_at=finished_at)
+            del self._replies[request_id]
+            stored += 1
+        return stored
+
+    def request_ids(self) -> list[str]:
+        return list(self._replies)
 
 
 def open_journal(state_dir: str | None, reply_ttl_s: float = 3600.0) -> Journal | MemoryJournal:

@@ -71,6 +71,11 @@ class BrokerMetrics:
             "sdxl_broker_watchdog_firings", "Times the stuck-job watchdog found a worker holding "
             "jobs without progress for --stuck-job-s (its jobs were aborted there and re-queued, "
             "and it was marked unhealthy), by worker id", ["worker_id"], registry=self.registry)
+        self.journal_errors = Counter(
+            "sdxl_broker_journal_errors", "Journal (--state-dir) reads and writes that failed "
+            "(a full or failing disk), by operation: accept (the job was refused `unavailable`), "
+            "finish (the reply is kept in memory and stored again later), retry, expire, read",
+            ["operation"], registry=self.registry)
         # labelled children, looked up once: .labels() takes a lock and validates every call
         self._children: dict[tuple, object] = {}
 
@@ -109,6 +114,9 @@ class BrokerMetrics:
 
     def bad_worker_frame(self, worker_id: str) -> None:
         self._child(self.bad_worker_frames, str(worker_id or "")).inc()
+
+    def journal_error(self, operation: str) -> None:
+        self._child(self.journal_errors, operation).inc()
 
     def heartbeat_missed(self, worker_id: str) -> None:
         self.missed_heartbeats.labels(str(worker_id)).inc()

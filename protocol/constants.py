@@ -65,11 +65,14 @@ WORKER_LOST = "worker_lost"
 OUT_OF_MEMORY = "out_of_memory"
 DUPLICATE_REQUEST_ID = "duplicate_request_id"
 INTERNAL_ERROR = "internal_error"
+# the broker cannot take the request right now (its journal cannot be written: a full or
+# failing disk); nothing was queued, the same request may be sent again later
+UNAVAILABLE = "unavailable"
 
 ERROR_CODES = (
     MALFORMED_MESSAGE, UNKNOWN_MESSAGE_TYPE, VALIDATION_ERROR, MODEL_NOT_FOUND,
     UNSUPPORTED_FEATURE, QUEUE_FULL, TIMEOUT, CANCELLED, WORKER_LOST, OUT_OF_MEMORY,
-    DUPLICATE_REQUEST_ID, INTERNAL_ERROR,
+    DUPLICATE_REQUEST_ID, INTERNAL_ERROR, UNAVAILABLE,
 )
 
 # --- priorities -----------------------------------------------------------------------------

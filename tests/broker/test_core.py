@@ -8,8 +8,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from broker.core import BrokerConfig, BrokerCore, ClientRequest, ToClient, ToWorkers
-from broker.journal import MemoryJournal
+from broker.journal import Journal, JournalError, MemoryJournal
 from protocol import worker_protocol as W
 
 from broker_harness import flat_request
@@ -219,3 +221,72 @@ def test_a_worker_without_batching_gets_one_job_per_slot_and_batches_are_shared_
     for identities, m in sent:
         by_worker.setdefault(identities[0], []).append(m.batch_of)
     assert sorted(by_worker.values()) == [[3, 3, 3], [3, 3, 3]]
+
+
+class _FailingJournal:
+    """A real journal whose writes (and reads, when `reads` is set) raise JournalError while
+    `failing` is set, as a full disk makes the SQLite journal do."""
+
+    def __init__(self, journal):
+        self.inner, self.failing, self.reads = journal, False, False
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        writes = name in ("accept", "finish", "expire")
+        if not callable(attr) or not (writes or (self.reads and name in ("stored_reply", "recent"))):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.failing:
+                raise JournalError(f"journal test.sqlite3 could not {name}: database or disk is full")
+            return attr(*args, **kwargs)
+        return call
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_a_failing_journal_refuses_new_jobs_and_keeps_replies_until_stored(kind, caplog):
+    journal = _FailingJournal(Journal(None) if kind == "sqlite" else MemoryJournal())
+    core = BrokerCore(BrokerConfig(state_dir="somewhere"), now=0.0, first_dispatch_id=100)
+    core.open(journal, 0.0, wall_now=0.0)
+    w = _register(core, "w1", 0.0)
+    _submit(core, "a", 0.0)
+    [run] = _to_workers(core.tick(0.1), W.RunJob)
+    journal.failing = True
+    # a new job cannot be journalled: unavailable at once, nothing queued
+    [refused] = _finals(_submit(core, "b", 0.2))
+    assert refused["error_code"] == "unavailable" and "test.sqlite3" in refused["error"]
+    assert core.status(0.2)["broker"]["queue_depth"] == 0 and "b" not in core.jobs
+    # the running job finishes: its reply goes out and is kept; a resend gets that one reply
+    [reply] = _finals(core.on_worker(w, W.JobResult(request_id="a", dispatch_id=100, data={
+        "generated_images": [{"seed": 7}], "processing_metrics": {}}), 1.0))
+    assert reply["success"] is True
+    assert core.status(1.0)["broker"]["unstored_replies"] == 1
+    [again] = _finals(_submit(core, "a", 1.5))
+    assert again == reply and not _to_workers(core.tick(1.5), W.RunJob)
+    # timers keep running while retries and expiry fail; then the disk has room again
+    core.tick(100.0)
+    assert core.status(100.0)["broker"]["unstored_replies"] == 1
+    journal.failing = False
+    core.tick(103.0)
+    assert core.status(103.0)["broker"]["unstored_replies"] == 0
+    assert journal.inner.stored_reply("a").reply == reply
+    assert journal.inner.counts()["jobs"] == 1 - 1   # the job row went with the stored reply
+    _submit(core, "b", 104.0)    # accepted again now
+    assert "b" in core.jobs
+    # a reply still unstored when the broker stops is logged with what runs again
+    journal.failing = True
+    w2 = _register(core, "w2", 104.2)   # w1 went silent during the jump to 100 s
+    [run_b] = _to_workers(core.tick(104.5), W.RunJob)
+    core.on_worker(w2, W.JobResult(request_id="b", dispatch_id=run_b[1].dispatch_id, data={
+        "generated_images": [], "processing_metrics": {}}), 105.0)
+    core.close(106.0)
+    assert "run again after a restart" in caplog.text and "b" in caplog.text
+
+
+def test_a_failing_journal_read_answers_unavailable():
+    journal = _FailingJournal(MemoryJournal())
+    core = BrokerCore(BrokerConfig(), now=0.0)
+    core.open(journal, 0.0, wall_now=0.0)
+    journal.failing = journal.reads = True
+    [refused] = _finals(_submit(core, "a", 0.1))
+    assert refused["error_code"] == "unavailable"
