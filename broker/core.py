@@ -852,8 +852,11 @@ class BrokerCore:
         if not live or routing.can_ever_run(self._needs(state), live):
             return False
         reason = routing.unroutable_reason(state.job, live) or "no registered worker can run it"
-        errors = [FieldError(state.job.client_path("device"), reason)] \
-            if R.DEVICE.pattern().match(reason) else []
+        # a reason that is one field's fault names it, as a validation error would
+        errors = [FieldError(state.job.client_path(field), reason)
+                  for rule, field in ((R.DEVICE, "device"),
+                                      (R.UPSCALE_METHOD, "postprocess.upscale_method"))
+                  if rule.pattern().match(reason)]
         self._fail_unrunnable(state, f"no worker can run this job: {reason}", errors)
         return True
 

@@ -31,8 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
+from protocol import constants as C
 from protocol import rule_texts as R
 from protocol.job import Job
+from protocol.rules import pool_upscaler
 from protocol.worker_protocol import MAX_JOBS_PER_WORKER
 
 from broker.registry import WorkerRecord
@@ -86,12 +88,19 @@ class JobNeeds:
     width: int
     height: int
     work_steps: int           # steps * batch_size
+    upscaler: str | None = None   # a model upscaler by name (protocol.rules.pool_upscaler)
 
     @classmethod
     def of(cls, job: Job, sizes: dict[str, float]) -> "JobNeeds":
         return cls(job.worker_type, job.features, job.device, job.needed_models,
                    estimate_memory_mb(job, sizes), job.models.base, job.width, job.height,
-                   job.steps * job.batch_size)
+                   job.steps * job.batch_size, pool_upscaler(job))
+
+
+def _lacks_upscaler(name: str | None, worker: WorkerRecord) -> bool:
+    """The worker reported its upscalers and `name` is not one (unreported: it may have it)."""
+    offered = worker.telemetry.upscalers
+    return name is not None and offered is not None and name not in offered
 
 
 def _static_reason(needs: JobNeeds, worker: WorkerRecord) -> str | None:
@@ -101,6 +110,8 @@ def _static_reason(needs: JobNeeds, worker: WorkerRecord) -> str | None:
         return f"feature {', '.join(sorted(needs.features - worker.capabilities))} not offered"
     if not _device_matches(needs.device, worker):
         return f"device {needs.device} not present"
+    if _lacks_upscaler(needs.upscaler, worker):
+        return f"upscaler {needs.upscaler} not present"
     total = worker.memory["total_mb"]
     if total > 0 and needs.need_mb > total:
         return f"needs {needs.need_mb:.0f} MB, has {total:.0f} MB"
@@ -140,6 +151,10 @@ def unroutable_reason(job: Job, workers: Sequence[WorkerRecord]) -> str | None:
         return f"no worker offers feature {', '.join(missing)}"
     if job.device and not any(_device_matches(job.device, w) for w in live):
         return R.DEVICE(device=job.device)
+    if needs.upscaler is not None and all(_lacks_upscaler(needs.upscaler, w) for w in live):
+        pool = sorted(set().union(*(w.telemetry.upscalers for w in live)))
+        return R.UPSCALE_METHOD(name=repr(needs.upscaler),
+                                valid=", ".join([C.DEFAULT_UPSCALE_METHOD, *pool]))
     largest = max(w.memory["total_mb"] for w in live)
     if needs.need_mb > largest:
         return f"needs {needs.need_mb:.0f} MB, largest worker has {largest:.0f} MB"

@@ -255,7 +255,8 @@ class DiffusersExecutor:
                 "models_loaded": cache["models_loaded"], "models_loading": cache["models_loading"],
                 "step_time_s": step_times, "load_time_s": cache["load_time_s"],
                 "cache_hits": cache["cache_hits"], "cache_misses": cache["cache_misses"],
-                "cache_evictions": cache["cache_evictions"], "loras_cached": cache["attached"]}
+                "cache_evictions": cache["cache_evictions"], "loras_cached": cache["attached"],
+                "upscalers": self.upscalers.request_names()}
 
     def list_models(self) -> dict:
         """{kind: [{name, size_mb, loaded}]}: every model file this worker can load."""

@@ -92,6 +92,12 @@ class Upscalers:
                         names.append(stem)
         return names
 
+    def request_names(self) -> list[str]:
+        """What upscale_method may name here without a path (the broker routes by it,
+        Telemetry.upscalers): the files' stems, plus "realesrgan" when the default resolves."""
+        found = self.available()
+        return ([DEFAULT_ALIASES[0]] if self.default or len(found) == 1 else []) + found
+
     def resolve(self, method: str) -> tuple[str, str]:
         """(name, real path) of the upscaler `method` asks for."""
         wanted = method.strip()

@@ -153,6 +153,14 @@ INPUT_PATH_ESCAPES = _rule("input_path_escapes", "image paths",
 
 # --- against the live workers (broker/routing.py; the reply's code is unsupported_feature) -----
 _POOL = "against the live workers"
+UPSCALE_METHOD = _rule("upscale_method", "upscale_method naming a model upscaler by name",
+                       "unknown upscaler {name}; this pool has: {valid}", section=_POOL,
+                       note="`lanczos` is built in; `realesrgan` / `real-esrgan` / `esrgan` is the "
+                            "worker's default model upscaler (its `--upscaler`, or its only one); any "
+                            "other name is an upscaler file's stem, checked against the names the "
+                            "live workers report in their telemetry, and the job goes to a worker "
+                            "that has it. A path (with a folder or a suffix) is a file only the "
+                            "worker can look for")
 DEVICE = _rule("device", "device", "no worker on device {device}", section=_POOL,
                note="answered at once when workers are registered; with none yet, after "
                     "`--no-worker-grace-s`")

@@ -230,6 +230,23 @@ def job_problems(job) -> list[tuple[str, str]]:
     return problems
 
 
+def pool_upscaler(job) -> Optional[str]:
+    """The upscaler name a job needs some live worker to report (Telemetry.upscalers), or None
+    when it needs none or only the worker can tell: no upscaling, `lanczos` (built in), or a
+    path (a folder or a weight suffix: a file on the worker's disk). The default's aliases
+    become "realesrgan"."""
+    factor = job.postprocess.upscale_factor
+    if not factor or factor == 1:
+        return None
+    method = (job.postprocess.upscale_method or C.DEFAULT_UPSCALE_METHOD).strip()
+    low = method.lower()
+    if low in C.UPSCALE_METHODS or low in C.UPSCALE_METHOD_ALIASES:
+        return None if low == C.DEFAULT_UPSCALE_METHOD else C.UPSCALE_METHODS[1]
+    if "/" in method or "\\" in method or low.endswith((".safetensors", ".pth")):
+        return None
+    return method
+
+
 def job_field_errors(job) -> list[FieldError]:
     """job_problems with each field named as the client's form spells it."""
     return [FieldError(job.client_path(name), message) for name, message in job_problems(job)]

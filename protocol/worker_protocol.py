@@ -107,6 +107,10 @@ class Telemetry(Struct, kw_only=True, omit_defaults=True):
     simulated: bool = False
     cpu_threads: Optional[Count] = None        # the worker's torch/OpenMP/MKL threads
     cpu_affinity: Optional[Annotated[list[Count], Meta(max_length=100_000)]] = None  # its cores
+    # what `upscale_method` may name on this worker without a path: its upscaler files' stems,
+    # plus "realesrgan" when its default resolves; None: not reported (the broker then leaves
+    # the name to the worker). Re-sent with every heartbeat, so a file added later counts.
+    upscalers: Optional[Names] = None
 
     @classmethod
     def from_dict(cls, telemetry: dict) -> "Telemetry":

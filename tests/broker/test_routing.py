@@ -102,6 +102,22 @@ def test_smart_ties_rotate_and_prefer_fewer_models():
         assert routing.choose_worker(make_job(f"t{i}"), [cluttered, lean], "smart", rr) is lean
 
 
+def test_a_named_upscaler_goes_to_a_worker_that_reports_it():
+    from protocol.job import PostprocessSpec
+    job = make_job(postprocess=PostprocessSpec(upscale_factor=2.0, upscale_method="4x-Ultra"))
+    has, lacks, unreported = make_worker("has"), make_worker("lacks"), make_worker("unreported")
+    has.telemetry.upscalers = ["4x-Ultra"]
+    lacks.telemetry.upscalers = ["realesrgan", "tiny-esrgan"]
+    rr = routing.RoundRobin()
+    assert all(routing.choose_worker(job, [lacks, has], "round-robin", rr) is has for _ in range(3))
+    assert routing.unroutable_reason(job, [lacks]) == \
+        "unknown upscaler '4x-Ultra'; this pool has: lanczos, realesrgan, tiny-esrgan"
+    assert routing.unroutable_reason(job, [lacks, unreported]) is None  # it may have it
+    default = make_job(postprocess=PostprocessSpec(upscale_factor=2.0, upscale_method="esrgan"))
+    assert routing.unroutable_reason(default, [lacks]) is None
+    assert routing.unroutable_reason(default, [has]).startswith("unknown upscaler 'realesrgan'")
+
+
 def test_hard_filters_and_unroutable_reasons():
     no_refiner = make_worker("a", capabilities=("txt2img",))
     job = make_job(models={"refiner": "tiny-sdxl-refiner"})

@@ -25,8 +25,8 @@ def _core(**config) -> BrokerCore:
 
 def _register(core, worker_id: str, now: float, **ready) -> bytes:
     identity = f"id-{worker_id}".encode()
-    core.on_worker(identity, W.Ready(worker_id=worker_id, memory_total_mb=8000.0,
-                                     capabilities=["txt2img"], **ready), now)
+    ready.setdefault("capabilities", ["txt2img"])
+    core.on_worker(identity, W.Ready(worker_id=worker_id, memory_total_mb=8000.0, **ready), now)
     return identity
 
 
@@ -108,3 +108,29 @@ def test_queue_position_is_sent_again_when_it_changes_at_most_once_per_interval(
     assert _positions(core.tick(1.6), "d") == []
     assert _positions(core.tick(2.6), "d") == [0]    # the latest place, once the interval passed
     assert _positions(core.tick(4.0), "d") == []     # unchanged: nothing more
+
+
+def test_an_upscaler_no_worker_has_is_refused_at_once_naming_the_field():
+    """Workers report the upscaler names they hold (Telemetry.upscalers): a named upscaler none
+    of them has is answered before queueing, with errors[] on the client's own field."""
+    core = _core()
+    _register(core, "w-0", 0.0, capabilities=["txt2img", "upscale"],
+              telemetry=W.Telemetry(upscalers=["realesrgan", "tiny-esrgan"]))
+    [reply] = _finals(_submit(core, "bicubic", 1.0, upscale_factor=2.0, upscale_method="bicubic"))
+    assert reply["error_code"] == C.UNSUPPORTED_FEATURE
+    message = "unknown upscaler 'bicubic'; this pool has: lanczos, realesrgan, tiny-esrgan"
+    assert reply["errors"] == [{"field": "upscale_method", "message": message}]
+    assert core.status(1.0)["broker"]["queue_depth"] == 0
+    # names the pool has, the default's aliases, lanczos and paths (only the worker can look
+    # for a file) are queued
+    for rid, method in (("named", "tiny-esrgan"), ("alias", "Real-ESRGAN"), ("built-in", "lanczos"),
+                        ("path", "upscalers/other.safetensors")):
+        assert _finals(_submit(core, rid, 1.0, upscale_factor=2.0, upscale_method=method)) == [], rid
+    # no upscaling asked: the method is not used, so not judged
+    assert _finals(_submit(core, "unused", 1.0, upscale_method="bicubic")) == []
+
+
+def test_a_worker_that_reports_no_upscalers_is_not_judged():
+    core = _core()
+    _register(core, "sim-0", 0.0, capabilities=["txt2img", "upscale"])  # telemetry without the list
+    assert _finals(_submit(core, "any", 1.0, upscale_factor=2.0, upscale_method="bicubic")) == []

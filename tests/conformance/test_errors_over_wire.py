@@ -74,3 +74,50 @@ def test_a_missing_model_is_named_in_the_clients_form(client, body, field):
     reply = client.request(body)
     assert reply["error_code"] == C.MODEL_NOT_FOUND, reply
     assert [e["field"] for e in reply["errors"]] == [field]
+
+
+UPSCALE_2X = {"width": 256, "height": 256, "steps": 2}
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"message_type": C.GENERATE_FLAT, "prompt": "p", "model_base": "tiny-sdxl",
+      "upscale_factor": 2.0, "upscale_method": "bicubic", **UPSCALE_2X}, "upscale_method"),
+    ({"message_type": C.GENERATE_NESTED, "data": {
+        "prompt": "p", "model_name": "tiny-sdxl", "dimensions": {"width": 256, "height": 256},
+        "hyperparameters": {"num_inference_steps": 2},
+        "output": {"upscale": {"enabled": True, "factor": 2.0, "method": "bicubic"}}}},
+     "data.output.upscale.method"),
+    ({"action": "generate", "prompt_submission": {
+        "model": {"base": "tiny-sdxl"}, "conditioning": {"prompt": "p"}, "hyperparameters": UPSCALE_2X,
+        "postprocessing": {"upscale_factor": 2.0, "upscale_method": "bicubic"}}},
+     "prompt_submission.postprocessing.upscale_method"),
+])
+def test_an_upscaler_the_pool_lacks_is_refused_before_queueing(client, body, field):
+    """The worker reports its upscalers (the kit's tiny-esrgan, so also the realesrgan alias):
+    the broker answers an unknown name at once, naming the client's field, and no job runs."""
+    progress = []
+    reply = client.request({**body, "stream": True}, on_progress=progress.append)
+    assert reply["error_code"] == C.UNSUPPORTED_FEATURE, reply
+    assert reply["errors"] == [{"field": field, "message": "unknown upscaler 'bicubic'; this pool has: "
+                                                           "lanczos, realesrgan, tiny-esrgan"}]
+    assert [p["stage"] for p in progress] in ([], ["queued"])  # never loading, never denoising
+
+
+@pytest.mark.parametrize("form, body, field", [
+    ("flat", {"message_type": C.GENERATE_FLAT, "prompt": "p", "model_base": "tiny-sdxl",
+              "init_image": "/etc/hostname", **SMALL}, "init_image"),
+    ("nested", {"message_type": C.GENERATE_NESTED, "data": {
+        "prompt": "p", "model_name": "tiny-sdxl", "init_image": "/etc/hostname",
+        "dimensions": {"width": 256, "height": 256},
+        "hyperparameters": {"num_inference_steps": 2}}}, "data.init_image"),
+    ("legacy", {"action": "generate", "prompt_submission": {
+        "model": {"base": "tiny-sdxl"}, "conditioning": {"prompt": "p", "init_image": "/etc/hostname"},
+        "hyperparameters": SMALL}}, "prompt_submission.conditioning.init_image"),
+])
+def test_an_absolute_path_outside_the_input_root_is_named_in_the_clients_form(client, form, body, field):
+    """Decided by the worker (its input root, symlinks resolved on its own disk), answered with
+    errors[] naming the field the client sent."""
+    reply = client.request(body)
+    assert reply["error_code"] == C.VALIDATION_ERROR, reply
+    assert [e["field"] for e in reply["errors"]] == [field]
+    assert "outside the input root" in reply["errors"][0]["message"]
