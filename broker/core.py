@@ -463,6 +463,7 @@ class BrokerCore:
     def _enqueue(self, state: JobState, front: bool = False) -> None:
         self.jobs[state.request_id] = state
         state.state, state.worker_id, state.last_progress, state.stage = QUEUED, None, None, None
+        state.step = state.total_steps = 0
         if front:
             self.queue.push_front(state.request_id, state.job.priority, None, state.body_bytes)
         else:
@@ -525,7 +526,10 @@ class BrokerCore:
 
     def _on_list_queue(self, peer: Peer, parsed) -> None:
         self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
-                                        data=listings.queue_view(self.jobs, self.queue, self._now),
+                                        data=listings.queue_view(
+                                            self.jobs, self.queue, self._now,
+                                            include_prompts=management.param(parsed, "include_prompts",
+                                                                             default=False)),
                                         warnings=parsed.warnings or ()))
 
     def _on_list_history(self, peer: Peer, parsed) -> None:
@@ -664,7 +668,8 @@ class BrokerCore:
         if state is not None:
             self.registry.note_progress(worker)
         if state is not None:
-            state.stage = msg.stage   # list_queue shows it, whether or not a peer streams
+            # list_queue shows them, whether or not a peer streams
+            state.stage, state.step, state.total_steps = msg.stage, msg.step, msg.total_steps
         if state is not None and state.wants_progress:
             self._progress(state, msg.stage, step=msg.step, total_steps=msg.total_steps,
                            worker_id=worker.worker_id, eta_s=msg.eta_s, preview=msg.preview)

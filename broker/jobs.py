@@ -47,6 +47,8 @@ class JobState:
     lost_workers: list[str] = field(default_factory=list)
     last_progress: dict | None = None   # the last progress event sent, repeated to a resend
     stage: str | None = None            # the worker's last reported stage (list_queue)
+    step: int = 0                       # ... and its step of total_steps in that stage
+    total_steps: int = 0
     # computed once, reused on every dispatch pass and attempt (the job never changes):
     wire: dict | None = None          # job.to_wire()
     needs: object = None              # routing.JobNeeds, valid for needs_sizes_version

@@ -13,10 +13,13 @@ from broker.metrics import outcome_of
 LIST_MODELS_TIMEOUT_S = 10.0   # workers answer from their IO thread: a directory listing
 
 
-def queue_view(jobs: dict, queue, now: float) -> dict:
+PROMPT_SHOWN_CHARS = 200        # list_queue with include_prompts: the start of each prompt
+
+
+def queue_view(jobs: dict, queue, now: float, include_prompts: bool = False) -> dict:
     """Jobs on workers first (oldest first; a worker holds at most one running and one
-    prefetched, stage "dispatched" until it starts), then queued ones in serving order.
-    No prompts."""
+    prefetched, stage "dispatched" until it starts), then queued ones in serving order, running
+    ones with their step. Prompts only when asked (`include_prompts`: an operator's dashboard)."""
     rows = []
     for state in jobs.values():
         queued = state.state == QUEUED
@@ -32,7 +35,11 @@ def queue_view(jobs: dict, queue, now: float) -> dict:
             "stage": stage,
             "age_s": round(max(now - state.accepted_at, 0.0), 3),
             "attempt": state.attempt,
+            "step": 0 if queued else state.step,
+            "total_steps": 0 if queued else state.total_steps,
         })
+        if include_prompts:
+            rows[-1]["prompt"] = state.job.prompt[:PROMPT_SHOWN_CHARS]
     running = sorted((r for r in rows if r["state"] == "running"), key=lambda r: -r["age_s"])
     waiting = sorted((r for r in rows if r["state"] == "queued"),
                      key=lambda r: (r["position"] is None, r["position"] or 0))

@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "status")
                               "have it and which hold it loaded; then the scheduler names.")
     elif command_name == "queue":
         parser.description = ("Running and queued jobs: request id, priority, position, worker, "
-                              "stage, age (no prompts).")
+                              "stage and step, age.")
+        parser.add_argument("--prompts", action="store_true",
+                            help="also show the start of each job's prompt")
     elif command_name == "history":
         parser.description = ("Recent finished jobs, newest first, as long as the broker keeps "
                               "their replies: outcome, times, worker, image paths.")
@@ -108,13 +110,20 @@ def render_queue(data: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{data.get('running', 0)} running, {data.get('queued', 0)} queued")
-    for column in ("request id", "priority", "state", "position", "worker", "stage", "age"):
+    jobs = data.get("jobs") or []
+    prompts = any("prompt" in job for job in jobs)
+    for column in ("request id", "priority", "state", "position", "worker", "stage", "age",
+                   *(("prompt",) if prompts else ())):
         table.add_column(column)
-    for job in data.get("jobs") or []:
+    for job in jobs:
         position = job.get("position")
+        stage = str(job.get("stage"))
+        if job.get("total_steps"):
+            stage += f" {job.get('step')}/{job.get('total_steps')}"
         table.add_row(str(job.get("request_id")), str(job.get("priority")), str(job.get("state")),
                       "-" if position is None else str(position), str(job.get("worker_id") or "-"),
-                      str(job.get("stage")), f"{float(job.get('age_s') or 0):.1f}s")
+                      stage, f"{float(job.get('age_s') or 0):.1f}s",
+                      *((str(job.get("prompt") or ""),) if prompts else ()))
     console.print(table)
 
 
@@ -166,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
                 data = client.cancel(args.request_id)
             elif args.command == "history":
                 data = client.list_history(args.limit)
+            elif args.command == "queue":
+                data = client.list_queue(include_prompts=args.prompts)
             elif args.command in _LISTINGS:
                 data = getattr(client, _LISTINGS[args.command][0])()
             else:

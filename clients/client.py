@@ -492,9 +492,13 @@ class _ClientBase:
         view by kind; scheduler names (reply.list_models.json)."""
         return self._call({"message_type": C.LIST_MODELS}, _data_or_raise)
 
-    def list_queue(self):
-        """Queued and running jobs: request id, priority, position, worker, stage, age."""
-        return self._call({"message_type": C.LIST_QUEUE}, _data_or_raise)
+    def list_queue(self, include_prompts: bool = False):
+        """Queued and running jobs: request id, priority, position, worker, stage, step, age;
+        with `include_prompts`, the first 200 characters of each job's prompt."""
+        body: dict = {"message_type": C.LIST_QUEUE}
+        if include_prompts:
+            body["data"] = {"include_prompts": True}
+        return self._call(body, _data_or_raise)
 
     def list_history(self, limit: int = C.DEFAULT_HISTORY_LIMIT):
         """Recent finished jobs, newest first, within the broker's reply TTL."""

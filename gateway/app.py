@@ -51,7 +51,8 @@ HTTP_STATUS = {
     C.CANCELLED: 409, C.WORKER_LOST: 503, C.OUT_OF_MEMORY: 507, C.DUPLICATE_REQUEST_ID: 409,
     C.INTERNAL_ERROR: 500, C.UNAVAILABLE: 503,
 }
-STATUS_POLL_S = 1.0      # how often the dashboard's worker table is refreshed
+STATUS_POLL_S = 1.0      # how often the dashboard's workers, queue and history are refreshed
+DASHBOARD_HISTORY = 12   # finished jobs the dashboard shows
 CATALOGUE_TTL_S = 5.0    # model listings are cached this long
 ERROR_RESPONSES: dict = {
     "4XX": {"model": R.FinalReply, "description": "the contract's error reply (error_code, errors[])"},
@@ -182,6 +183,7 @@ class Gateway:
                                         "live_previews_enable": True}
         self.status: Optional[dict] = None
         self.status_error: Optional[str] = None
+        self.listings: dict[str, Optional[dict]] = {}  # the last list_queue / list_history data
         self._catalogue: tuple[float, dict] | None = None
         self._poller: Optional[asyncio.Task] = None
         self.catalogue_source = "none"
@@ -198,21 +200,45 @@ class Gateway:
         self.client.close()
 
     async def _poll_status(self) -> None:
-        """Broker status once a second while a dashboard watches (and for /v1/status)."""
+        """Broker status once a second while a dashboard watches (and for /v1/status), with
+        the broker's queue and recent history: every client's jobs, not only this gateway's."""
         while True:
             try:
                 if self.hub.watchers or self.status is None:
-                    reply = await self.client.request({"message_type": C.STATUS}, timeout_s=5, retries=0)
+                    reply, queue, history = await asyncio.gather(
+                        self.client.request({"message_type": C.STATUS}, timeout_s=5, retries=0),
+                        self._listing({"message_type": C.LIST_QUEUE, "data": {"include_prompts": True}}),
+                        self._listing({"message_type": C.LIST_HISTORY,
+                                       "data": {"limit": DASHBOARD_HISTORY}}))
                     if reply and reply.get("success"):
                         self.status, self.status_error = reply.get("data") or {}, None
-                        event = {"type": "status", "status": jsonable(self.status),
-                                 "jobs": [t.summary() for t in self.hub.jobs.values()][-50:]}
-                        self.hub._notify_watchers(event)
+                        self.hub._notify_watchers(self.status_event(queue, history))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the broker being away must not end the poller
                 self.status_error = str(exc)
             await asyncio.sleep(STATUS_POLL_S)
+
+    async def _listing(self, body: dict) -> Optional[dict]:
+        """A list_queue / list_history answer's data, or None where the broker does not give
+        it (an older broker: unknown_message_type; a broker that keeps it for admins): the
+        dashboard then shows this gateway's own jobs."""
+        try:
+            reply = await self.client.request(body, timeout_s=5, retries=0)
+        except BrokerUnavailable:
+            return None
+        if reply and reply.get("success"):
+            self.listings = {**self.listings, body["message_type"]: reply.get("data") or {}}
+            return reply.get("data") or {}
+        self.listings = {**self.listings, body["message_type"]: None}
+        return None
+
+    def status_event(self, queue: Optional[dict] = None, history: Optional[dict] = None) -> dict:
+        """The dashboard's periodic event: workers, this gateway's jobs, and (None when the
+        broker does not answer them) the broker's queue and recent history of every client."""
+        return {"type": "status", "status": jsonable(self.status or {}),
+                "jobs": [t.summary() for t in self.hub.jobs.values()][-50:],
+                "queue": queue, "history": history}
 
     async def catalogue(self) -> dict[str, list[str]]:
         """{kind: [model names]} from the broker's list_models; where the broker does not
@@ -641,8 +667,8 @@ async def ws_session(gw: Gateway, ws: WebSocket) -> None:
                     gw.hub.watchers.add(watch_queue)
                     watch_task = asyncio.create_task(pump_watch(watch_queue))
                     if gw.status is not None:
-                        await outbox.put({"type": "status", "status": jsonable(gw.status),
-                                          "jobs": [t.summary() for t in gw.hub.jobs.values()][-50:]})
+                        await outbox.put(gw.status_event(gw.listings.get(C.LIST_QUEUE),
+                                                         gw.listings.get(C.LIST_HISTORY)))
             else:
                 await outbox.put({"type": "error", "error_code": C.UNKNOWN_MESSAGE_TYPE,
                                   "error": "type must be generate, attach, cancel or watch"})

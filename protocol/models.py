@@ -545,11 +545,16 @@ class ListModelsRequest(_Management):
     data: Optional[dict[str, Any]] = None
 
 
+class ListQueueData(Edge):
+    include_prompts: Optional[bool] = None  # each row's prompt (first 200 chars): an operator's view
+
+
 class ListQueueRequest(_Management):
-    """Queued and running jobs: request id, priority, position, worker, stage, age."""
+    """Queued and running jobs: request id, priority, position, worker, stage, step, age
+    (and, with `data.include_prompts`, the start of each prompt)."""
 
     message_type: Optional[Literal["list_queue"]] = None
-    data: Optional[dict[str, Any]] = None
+    data: Optional[ListQueueData] = None
 
 
 class ListHistoryData(Edge):

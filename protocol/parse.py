@@ -296,6 +296,8 @@ def _parse(body: Any, default_model_base: Optional[str], allow_pickle: bool) -> 
     elif mt == C.CANCEL:
         target = model.data.request_id if model.data and model.data.request_id else model.request_id
         params = {"request_id": target}
+    elif mt == C.LIST_QUEUE:
+        params = {"include_prompts": bool(model.data and model.data.include_prompts)}
     elif mt == C.LIST_HISTORY:
         params = {"limit": (model.data.limit if model.data and model.data.limit
                             else C.DEFAULT_HISTORY_LIMIT)}

@@ -176,6 +176,9 @@ class QueuedJob(Reply):
     stage: str                       # queued, dispatched (on a worker, not started), loading, denoising, refining, postprocessing
     age_s: float                     # since the broker accepted it
     attempt: int
+    step: int                        # running: the worker's last reported step of total_steps
+    total_steps: int                 # (0 until it reports one, and while queued)
+    prompt: Optional[str] = None     # data.include_prompts only: the prompt's first 200 characters
 
 
 class ListQueueData(Reply):

@@ -1,7 +1,8 @@
 """The dashboard in a real headless browser (Debian's chromium, driven by Playwright) against a
 real serve --http with a cpu worker on the tiny kit: no console errors, the workers are shown,
-a job submitted while the page is open shows a live preview and then its final image, and the
-page fits a phone's width. Screenshots are saved under test-artifacts/."""
+a job submitted while the page is open shows a live preview and then its final image, jobs of a
+plain ZeroMQ client show in the queue, running (prompt, step) and recent images, and the page
+fits a phone's width. Screenshots are saved under test-artifacts/."""
 
 from __future__ import annotations
 
@@ -78,6 +79,41 @@ def test_dashboard_shows_workers_a_live_preview_then_the_image(browser, real_rig
     finally:
         submit.join(timeout=600)
     assert outcome["reply"]["success"], outcome
+
+    # jobs of a plain ZeroMQ client (not through the gateway) show too, from the broker's
+    # list_queue / list_history: queue rows, running with prompt and step, then the image
+    from clients.client import BrokerClient
+
+    zids = [f"zmq-{n}-" + uuid.uuid4().hex[:6] for n in range(3)]
+    zreplies: dict = {}
+
+    def send_zmq(zid: str, n: int) -> None:
+        with BrokerClient(real_rig.endpoint, timeout_s=600) as client:
+            zreplies[zid] = client.generate(prompt=f"a zeromq lighthouse number {n}",
+                                            model_base="tiny-sdxl", width=256, height=256,
+                                            steps=12, seed=n, request_id=zid,
+                                            raise_on_error=False).reply
+    senders = [threading.Thread(target=send_zmq, args=(zid, n)) for n, zid in enumerate(zids)]
+    for sender in senders:
+        sender.start()
+    try:
+        # one cpu worker holds one running and one prefetched job: the third waits in the queue
+        queued = page.wait_for_selector("#queue .queued[data-request^='zmq-']", timeout=120_000)
+        assert "a zeromq lighthouse" in queued.inner_text()
+        running = page.wait_for_selector(f'#running .job[data-request="{zids[0]}"]', timeout=240_000)
+        page.wait_for_function(
+            r"id => { const c = document.querySelector(`#running .job[data-request=\"${id}\"]`);"
+            r" return c && / [0-9]+\/12/.test(c.innerText); }", arg=zids[0], timeout=240_000)
+        assert "a zeromq lighthouse number 0" in running.inner_text()
+        page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-zmq-clients.png"), full_page=True)
+        for zid in zids:
+            final = page.wait_for_selector(f'#recent .job[data-request="{zid}"] img.final', timeout=600_000)
+            page.wait_for_function("img => img.complete && img.naturalWidth === 256", arg=final,
+                                   timeout=30_000)
+    finally:
+        for sender in senders:
+            sender.join(timeout=600)
+    assert all(zreplies[zid]["success"] for zid in zids), zreplies
 
     phone = browser.new_page(viewport={"width": 390, "height": 844})
     phone.on("pageerror", lambda e: problems.append(f"phone page error: {e}"))

@@ -1,6 +1,6 @@
 """The listing messages as a person and a client see them, against a real `serve`:
 `sdxl-broker models` (what the workers can load, from their real model folders),
-`sdxl-broker queue` (running and queued jobs, no prompts) and `sdxl-broker history`
+`sdxl-broker queue` (running and queued jobs with their steps; prompts only when asked) and `sdxl-broker history`
 (recent finished jobs with their image paths), and the replies against their JSON schemas."""
 
 from __future__ import annotations
@@ -96,10 +96,20 @@ def test_queue_and_history_show_jobs_without_prompts(start_serve, tmp_path):
         assert [j["priority"] for j in listed] == ["normal", "low", "high", "low"]
         assert all(j["age_s"] >= 0 for j in listed)
         assert secret not in json.dumps(queue_reply)
+        # the running job's step as its worker reported it; queued ones have none
+        assert listed[0]["total_steps"] == 150 and 1 <= listed[0]["step"] <= 150
+        assert [(j["step"], j["total_steps"]) for j in listed[2:]] == [(0, 0), (0, 0)]
+        # an operator's dashboard asks for the prompts
+        with_prompts = client.request({"message_type": "list_queue", "data": {"include_prompts": True}})
+        _validate(with_prompts, "reply.list_queue")
+        assert [j["prompt"] for j in with_prompts["data"]["jobs"]] == [secret] * 4
+        assert wait_for(lambda: client.list_queue()["jobs"][0]["step"] > listed[0]["step"])
 
         table = cli("queue", "--endpoint", sp.endpoint, timeout_s=60)
         assert table.returncode == 0 and "2 running, 2 queued" in table.stdout, table.stdout
         assert "q-high" in table.stdout and secret not in table.stdout
+        table = cli("queue", "--endpoint", sp.endpoint, "--prompts", timeout_s=60)
+        assert table.returncode == 0 and "secret" in table.stdout and "prompt" in table.stdout, table.stdout
         client.cancel("long-1")
         for thread in threads:
             thread.join(30)
