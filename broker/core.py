@@ -147,8 +147,9 @@ class BrokerCore:
             if not getattr(config, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be above 0, "
                                  f"not {getattr(config, name)!r}")
-        if config.stuck_job_s < 0:
-            raise ValueError(f"--stuck-job-s must be 0 (off) or above, not {config.stuck_job_s!r}")
+        if config.stuck_job_s < 0 or 0 < config.stuck_job_s < 2 * config.heartbeat_interval_s:
+            raise ValueError(f"--stuck-job-s must be 0 (off) or at least two heartbeat intervals "
+                             f"({2 * config.heartbeat_interval_s:g} s), not {config.stuck_job_s!r}")
         self.config = config
         self.metrics = metrics or BrokerMetrics()
         self._now = now
@@ -676,6 +677,7 @@ class BrokerCore:
 
     def _on_manage_reply(self, worker: WorkerRecord, msg: W.ManageReply) -> None:
         self.registry.touch(worker)
+        self.registry.note_progress(worker)   # a job waiting behind a long model load is not stuck
         op = self._ops.answer(worker.worker_id, msg)
         if op is None:
             return

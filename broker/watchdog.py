@@ -11,7 +11,8 @@ WorkerRecord.progress_at when
   one before: busy or not, the job it runs, the step it reached, the models it is loading,
   its count of jobs answered. During a model load the step stays 0, but each model's load
   shows in models_loading as it begins;
-- it sends PROGRESS, RESULT or ERROR for a job.
+- it sends PROGRESS, RESULT or ERROR for a job, or answers a management operation (a job
+  queued on the worker behind a long model_load_request waited, it did not stall).
 Not judged: a worker holding no job, and one running a model_load_request (that operation
 has its own timeout).
 

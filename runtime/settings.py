@@ -173,7 +173,7 @@ SETTINGS: tuple[Setting, ...] = (
             "a worker holding jobs without progress this long (no step, no model load begun, no "
             "answer) has them aborted there and re-run elsewhere within --max-attempts, and gets "
             "only probe jobs until it finishes one; above the longest model load or step of a "
-            "healthy worker; 0: off", (S, B), metavar="SECONDS"),
+            "healthy worker; 0: off", (S, B), metavar="SECONDS", readme=True),
     Setting("no_worker_grace_s", float, 60.0,
             "with no worker registered, a job waits this long for one, then unsupported_feature "
             "(with workers registered, a job none can run is refused at once)", (S, B),

@@ -226,8 +226,9 @@ def test_off_with_zero_and_a_management_load_is_not_judged():
     _submit(core, "a", 0.0)
     core.tick(0.0)
     assert _sent(_run_until(core, 1.0, 100.0, {w: {"job": "a"}}), W.AbortJob) == []
-    with pytest.raises(ValueError, match="stuck-job-s"):
-        _core(stuck_job_s=-1)
+    for bad in (-1, 1.5):   # 1.5 s: under two heartbeat intervals, every job would look stuck
+        with pytest.raises(ValueError, match="stuck-job-s"):
+            _core(stuck_job_s=bad)
     records = [WorkerRecord("w", b"w", jobs={"a": 1}, progress_at=0.0, loading=True)]
     assert watchdog.stalled(records, 1000.0, STUCK_S) == []
     records[0].loading = False
@@ -259,3 +260,18 @@ def test_every_policy_prefers_a_healthy_worker(policy):
     # ... but not while it still reports running something
     idle_unhealthy.current_job = "stuck-job"
     assert routing.choose_worker(job, [idle_unhealthy], policy, rr) is None
+
+
+def test_a_job_waiting_behind_a_long_model_load_is_not_stuck():
+    core = _core()
+    w = _register(core, "w", 0.0)
+    load = json.dumps({"message_type": "model_load_request", "request_id": "ld",
+                       "data": {"model_name": "tiny-sdxl"}}).encode()
+    [(_, manage)] = _sent(core.on_client(ClientRequest(CLIENT, load), 0.0), W.Manage)
+    _submit(core, "a", 0.0)
+    assert len(_sent(core.tick(0.0), W.RunJob)) == 1      # queued on the worker behind the load
+    # a 50 s load (the worker's busy thread runs it; job a waits)
+    out = _run_until(core, 1.0, 50.0, {w: {"loading": ("tiny-sdxl",)}})
+    out += core.on_worker(w, W.ManageReply(op_id=manage.op_id, success=True, data={}), 50.0)
+    out += core.tick(51.0)                                # the next watchdog pass
+    assert _sent(out, W.AbortJob) == [] and _row(core, "w", 51.0)["healthy"] is True
