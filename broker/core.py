@@ -38,7 +38,8 @@ from protocol.errors import FieldError, ProtocolError, worker_field_errors
 from protocol.job import Job
 from protocol.replies import error_reply, final_reply, progress_message
 
-from broker import job_log, listings, management, routing, watchdog
+from broker import access, job_log, listings, management, routing, watchdog
+from broker.access import LOCAL_PEER, PeerFacts
 from broker.bad_frames import BadFrames
 from broker.eta import queued_eta_s
 from broker.job_queue import JobQueue
@@ -54,6 +55,7 @@ log = logging.getLogger("broker.server")   # the broker's log lines keep their l
 DISPATCH_LOOKAHEAD = 64
 JOURNAL_EXPIRE_EVERY_S = 60.0
 STORE_RETRY_EVERY_S = 2.0   # a reply the journal could not store is tried again this often
+FORBIDDEN_LOG_EVERY_S = 10.0   # refusals of what a peer may not do: one log line per this
 FALLBACK_REPLY_TYPE = "error_response"  # a body too broken to tell what it asked for
 
 
@@ -76,7 +78,11 @@ class BrokerConfig:
     curve_secret_key: str | None = None    # broker's .key_secret file: CURVE on both sockets
     curve_allowed_keys: str | None = None  # dir of the public .key files of allowed clients
     curve_worker_keys: str | None = None   # dir of the public .key files of allowed workers
+    curve_admin_keys: str | None = None    # dir of client keys that may manage and cancel any job
     curve_local_worker_keys: tuple = ()    # public .key files of serve's own workers (backend)
+    # without CURVE: every peer is an admin (manages workers, cancels any job), not only the
+    # ones on this machine (broker.access); no effect on a CURVE socket
+    allow_remote_management: bool = False
     local_frontend: str | None = None      # a second, NULL-security client endpoint (loopback only)
     # jobs one worker may hold (one running + one prefetched); bench/replay.py varies it
     max_jobs_per_worker: int = W.MAX_JOBS_PER_WORKER
@@ -104,6 +110,7 @@ class ClientRequest:
     local: bool = False                # came in on the local (NULL-security) frontend
     # whether the peer is a REQ socket (asked only for streaming jobs: it costs a metadata call)
     is_req_peer: Callable[[], bool] = _not_req
+    peer_facts: PeerFacts = LOCAL_PEER  # its CURVE key and address: who owns, who may manage
 
 
 @dataclass(slots=True)
@@ -172,6 +179,7 @@ class BrokerCore:
         self._positions_changed = False  # the queue moved: queue_position updates may be due
         self._next_position_update = now
         self._out: list[Output] = []
+        self._next_forbidden_log = now
         self._started_at = now
         self._stopping = False
         self._drain_deadline: float | None = None
@@ -296,7 +304,8 @@ class BrokerCore:
     # --- clients ---------------------------------------------------------------------------------
     def _on_client(self, request: ClientRequest) -> None:
         body = request.body
-        peer = Peer(request.envelope, codec.sniff(body) or C.CODEC_JSON, local=request.local)
+        peer = Peer(request.envelope, codec.sniff(body) or C.CODEC_JSON, local=request.local,
+                    facts=request.peer_facts)
         parse = request_parser()
         if request.body_frames != 1:
             self.counters["malformed"] += 1
@@ -325,6 +334,10 @@ class BrokerCore:
                                             ProtocolError(C.UNKNOWN_MESSAGE_TYPE,
                                                           f"unknown message type {parsed.message_type!r}")))
             return
+        if (parsed.message_type in access.MANAGEMENT_TYPES
+                and not access.may_manage(peer.facts, self.config.allow_remote_management)):
+            self._refuse_management(peer, parsed)
+            return
         handler(peer, parsed)
 
     def _on_generate(self, peer: Peer, body: bytes, decoded: dict, parsed) -> None:
@@ -337,6 +350,8 @@ class BrokerCore:
                 self._send_duplicate(peer, parsed.reply_type, rid)
                 return
             active.attach(peer)
+            if active.owner is None:   # restored from the journal: its first resender owns it
+                active.owner = peer.owner
             log.info("request %s resent while %s: attached", rid, active.state)
             if peer.streams:
                 # answered at once, so a client checking on a quiet job (a long model load, a
@@ -373,7 +388,7 @@ class BrokerCore:
         job = self._bounded_timeout(job, warnings)
         state = JobState(request_id=rid, job=job, reply_type=parsed.reply_type,
                          fingerprint=fingerprint, accepted_at=now, deadline=now + job.timeout_s,
-                         body_bytes=len(body), peers=[peer], warnings=warnings)
+                         body_bytes=len(body), peers=[peer], warnings=warnings, owner=peer.owner)
         try:
             self.journal.accept(rid, body, fingerprint)
         except JournalError as exc:   # never accepted silently without a journal row
@@ -494,6 +509,22 @@ class BrokerCore:
         self._send_to(peer, error_reply(parsed.reply_type, parsed.request_id, exc,
                                         warnings=parsed.warnings or ()))
 
+    def _refuse_management(self, peer: Peer, parsed) -> None:
+        how = ("an admin key (--curve-admin-keys)" if peer.facts.curve_key is not None
+               else "a peer on the broker's machine (or --allow-remote-management)")
+        self._forbid(peer, parsed, parsed.message_type, f"{parsed.message_type} changes the "
+                     f"workers for every client and needs {how}")
+
+    def _forbid(self, peer: Peer, parsed, what: str, message: str) -> None:
+        """Refuse what this peer may not do (broker.access): `forbidden`, counted, and logged
+        at most once per FORBIDDEN_LOG_EVERY_S (a peer repeating it must not flood the log)."""
+        self.metrics.request_rejected(C.FORBIDDEN)
+        if self._now >= self._next_forbidden_log:
+            self._next_forbidden_log = self._now + FORBIDDEN_LOG_EVERY_S
+            log.warning("refused %s from a client with %s: not allowed (more refusals within "
+                        "%.0f s are only counted)", what, peer.facts.describe(), FORBIDDEN_LOG_EVERY_S)
+        self._refuse_request(peer, parsed, ProtocolError(C.FORBIDDEN, message))
+
     def _on_model_load(self, peer: Peer, parsed) -> None:
         target = management.load_target(parsed, self.registry.live())
         if isinstance(target, ProtocolError):
@@ -569,6 +600,12 @@ class BrokerCore:
         if state is None:
             self._refuse_request(peer, parsed, ProtocolError(
                 C.VALIDATION_ERROR, f"no queued or running job with request_id {target!r}"))
+            return
+        if not access.may_cancel(peer.facts, peer.owner, state.owner,
+                                 self.config.allow_remote_management):
+            self._forbid(peer, parsed, f"cancel of job {state.request_id}",
+                         f"job {state.request_id!r} was submitted by another client: only its "
+                         f"submitter or an admin may cancel it")
             return
         was = "queued" if state.state == QUEUED else "running"
         self._abort(state, "cancelled")

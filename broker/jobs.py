@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from protocol.job import Job
 
+from broker.access import LOCAL_PEER, PeerFacts, owner_of
+
 QUEUED = "queued"
 RUNNING = "running"
 
@@ -26,6 +28,12 @@ class Peer:
     # the final one); only such peers get progress messages, also on a job others stream
     streams: bool = False
     local: bool = False           # came in on the NULL-security local frontend
+    facts: PeerFacts = LOCAL_PEER  # its CURVE key and address (broker.access)
+
+    @property
+    def owner(self) -> str:
+        """Who owns a job this peer submits (broker.access.owner_of)."""
+        return owner_of(self.facts, self.envelope, self.local)
 
 
 @dataclass
@@ -45,6 +53,9 @@ class JobState:
     worker_id: str | None = None
     dispatched_at: float = 0.0
     lost_workers: list[str] = field(default_factory=list)
+    # who may cancel it besides an admin (broker.access.owner_of of the submitter); None for a
+    # job restored from the journal until a peer resends it
+    owner: str | None = None
     last_progress: dict | None = None   # the last progress event sent, repeated to a resend
     stage: str | None = None            # the worker's last reported stage (list_queue)
     step: int = 0                       # ... and its step of total_steps in that stage

@@ -27,6 +27,7 @@ from runtime.curve import CLIENT_DOMAIN, WORKER_DOMAIN
 
 from broker.core import (FALLBACK_REPLY_TYPE, BrokerConfig, BrokerCore, ClientRequest, Output,
                          ToWorkers, request_parser)
+from broker.access import LOCAL_PEER, PeerFacts
 from broker.jobs import Peer
 from broker.journal import open_journal
 from broker.metrics import BrokerMetrics
@@ -85,6 +86,11 @@ class Broker:
             self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
             if self.config.local_frontend:
                 self._bind_local_frontend(self.config.local_frontend)
+            self._frontend_facts = PeerFactsReader(
+                curve=bool(self.config.curve_secret_key), tcp=self.frontend_endpoint.startswith("tcp://"),
+                admin_keys=self._admin_keys)
+            self._local_facts = PeerFactsReader(
+                curve=False, tcp=self.local_frontend_endpoint.startswith("tcp://"), admin_keys=None)
             self.journal = open_journal(self.config.state_dir, self.config.reply_ttl_s)
             request_parser()  # import the request parser now, not on the first request (~0.5 s)
             with self._lock:   # outputs are sent by the loop thread, which owns the sockets
@@ -100,6 +106,11 @@ class Broker:
             raise
         self._thread = threading.Thread(target=self._loop, name="broker-loop", daemon=True)
         self._thread.start()
+        if self.config.allow_remote_management:
+            log.warning("--allow-remote-management: %s", "no effect on the CURVE frontend (admins "
+                        "are --curve-admin-keys)" if self.config.curve_secret_key else
+                        "every client that reaches the frontend may run cleanup and model loads "
+                        "and cancel any job")
         log.info("broker accepting on %s, workers on %s (routing %s)",
                  self.frontend_endpoint, self.backend_endpoint, self.config.routing)
 
@@ -146,9 +157,10 @@ class Broker:
         """With CURVE on, a ZAP authenticator always runs (it tells each message's peer key):
         the frontend's domain admits client keys, the backend's worker keys only."""
         self._curve_auth = None
+        self._admin_keys = None   # runtime.curve.AllowedKeys of --curve-admin-keys (loop thread only)
         config = self.config
         if not config.curve_secret_key:
-            given = [name for name in ("curve_allowed_keys", "curve_worker_keys")
+            given = [name for name in ("curve_allowed_keys", "curve_worker_keys", "curve_admin_keys")
                      if getattr(config, name)]
             if given:
                 raise ValueError(f"{', '.join(given)} needs curve_secret_key (the broker's key pair)")
@@ -157,11 +169,13 @@ class Broker:
         curve.load_secret_pair(config.curve_secret_key)   # fail early on a bad file
         self._curve_auth = curve.start_authenticator(self._ctx, {
             CLIENT_DOMAIN: self._client_keys(curve), WORKER_DOMAIN: self._worker_keys(curve)})
+        if config.curve_admin_keys:
+            self._admin_keys = curve.AllowedKeys([config.curve_admin_keys], role="admin")
 
     def _client_keys(self, curve):
         config = self.config
-        if config.curve_allowed_keys:
-            return curve.AllowedKeys([config.curve_allowed_keys], role="client")
+        if config.curve_allowed_keys:   # an admin is a client too
+            return curve.AllowedKeys([config.curve_allowed_keys, config.curve_admin_keys], role="client")
         log.warning("CURVE without --curve-allowed-keys: traffic is encrypted but any client "
                     "that knows the broker's public key may connect")
         return curve.AnyKey()
@@ -268,6 +282,7 @@ class Broker:
 
     def _read_frontend(self, sock: zmq.Socket, local: bool) -> None:
         core, clock = self.core, self.clock
+        read_facts = self._local_facts if local else self._frontend_facts
         for frames in _queued_messages(sock):
             identity = frames[0].bytes
             if len(frames) >= 3 and len(frames[1]) == 0:
@@ -278,7 +293,8 @@ class Broker:
             request = ClientRequest(envelope, last.bytes if last is not None else b"",
                                     body_frames=len(parts), local=local,
                                     # a REQ peer is told by the frame's Socket-Type
-                                    is_req_peer=lambda: _is_req_peer(last))
+                                    is_req_peer=lambda: _is_req_peer(last),
+                                    peer_facts=read_facts(frames[-1]))
             self._send_safely(core.on_client(request, clock()))
 
     def _send_safely(self, outputs: list[Output]) -> None:
@@ -342,6 +358,32 @@ def _recv_message(sock: zmq.Socket) -> list:
         frame = sock.recv(_NOBLOCK, copy=False)
         frames.append(frame)
     return frames
+
+
+class PeerFactsReader:
+    """broker.access.PeerFacts of a message from one client socket: its CURVE key (ZAP User-Id)
+    when the socket is CURVE, whether that key is an admin's, and the peer's IP on tcp. A plain
+    ipc/inproc socket costs nothing (every peer is LOCAL_PEER); else one or two metadata reads."""
+
+    def __init__(self, curve: bool, tcp: bool, admin_keys):
+        self.curve, self.tcp, self.admin_keys = curve, tcp, admin_keys
+
+    def __call__(self, frame) -> PeerFacts:
+        if not self.curve and not self.tcp:
+            return LOCAL_PEER
+        key = address = None
+        try:
+            if self.curve:
+                key = frame.get("User-Id")
+            if self.tcp:
+                address = frame.get("Peer-Address")
+        except (zmq.ZMQError, AttributeError):
+            # no such property (should not happen on these sockets): an unknown remote peer,
+            # never mistaken for an admin or for this machine
+            key = "" if self.curve else None
+            address = address or "unknown"
+        admin = bool(key) and self.admin_keys is not None and self.admin_keys.knows(key.encode())
+        return PeerFacts(curve_key=key, admin_key=admin, address=address)
 
 
 def _is_req_peer(frame) -> bool:

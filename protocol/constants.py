@@ -68,11 +68,12 @@ INTERNAL_ERROR = "internal_error"
 # the broker cannot take the request right now (its journal cannot be written: a full or
 # failing disk); nothing was queued, the same request may be sent again later
 UNAVAILABLE = "unavailable"
+FORBIDDEN = "forbidden"   # an extension: this peer may not do that (docs/protocol.md, Ownership)
 
 ERROR_CODES = (
     MALFORMED_MESSAGE, UNKNOWN_MESSAGE_TYPE, VALIDATION_ERROR, MODEL_NOT_FOUND,
     UNSUPPORTED_FEATURE, QUEUE_FULL, TIMEOUT, CANCELLED, WORKER_LOST, OUT_OF_MEMORY,
-    DUPLICATE_REQUEST_ID, INTERNAL_ERROR, UNAVAILABLE,
+    DUPLICATE_REQUEST_ID, INTERNAL_ERROR, UNAVAILABLE, FORBIDDEN,
 )
 
 # --- priorities -----------------------------------------------------------------------------

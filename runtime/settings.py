@@ -204,6 +204,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("curve_worker_keys", str, None,
             "directory of public .key files of the workers allowed to connect to the backend "
             "(serve's own workers get a key of their own)", (S, B), metavar="DIR", readme=True),
+    Setting("curve_admin_keys", str, None,
+            "directory of public .key files of the clients that may manage workers (cleanup, "
+            "model loads) and cancel any job; they may also connect as clients", (S, B),
+            metavar="DIR", readme=True),
+    Setting("allow_remote_management", boolean, False,
+            "without CURVE, treat clients on other machines like those on the broker's "
+            "machine: they may run cleanup and model loads and cancel any job (a trusted "
+            "network); under CURVE only --curve-admin-keys may", (S, B)),
     Setting("curve_server_key", str, None,
             "the broker's public CURVE .key file: talk CURVE to the backend", (W,), metavar="FILE"),
     Setting("curve_client_key", str, None,

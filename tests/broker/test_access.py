@@ -1,0 +1,173 @@
+"""Who may cancel a job and who may manage the workers (broker/access.py), through BrokerCore
+without sockets: the peer facts are what the loop reads off a message (CURVE key, address).
+The same rules against a real `serve` over real sockets: tests/serve/test_ownership.py."""
+
+from __future__ import annotations
+
+import json
+
+from broker.access import LOCAL_PEER, PeerFacts, is_admin, is_loopback_address
+from broker.core import BrokerConfig, BrokerCore, ClientRequest, ToClient
+from broker.journal import MemoryJournal, open_journal
+
+from broker_harness import flat_request
+
+REMOTE_A = PeerFacts(address="192.0.2.10")      # no CURVE, another machine
+REMOTE_B = PeerFacts(address="192.0.2.11")
+KEY_A = PeerFacts(curve_key="A" * 40, address="127.0.0.1")
+KEY_B = PeerFacts(curve_key="B" * 40, address="127.0.0.1")
+ADMIN = PeerFacts(curve_key="C" * 40, admin_key=True, address="192.0.2.12")
+
+
+def _core(**config) -> BrokerCore:
+    core = BrokerCore(BrokerConfig(**config), now=0.0, first_dispatch_id=100)
+    core.open(MemoryJournal(), 0.0, wall_now=0.0)
+    return core
+
+
+def _send(core, identity: bytes, facts: PeerFacts, body: dict, now: float = 1.0) -> list[dict]:
+    out = core.on_client(ClientRequest((identity, b""), json.dumps(body).encode(),
+                                       peer_facts=facts), now)
+    return [o.message for o in out if isinstance(o, ToClient) and o.message.get("final")]
+
+
+def _cancel(core, identity: bytes, facts: PeerFacts, rid: str) -> dict:
+    """The cancel_response (a successful cancel also sends the job's own `cancelled` reply)."""
+    cancel_id = f"c-{identity.decode()}"
+    [reply] = [r for r in _send(core, identity, facts, {"message_type": "cancel_request",
+                                                        "request_id": cancel_id,
+                                                        "data": {"request_id": rid}})
+               if r["request_id"] == cancel_id]
+    return reply
+
+
+def _queued(core) -> list[str]:
+    return [rid for rid, _ in core.queue]
+
+
+def test_without_curve_only_the_submitting_identity_cancels_a_remote_clients_job():
+    core = _core()
+    assert _send(core, b"alice", REMOTE_A, flat_request("job-a")) == []
+    refused = _cancel(core, b"mallory", REMOTE_B, "job-a")
+    assert refused["success"] is False and refused["error_code"] == "forbidden"
+    assert "only its submitter or an admin" in refused["error"]
+    assert refused["message_type"] == "cancel_response" and refused["request_id"] == "c-mallory"
+    assert _queued(core) == ["job-a"]                      # the job is untouched
+    # the same address with another identity is another client too
+    assert _cancel(core, b"alice-2", REMOTE_A, "job-a")["error_code"] == "forbidden"
+    done = _cancel(core, b"alice", REMOTE_A, "job-a")
+    assert done["success"] is True and done["data"]["state"] == "queued"
+
+
+def test_without_curve_a_client_on_the_brokers_machine_may_cancel_any_job():
+    core = _core()
+    _send(core, b"alice", REMOTE_A, flat_request("job-a"))
+    _send(core, b"bob", REMOTE_B, flat_request("job-b"))
+    assert _cancel(core, b"tool", LOCAL_PEER, "job-a")["success"] is True             # ipc
+    assert _cancel(core, b"tool", PeerFacts(address="127.0.0.1"), "job-b")["success"] is True
+
+
+def test_under_curve_the_key_owns_the_job_on_any_connection_and_an_admin_may_cancel():
+    core = _core()
+    _send(core, b"conn-1", KEY_A, flat_request("job-a"))
+    _send(core, b"conn-2", KEY_A, flat_request("job-a2"))
+    # another key on this very machine is not the owner: CURVE decides, not the address
+    assert _cancel(core, b"conn-3", KEY_B, "job-a")["error_code"] == "forbidden"
+    # the owner's key from a new connection (a REQ client that reconnected) may
+    assert _cancel(core, b"conn-9", KEY_A, "job-a")["success"] is True
+    assert _cancel(core, b"admin", ADMIN, "job-a2")["success"] is True
+
+
+def test_an_unknown_id_is_still_a_validation_error_for_everyone():
+    core = _core()
+    reply = _cancel(core, b"mallory", REMOTE_B, "no-such-job")
+    assert reply["error_code"] == "validation_error" and "no queued or running job" in reply["error"]
+
+
+def test_a_resend_from_another_peer_attaches_but_does_not_make_it_an_owner():
+    core = _core()
+    _send(core, b"alice", REMOTE_A, flat_request("job-a"))
+    assert _send(core, b"alice-reconnected", REMOTE_B, flat_request("job-a")) == []   # attached
+    assert len(core.jobs["job-a"].peers) == 2
+    assert _cancel(core, b"alice-reconnected", REMOTE_B, "job-a")["error_code"] == "forbidden"
+
+
+def test_a_job_restored_from_the_journal_is_owned_by_its_first_resender(tmp_path):
+    first = BrokerCore(BrokerConfig(), now=0.0)
+    first.open(open_journal(str(tmp_path), 3600.0), 0.0, wall_now=0.0)
+    body = json.dumps(flat_request("job-r")).encode()
+    first.on_client(ClientRequest((b"alice", b""), body, peer_facts=KEY_A), 1.0)
+    first.journal.close()
+    restarted = BrokerCore(BrokerConfig(), now=0.0)
+    restarted.open(open_journal(str(tmp_path), 3600.0), 0.0, wall_now=2.0)
+    assert restarted.jobs["job-r"].owner is None
+    assert _cancel(restarted, b"x", KEY_B, "job-r")["error_code"] == "forbidden"
+    assert _send(restarted, b"alice-again", KEY_A, flat_request("job-r")) == []      # resend
+    assert _cancel(restarted, b"x", KEY_B, "job-r")["error_code"] == "forbidden"
+    assert _cancel(restarted, b"alice-3", KEY_B, "job-r")["error_code"] == "forbidden"
+    assert _cancel(restarted, b"alice-3", KEY_A, "job-r")["success"] is True
+    restarted.journal.close()
+
+
+def test_management_needs_an_admin_peer_unless_the_operator_allows_it():
+    cleanup = {"message_type": "cleanup", "request_id": "cl"}
+    load = {"message_type": "model_load_request", "request_id": "ld", "data": {"model_name": "tiny-sdxl"}}
+    legacy_load = {"action": "load_model", "request_id": "ld2", "model_name": "tiny-sdxl"}
+    core = _core()
+    for facts in (REMOTE_A, KEY_A):    # another machine without CURVE; a non-admin key anywhere
+        for body in (cleanup, load, legacy_load):
+            [reply] = _send(core, b"peer", facts, body)
+            assert reply["error_code"] == "forbidden", (facts, body, reply)
+            assert reply["success"] is False and reply["request_id"] == body["request_id"]
+    [hint] = _send(core, b"peer", KEY_A, cleanup)
+    assert "--curve-admin-keys" in hint["error"]
+    [hint] = _send(core, b"peer", REMOTE_A, cleanup)
+    assert "--allow-remote-management" in hint["error"]
+    # reads stay open to every client
+    [status] = _send(core, b"peer", REMOTE_A, {"message_type": "status_request", "request_id": "s"})
+    assert status["success"] is True
+    # an admin peer (a loopback client without CURVE, an admin key) gets through to the workers
+    # (none registered here: cleanup says so, a load has nowhere to go)
+    for facts in (LOCAL_PEER, ADMIN):
+        [reply] = _send(core, b"admin", facts, cleanup)
+        assert reply["success"] is True and reply["warnings"] == ["no worker is registered"]
+        [reply] = _send(core, b"admin", facts, load)
+        assert reply["error_code"] == "unsupported_feature"
+    # --allow-remote-management: without CURVE every peer is trusted; a CURVE key still is not
+    allowing = _core(allow_remote_management=True)
+    [reply] = _send(allowing, b"peer", REMOTE_A, cleanup)
+    assert reply["success"] is True
+    [reply] = _send(allowing, b"peer", KEY_A, cleanup)
+    assert reply["error_code"] == "forbidden"
+
+
+def test_allow_remote_management_lets_a_remote_client_cancel_any_job_without_curve():
+    core = _core(allow_remote_management=True)
+    _send(core, b"alice", REMOTE_A, flat_request("job-a"))
+    _send(core, b"carol", KEY_A, flat_request("job-c"))
+    assert _cancel(core, b"bob", REMOTE_B, "job-a")["success"] is True
+    assert _cancel(core, b"dave", KEY_B, "job-c")["error_code"] == "forbidden"
+
+
+def test_refusals_are_counted_and_logged_once_per_interval(caplog):
+    core = _core()
+    _send(core, b"alice", REMOTE_A, flat_request("job-a"))
+    with caplog.at_level("WARNING", logger="broker.server"):
+        for _ in range(5):
+            _cancel(core, b"mallory", REMOTE_B, "job-a")
+    lines = [r.getMessage() for r in caplog.records if "refused cancel" in r.getMessage()]
+    assert len(lines) == 1 and "from 192.0.2.11" in lines[0]
+    assert core.metrics.replies.labels("rejected", "forbidden")._value.get() == 5
+
+
+def test_loopback_addresses():
+    assert is_loopback_address("127.0.0.1") and is_loopback_address("127.8.9.1")
+    assert is_loopback_address("::1") and is_loopback_address("::ffff:127.0.0.1")
+    assert not is_loopback_address("192.0.2.2") and not is_loopback_address("fd00::2")
+    assert not is_loopback_address("localhost:0:0:123") and not is_loopback_address("unknown")
+    assert is_admin(LOCAL_PEER) and is_admin(PeerFacts(address="127.0.0.1"))
+    assert not is_admin(PeerFacts(address="192.0.2.2"))
+    assert is_admin(PeerFacts(address="192.0.2.2"), allow_remote_management=True)
+    # CURVE: only an admin key, wherever it connects from, whatever the flag says
+    assert not is_admin(PeerFacts(curve_key="k", address="127.0.0.1"), allow_remote_management=True)
+    assert is_admin(PeerFacts(curve_key="k", admin_key=True, address="192.0.2.2"))
