@@ -12,7 +12,8 @@ exactly when the message came through a CURVE socket) and the IP address it conn
   socket (no CURVE, or the local frontend) a peer on this machine (loopback address, ipc://,
   inproc://), or any peer when the operator says the network is trusted
   (--allow-remote-management).
-- A job may be cancelled by its owner or an admin peer.
+- A job may be cancelled by its owner or an admin peer; only they see its prompt in list_queue
+  (`include_prompts`).
 - Management that changes workers (cleanup, model loads) needs an admin peer.
 
 Pure functions of the facts: no sockets, no clock.
@@ -65,11 +66,16 @@ def is_admin(facts: PeerFacts, allow_remote_management: bool = False) -> bool:
     return allow_remote_management or facts.on_this_machine
 
 
-def may_cancel(facts: PeerFacts, requester: str, job_owner: str | None,
-               allow_remote_management: bool = False) -> bool:
-    """The job's owner, or an admin peer (also for a job whose owner is not known)."""
+def owner_or_admin(facts: PeerFacts, requester: str, job_owner: str | None,
+                   allow_remote_management: bool = False) -> bool:
+    """The job's owner, or an admin peer (also for a job whose owner is not known): who may
+    cancel a job, and read its prompt in list_queue."""
     return ((job_owner is not None and requester == job_owner)
             or is_admin(facts, allow_remote_management))
+
+
+may_cancel = owner_or_admin
+may_read_prompt = owner_or_admin
 
 
 def may_manage(facts: PeerFacts, allow_remote_management: bool = False) -> bool:

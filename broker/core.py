@@ -557,12 +557,15 @@ class BrokerCore:
                        listings.LIST_MODELS_TIMEOUT_S)
 
     def _on_list_queue(self, peer: Peer, parsed) -> None:
+        requester, trust_remote = peer.owner, self.config.allow_remote_management
+        data = listings.queue_view(
+            self.jobs, self.queue, self._now,
+            include_prompts=management.param(parsed, "include_prompts", default=False),
+            # another client's prompt is its own: shown to its owner and admins only
+            prompt_visible=lambda state: access.may_read_prompt(peer.facts, requester, state.owner,
+                                                                trust_remote))
         self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
-                                        data=listings.queue_view(
-                                            self.jobs, self.queue, self._now,
-                                            include_prompts=management.param(parsed, "include_prompts",
-                                                                             default=False)),
-                                        warnings=parsed.warnings or ()))
+                                        data=data, warnings=parsed.warnings or ()))
 
     def _on_list_history(self, peer: Peer, parsed) -> None:
         limit = management.param(parsed, "limit", default=C.DEFAULT_HISTORY_LIMIT)

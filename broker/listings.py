@@ -4,10 +4,12 @@ their schemas). Pure functions: the broker calls them on its loop thread."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from protocol import constants as C
 from protocol import normalize
 
-from broker.jobs import QUEUED
+from broker.jobs import QUEUED, JobState
 from broker.metrics import outcome_of
 
 LIST_MODELS_TIMEOUT_S = 10.0   # workers answer from their IO thread: a directory listing
@@ -16,10 +18,16 @@ LIST_MODELS_TIMEOUT_S = 10.0   # workers answer from their IO thread: a director
 PROMPT_SHOWN_CHARS = 200        # list_queue with include_prompts: the start of each prompt
 
 
-def queue_view(jobs: dict, queue, now: float, include_prompts: bool = False) -> dict:
+def _everyone(state) -> bool:
+    return True
+
+
+def queue_view(jobs: dict, queue, now: float, include_prompts: bool = False,
+               prompt_visible: Callable[[JobState], bool] = _everyone) -> dict:
     """Jobs on workers first (oldest first; a worker holds at most one running and one
     prefetched, stage "dispatched" until it starts), then queued ones in serving order, running
-    ones with their step. Prompts only when asked (`include_prompts`: an operator's dashboard)."""
+    ones with their step. Prompts only when asked (`include_prompts`: an operator's dashboard),
+    and only of the jobs `prompt_visible` says the asker may read (broker.access)."""
     rows = []
     for state in jobs.values():
         queued = state.state == QUEUED
@@ -38,7 +46,7 @@ def queue_view(jobs: dict, queue, now: float, include_prompts: bool = False) -> 
             "step": 0 if queued else state.step,
             "total_steps": 0 if queued else state.total_steps,
         })
-        if include_prompts:
+        if include_prompts and prompt_visible(state):
             rows[-1]["prompt"] = state.job.prompt[:PROMPT_SHOWN_CHARS]
     running = sorted((r for r in rows if r["state"] == "running"), key=lambda r: -r["age_s"])
     waiting = sorted((r for r in rows if r["state"] == "queued"),

@@ -171,3 +171,20 @@ def test_loopback_addresses():
     # CURVE: only an admin key, wherever it connects from, whatever the flag says
     assert not is_admin(PeerFacts(curve_key="k", address="127.0.0.1"), allow_remote_management=True)
     assert is_admin(PeerFacts(curve_key="k", admin_key=True, address="192.0.2.2"))
+
+
+def test_list_queue_shows_a_prompt_only_to_its_owner_and_admins():
+    core = _core()
+    _send(core, b"alice", REMOTE_A, flat_request("job-a", prompt="alice's secret"))
+    _send(core, b"carol", KEY_A, flat_request("job-c", prompt="carol's secret"))
+    listing = {"message_type": "list_queue", "request_id": "lq", "data": {"include_prompts": True}}
+
+    def prompts(identity: bytes, facts: PeerFacts) -> dict:
+        [reply] = _send(core, identity, facts, listing)
+        return {row["request_id"]: row.get("prompt") for row in reply["data"]["jobs"]}
+
+    assert prompts(b"mallory", REMOTE_B) == {"job-a": None, "job-c": None}
+    assert prompts(b"alice", REMOTE_A) == {"job-a": "alice's secret", "job-c": None}
+    assert prompts(b"carol-2", KEY_A) == {"job-a": None, "job-c": "carol's secret"}
+    both = {"job-a": "alice's secret", "job-c": "carol's secret"}
+    assert prompts(b"admin", ADMIN) == both and prompts(b"tool", LOCAL_PEER) == both
