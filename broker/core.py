@@ -963,7 +963,7 @@ class BrokerCore:
                 why = (f"no worker can run it: {reason}" if reason
                        else f"still queued (position {self.queue.position(rid)})")
                 if not reason and live and not any(w.healthy for w in live):
-                    why += "; every worker is unhealthy (the stuck-job watchdog fired on it)"
+                    why += "; every worker is unhealthy (the stuck-job watchdog fired on each)"
             else:
                 why = f"running on worker {state.worker_id}"
             self._abort(state, "timeout")
@@ -1019,6 +1019,9 @@ class BrokerCore:
             batch_of=batch_of)))
         log.debug("job %s -> worker %s (attempt %d%s)", rid, worker.worker_id, state.attempt,
                   f", batch of {batch_of}" if batch_of > 1 else "")
+        if not worker.healthy:
+            log.info("job %s -> unhealthy worker %s as a probe (no healthy worker can take it "
+                     "now; a success makes the worker healthy again)", rid, worker.worker_id)
 
     def _batch_companions(self, lead: JobState, lead_needs: routing.JobNeeds, worker: WorkerRecord,
                           window: list[JobState], needs: list[routing.JobNeeds],

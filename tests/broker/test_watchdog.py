@@ -178,7 +178,8 @@ def test_past_max_attempts_the_job_fails_worker_lost_naming_the_stall():
     assert "1 of 1 attempts" in reply["error"] and "no progress for 10 s" in reply["error"]
 
 
-def test_an_unhealthy_worker_gets_only_one_probe_job_and_a_success_makes_it_healthy():
+def test_an_unhealthy_worker_gets_only_one_probe_job_and_a_success_makes_it_healthy(caplog):
+    caplog.set_level("INFO", logger="broker.server")
     core = _core(max_attempts=3)
     stuck = _register(core, "stuck", 0.0)
     _submit(core, "a", 0.0)
@@ -195,11 +196,14 @@ def test_an_unhealthy_worker_gets_only_one_probe_job_and_a_success_makes_it_heal
     out = _run_until(core, 14.0, 15.0, {stuck: {}, good: {"job": "a"}})
     [(to, probe)] = _sent(out, W.RunJob)
     assert to == [stuck] and _row(core, "stuck", 15.0)["current_jobs"] == [probe.request_id]
+    assert f"job {probe.request_id} -> unhealthy worker stuck as a probe" in caplog.text
     assert _row(core, "stuck", 15.0)["healthy"] is False
     core.on_worker(stuck, _result(probe.request_id, probe.dispatch_id), 16.0)
     row = _row(core, "stuck", 16.0)
     assert row["healthy"] is True and row["unhealthy_reason"] is None and row["stalls"] == 1
     assert row["last_success_s"] == 0.0
+    assert "worker stuck finished job" in caplog.text and "healthy again" in caplog.text
+    assert "watchdog: worker stuck holds job(s) a but showed no progress for 10 s" in caplog.text
 
 
 def test_a_reconnect_of_the_same_process_does_not_wash_it_healthy():
