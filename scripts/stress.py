@@ -9,15 +9,23 @@ Ctrl-C, SIGTERM or an exception). Two phases by default:
           three generation forms, progress on and off, mixed priorities, duplicate request
           ids, cancels, short timeouts), vanishing clients, a stream of bad input, and faults:
           kill -9 of a worker (serve's supervisor restarts it), SIGSTOP/SIGCONT of a worker, a
-          burst past --max-queue, a frame over --max-message-mb;
+          burst past --max-queue, a frame over --max-message-mb, and the hostile ones:
+          big_bodies (legal ~60 MB JSON and msgpack requests), poison_telemetry (a worker peer
+          sending telemetry "x", free_mb "abc" and other garbage), rogue_worker (READY with a
+          real worker's id, then forged results for jobs it never got), stuck_worker (heart-
+          beats, takes jobs, never finishes one);
   split   `sdxl-broker broker --state-dir D` + N `sdxl-broker worker --sim` started here, the
-          same load and faults plus one kill -9 and restart of the broker; clients resend
-          their unfinished request ids and must get exactly one final reply each.
+          same load and faults plus one kill -9 and restart of the broker and full_disk (the
+          state dir is a tmpfs this script mounts when run as root, filled and freed; skipped
+          with the reason otherwise); clients resend their unfinished request ids and must
+          get exactly one final reply each.
 
 At the end every request still without a final reply is resent (same body) from a fresh socket;
-`lost` counts those that still get none, `duplicated` those with more than one final reply.
-Exit status: 0 all guarantees held; 1 something was lost or duplicated, the broker died outside
-the planned restart, its RSS grew past --max-rss-growth-mb, or a contract violation was seen;
+`lost` counts those that still get none, `duplicated` those with more than one final reply;
+`healthy workers lost` counts workers the run did not fault that the broker declared lost,
+disconnected or let another connection take over (read from the broker's log).
+Exit status: 0 all guarantees held; 1 something was lost or duplicated, a healthy worker was
+lost, the broker died outside the planned restart, its RSS grew past --max-rss-growth-mb, or a contract violation was seen;
 2 the system did not come up or the tool broke; 130 interrupted.
 
 Examples:
@@ -45,7 +53,7 @@ import zmq  # noqa: E402
 
 from stress_lib import procs as P  # noqa: E402
 from stress_lib import report  # noqa: E402
-from stress_lib.faults import ServeOptions, SetupError  # noqa: E402
+from stress_lib.faults import FAULT_KINDS, ServeOptions, SetupError  # noqa: E402
 from stress_lib.ledger import Ledger  # noqa: E402
 from stress_lib.runner import PhasePlan, run_phase, run_soak  # noqa: E402
 
@@ -81,8 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=None,
                    help="the broker's --max-queue; the burst fault sends 1.5x this at once "
                         "(default 100; 20 with --real)")
-    p.add_argument("--max-message-mb", type=int, default=16,
-                   help="the broker's --max-message-mb; the oversized frame is 2 bytes over")
+    p.add_argument("--max-message-mb", type=int, default=64,
+                   help="the broker's --max-message-mb (default 64, the product's); the "
+                        "oversized frame is 2 bytes over, big bodies 1 MB under at most")
+    p.add_argument("--fault-kinds", default=",".join(FAULT_KINDS), metavar="K1,K2",
+                   help="faults to inject (default all): " + ", ".join(FAULT_KINDS))
+    p.add_argument("--big-body-mb", type=float, default=60.0,
+                   help="size of each big_bodies request (default 60)")
+    p.add_argument("--big-bodies-per-fault", type=int, default=4,
+                   help="big bodies per big_bodies fault, JSON and msgpack alternately")
+    p.add_argument("--stuck-job-s", type=float, default=5.0,
+                   help="the broker's --stuck-job-s, passed where the product has the flag "
+                        "(a stuck_worker's jobs are then re-run elsewhere); default 5")
+    p.add_argument("--full-disk-mb", type=int, default=512,
+                   help="size of the tmpfs mounted as the split phase's state dir for the "
+                        "full_disk fault (root only; 0: keep the state dir on the real disk)")
     p.add_argument("--sim-step-s", type=float, default=0.02, help="simulated time per step")
     p.add_argument("--sim-load-s", type=float, default=0.2, help="simulated model load time")
     p.add_argument("--heartbeat-interval-s", type=float, default=0.5,
@@ -111,7 +132,9 @@ def _serve_options(args, models_dir: str | None) -> ServeOptions:
         workers=args.workers, real=args.real, models_dir=models_dir,
         sim_step_s=args.sim_step_s, sim_load_s=args.sim_load_s, max_queue=args.max_queue,
         max_message_mb=args.max_message_mb, heartbeat_interval_s=args.heartbeat_interval_s,
-        ready_timeout_s=300.0 if args.real else 90.0, reply_ttl_s=args.reply_ttl_s)
+        ready_timeout_s=300.0 if args.real else 90.0, reply_ttl_s=args.reply_ttl_s,
+        big_body_mb=args.big_body_mb, big_bodies_per_fault=args.big_bodies_per_fault,
+        stuck_job_s=args.stuck_job_s, full_disk_mb=args.full_disk_mb or None)
 
 
 def _demo_models(procs: P.ProcessSet, run_dir: Path) -> str:
@@ -134,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         args.max_queue = 20 if args.real else 100
     if args.req_clients is None:
         args.req_clients = 1 if args.real else 4
+    fault_kinds = tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip())
+    unknown = sorted(set(fault_kinds) - set(FAULT_KINDS))
+    if unknown:
+        build_parser().error(f"unknown fault kinds {', '.join(unknown)}; known: "
+                             f"{', '.join(FAULT_KINDS)}")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="sdxl-stress-"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                              vanishing_clients=args.vanishing_clients, drain_s=args.drain_s,
                              resend_wait_s=args.resend_wait_s,
                              burst_size=int(args.max_queue * 1.5),
-                             bad_input=not args.no_bad_input, faults=not args.no_faults)
+                             bad_input=not args.no_bad_input, faults=not args.no_faults,
+                             fault_kinds=fault_kinds)
             phases.append(run_phase(plan, opts, ledger, procs, ctx, run_dir, seed + i,
                                     interrupted))
     except SetupError as exc:
@@ -186,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 def _soak(args, opts, ledger, procs, ctx, run_dir, interrupted) -> int:
     opts.sim_step_s = 0.0
     opts.sim_load_s = 0.0
+    opts.full_disk_mb = None   # the soak measures the journal's growth, on the real disk
     opts.max_queue = max(opts.max_queue, 1000)
     result = run_soak(args.soak, opts, ledger, procs, ctx, run_dir, interrupted,
                       report_every=args.soak_report_every)

@@ -28,6 +28,10 @@ MANAGEMENT_REPLY_TYPES = frozenset({
     "cleanup_response",
 })
 
+# written into every result a rogue worker forges (raw_worker.py); a client seeing it is a
+# contract violation
+FORGED_MARK = "forged-by-stress-rogue"
+
 _WORDS = ("lighthouse", "storm", "forest", "neon", "portrait", "river", "castle", "desert",
           "fox", "harbour", "mountain", "city", "watercolour", "sunset", "robot")
 
@@ -109,6 +113,25 @@ def generation_body(spec: GenerationSpec) -> dict:
             },
         }
     raise ValueError(f"unknown form {spec.form!r}")
+
+
+def big_json_body(spec: GenerationSpec, size_mb: float) -> bytes:
+    """A legal flat generation request of about `size_mb` MB of JSON: the bulk is an unknown
+    field holding a list of zeros (the contract ignores unknown fields with a warning), the
+    body a hostile client sends to make the broker parse 30 M numbers."""
+    head = encode(generation_body(spec), "json")[:-1]
+    zeros = max(1, int(size_mb * 2**20) // 2)
+    return head + b',"stress_padding":[' + b"0," * (zeros - 1) + b"0]}"
+
+
+def big_msgpack_body(spec: GenerationSpec, size_mb: float) -> bytes:
+    """A legal flat img2img request of about `size_mb` MB of msgpack: the bulk is the
+    `init_image` as binary (the broker takes image bytes as they are; the worker decodes them,
+    and a simulated worker never looks)."""
+    body = generation_body(spec)
+    body["init_image"] = b"\x89PNG\r\n\x1a\n" + bytes(max(0, int(size_mb * 2**20) - 8))
+    body["strength"] = 0.5
+    return encode(body, "msgpack")
 
 
 def status_body(request_id: str) -> dict:

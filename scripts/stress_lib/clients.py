@@ -20,6 +20,8 @@ import zmq
 from . import bodies
 from .ledger import Entry, Ledger
 
+FORGED_MARK_BYTES = bodies.FORGED_MARK.encode()
+
 log = logging.getLogger("stress.clients")
 
 _NO_PROBE_AFTER = frozenset({"queue_full", "validation_error", "malformed_message",
@@ -77,6 +79,9 @@ class Conn:
         if reply is None:
             self.ledger.violation("undecodable_reply", repr(body[:80]))
             return None, None
+        if FORGED_MARK_BYTES in body:
+            # a rogue peer's forged RESULT/ERROR/PROGRESS reached a client (raw_worker.py)
+            self.ledger.violation("forged_message_delivered", repr(body[:200]))
         message_type = reply.get("message_type")
         family = "cancel" if message_type == "cancel_response" else "gen"
         key = self.routes.get((reply.get("request_id"), family))

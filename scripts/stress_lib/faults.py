@@ -20,10 +20,13 @@ from pathlib import Path
 
 import zmq
 
+from . import hostile_faults
 from . import procs as P
+from .attacks import TmpfsStateDir
 from .clients import LoadConfig, burst
 from .ledger import Ledger
 from .probes import StatusMonitor, send_oversized, status_once
+from .worker_health import STRESS_PREFIX, FaultLog
 
 log = logging.getLogger("stress.faults")
 
@@ -40,11 +43,20 @@ class ServeOptions:
     sim_step_s: float = 0.02
     sim_load_s: float = 0.2
     max_queue: int = 100
-    max_message_mb: int = 16
+    max_message_mb: int = 64
     heartbeat_interval_s: float = 0.5
     reply_ttl_s: float | None = None  # split topology only (serve has no such flag)
     ready_timeout_s: float = 90.0
     extra_args: list[str] = field(default_factory=list)
+    # issue-16 faults (hostile_faults.py)
+    big_body_mb: float = 60.0
+    big_bodies_per_fault: int = 4
+    poison_s: float = 8.0
+    rogue_s: float = 8.0
+    stuck_s: float = 20.0
+    stuck_job_s: float | None = 5.0    # passed as --stuck-job-s where the product has it
+    full_disk_mb: int | None = 512     # split state dir on a tmpfs of this size (root only)
+    full_disk_s: float = 10.0
 
 
 class _Topology:
@@ -61,6 +73,7 @@ class _Topology:
         self.rss_start_mb: float | None = None
         self.rss_first_start_mb: float | None = None
         self._planned_down = threading.Event()
+        self.fault_log = FaultLog()   # which workers were faulted when (healthy-lost counting)
 
     # --- the broker process ---------------------------------------------------------------
     def broker_pid(self) -> int:
@@ -86,6 +99,20 @@ class _Topology:
     def broker_log(self) -> Path:
         raise NotImplementedError
 
+    def broker_logs(self) -> list[Path]:
+        """Every log the broker of this phase wrote (one per broker process)."""
+        try:
+            return [self.broker_log()]
+        except AttributeError:   # it never started
+            return []
+
+    def product_args(self, command: str) -> list[str]:
+        """Flags for settings the product may or may not have yet (read from --help)."""
+        o = self.opts
+        if o.stuck_job_s is not None and P.has_flag(command, "--stuck-job-s"):
+            return ["--stuck-job-s", str(o.stuck_job_s)]
+        return []
+
     def restart_broker(self, ctx: zmq.Context) -> None:
         raise SetupError(f"{self.kind}: the broker cannot be restarted alone here")
 
@@ -95,7 +122,8 @@ class _Topology:
             if not self.broker_alive():
                 raise SetupError(f"broker exited during start-up:\n{P.tail(self.broker_log())}")
             data = status_once(ctx, self.frontend, timeout_s=1.0)
-            live = [w for w in (data or {}).get("workers") or [] if w.get("state") != "lost"]
+            live = [w for w in (data or {}).get("workers") or [] if w.get("state") != "lost"
+                    and not str(w.get("worker_id", "")).startswith(STRESS_PREFIX)]
             if data is not None and len(live) >= workers:
                 return
             time.sleep(0.2)
@@ -126,7 +154,7 @@ class ServeTopology(_Topology):
         else:
             argv += ["--sim-workers", str(o.workers), "--sim-step-s", str(o.sim_step_s),
                      "--sim-load-s", str(o.sim_load_s)]
-        argv += o.extra_args
+        argv += self.product_args("serve") + o.extra_args
         self.child = self.procs.start("serve", argv)
         line = P.wait_for_line(self.child.log_path, "ready ", o.ready_timeout_s, self.child)
         if line is None:
@@ -145,7 +173,8 @@ class ServeTopology(_Topology):
         return self.child.log_path
 
     def stop(self) -> None:
-        self.procs.stop(self.child, timeout_s=15.0)
+        if getattr(self, "child", None) is not None:
+            self.procs.stop(self.child, timeout_s=15.0)
 
 
 class SplitTopology(_Topology):
@@ -155,6 +184,8 @@ class SplitTopology(_Topology):
         super().__init__(procs, run_dir, opts)
         self.state_dir = run_dir / "state-split"
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.tmpfs = TmpfsStateDir(self.state_dir, opts.full_disk_mb) if opts.full_disk_mb else None
+        self.broker_children: list[P.Child] = []
         self.workers: dict[str, P.Child] = {}
         self.worker_restarts = 0
         self._stop = threading.Event()
@@ -167,7 +198,8 @@ class SplitTopology(_Topology):
             "--state-dir", str(self.state_dir), "--max-queue", str(o.max_queue),
             "--max-message-mb", str(o.max_message_mb),
             "--heartbeat-interval-s", str(o.heartbeat_interval_s)] + (
-            ["--reply-ttl-s", str(o.reply_ttl_s)] if o.reply_ttl_s is not None else [])
+            ["--reply-ttl-s", str(o.reply_ttl_s)] if o.reply_ttl_s is not None else []) + (
+            self.product_args("broker") + o.extra_args)
 
     def _worker_argv(self, worker_id: str) -> list[str]:
         o = self.opts
@@ -180,7 +212,9 @@ class SplitTopology(_Topology):
         return argv + ["--sim", "--sim-step-s", str(o.sim_step_s), "--sim-load-s", str(o.sim_load_s)]
 
     def start(self, ctx: zmq.Context) -> None:
-        self.broker = self.procs.start("broker", self._broker_argv())
+        if self.tmpfs is not None:
+            self.tmpfs.mount()
+        self.broker = self._start_broker()
         for i in range(self.opts.workers):
             wid = f"{'cpu' if self.opts.real else 'sim'}-{i}"
             self.workers[wid] = self.procs.start(f"worker-{wid}", self._worker_argv(wid))
@@ -202,6 +236,11 @@ class SplitTopology(_Topology):
                     self.workers[wid] = self.procs.start(f"worker-{wid}", self._worker_argv(wid))
                     self.worker_restarts += 1
 
+    def _start_broker(self) -> P.Child:
+        child = self.procs.start("broker", self._broker_argv())
+        self.broker_children.append(child)
+        return child
+
     def broker_pid(self) -> int:
         return self.broker.pid
 
@@ -211,6 +250,9 @@ class SplitTopology(_Topology):
     def broker_log(self) -> Path:
         return self.broker.log_path
 
+    def broker_logs(self) -> list[Path]:
+        return [c.log_path for c in self.broker_children]
+
     def restart_broker(self, ctx: zmq.Context) -> None:
         """kill -9 the broker, start it again on the same endpoints and journal."""
         self._planned_down.set()
@@ -219,7 +261,7 @@ class SplitTopology(_Topology):
             self.procs.kill(self.broker, signal.SIGKILL)
             self.broker.popen.wait(timeout=10)
             time.sleep(0.5)
-            self.broker = self.procs.start("broker", self._broker_argv())
+            self.broker = self._start_broker()
             self.wait_ready(ctx, self.opts.workers, self.opts.ready_timeout_s)
             self.planned_broker_restarts += 1
             self.note_broker_ready()
@@ -232,17 +274,28 @@ class SplitTopology(_Topology):
         with self._lock:
             for child in self.workers.values():
                 self.procs.stop(child, timeout_s=5.0)
-        self.procs.stop(self.broker, timeout_s=10.0)
+        if getattr(self, "broker", None) is not None:
+            self.procs.stop(self.broker, timeout_s=10.0)
+        if self.tmpfs is not None:
+            self.tmpfs.unmount()
 
 
 # --- the fault schedule ----------------------------------------------------------------------
 
-def build_schedule(kind: str, duration_s: float, rng: random.Random) -> list[tuple[float, str]]:
+BASIC_KINDS = ("kill_worker", "stop_worker", "burst", "oversize", "restart_broker")
+FAULT_KINDS = BASIC_KINDS + hostile_faults.KINDS
+
+
+def build_schedule(kind: str, duration_s: float, rng: random.Random,
+                   kinds: tuple[str, ...] = FAULT_KINDS) -> list[tuple[float, str]]:
     """(seconds from the phase start, fault). Spaced so serve's supervisor (5 restarts per
-    worker in 2 minutes) never gives up on a worker."""
+    worker in 2 minutes) never gives up on a worker. Only `kinds` are scheduled; full_disk
+    and restart_broker only in the split phase (serve has no state dir and one process)."""
     faults: list[tuple[float, str]] = []
 
     def every(name: str, first_frac: float, period_s: float) -> None:
+        if name not in kinds:
+            return
         t = duration_s * first_frac
         while t < duration_s * 0.9:
             faults.append((round(t + rng.uniform(-1, 1), 2), name))
@@ -255,8 +308,14 @@ def build_schedule(kind: str, duration_s: float, rng: random.Random) -> list[tup
     every("stop_worker", 0.3, clamp(duration_s / 2, 30.0, 90.0))
     every("burst", 0.55, clamp(duration_s, 60.0, 150.0))
     every("oversize", 0.4, clamp(duration_s, 60.0, 150.0))
+    every("stuck_worker", 0.1, clamp(duration_s / 2, 30.0, 100.0))
+    every("poison_telemetry", 0.15, clamp(duration_s / 2, 30.0, 100.0))
+    every("rogue_worker", 0.25, clamp(duration_s / 2, 30.0, 100.0))
+    every("big_bodies", 0.45, clamp(duration_s / 2, 30.0, 100.0))
     if kind == "split":
-        faults.append((round(duration_s * 0.5, 2), "restart_broker"))
+        every("full_disk", 0.3, clamp(duration_s, 60.0, 150.0))
+        if "restart_broker" in kinds:
+            faults.append((round(duration_s * 0.5, 2), "restart_broker"))
     return sorted(faults)
 
 
@@ -271,8 +330,15 @@ class FaultScheduler(threading.Thread):
         self.bad_input_client = bad_input_client  # paused while the broker is down
         self.burst_size = burst_size
         self.done: list[tuple[float, str, str]] = []
+        self.attacks: dict[str, list[dict]] = {}   # what each issue-16 fault measured
         self.error: BaseException | None = None
         self._side_threads: list[threading.Thread] = []
+        self._handlers = {
+            "kill_worker": self._kill_worker, "stop_worker": self._stop_worker,
+            "burst": self._burst, "oversize": self._oversize,
+            "restart_broker": self._restart_broker,
+            **{name: (lambda fn=getattr(hostile_faults, name): fn(self))
+               for name in hostile_faults.KINDS}}
 
     def run(self) -> None:
         started = time.monotonic()
@@ -280,7 +346,7 @@ class FaultScheduler(threading.Thread):
             for at_s, fault in self.schedule:
                 if self.stop.wait(max(0.0, started + at_s - time.monotonic())):
                     break
-                outcome = getattr(self, f"_{fault}")()
+                outcome = self._handlers[fault]()
                 self.done.append((round(time.monotonic() - started, 1), fault, outcome))
                 self.ledger.event(f"fault_{fault}")
                 log.info("fault %s at %.1fs: %s", fault, time.monotonic() - started, outcome)
@@ -295,10 +361,21 @@ class FaultScheduler(threading.Thread):
         pids = [p for p in self.monitor.live_worker_pids() if self.topo.procs.owns(p)]
         return self.rng.choice(pids) if pids else None
 
+    def _faulted(self, pid: int, for_s: float) -> None:
+        """Note the worker with `pid` as faulted from now for `for_s` plus the time the broker
+        takes to give up on it and its restart to register: its loss is no healthy loss."""
+        worker_id = self.monitor.worker_id_of(pid)
+        if worker_id is None:
+            return
+        expiry_s = self.topo.opts.heartbeat_interval_s * 3
+        now = time.time()
+        self.topo.fault_log.faulted(worker_id, now, now + for_s + 3 * expiry_s + 10.0)
+
     def _kill_worker(self) -> str:
         pid = self._pick_worker()
         if pid is None:
             return "skipped: no live worker we own"
+        self._faulted(pid, 0.0)
         P.signal_pid(pid, signal.SIGKILL)
         self.topo.worker_kills += 1
         return f"kill -9 worker pid {pid}"
@@ -309,6 +386,7 @@ class FaultScheduler(threading.Thread):
             return "skipped: no live worker we own"
         # long enough for the broker to declare it lost (interval x liveness) and re-run its job
         hold_s = self.topo.opts.heartbeat_interval_s * 3 * 2 + 1.0
+        self._faulted(pid, hold_s)
         P.signal_pid(pid, signal.SIGSTOP)
         try:
             self.stop.wait(hold_s)

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 # error codes that prove the broker accepted the job before it failed
 _ACCEPTED_FAILURES = frozenset({"timeout", "cancelled", "worker_lost", "out_of_memory",
                                 "internal_error", "unsupported_feature", "model_not_found"})
-GENERATION_KINDS = frozenset({"dealer", "req", "vanish", "burst"})
+# big: a hostile client's 60 MB bodies; disk_probe / disk_retry: sent while the journal's
+# disk is full, and again after it is freed (hostile_faults.py)
+GENERATION_KINDS = frozenset({"dealer", "req", "vanish", "burst", "big", "disk_probe",
+                              "disk_retry"})
 
 
 @dataclass
@@ -127,6 +130,11 @@ class Ledger:
     def get(self, key: str) -> Entry:
         with self._lock:
             return self.entries[key]
+
+    def entries_for(self, request_id: str) -> list[Entry]:
+        """Every entry sent with this request id (the request, its probes, a cancel)."""
+        with self._lock:
+            return [e for e in self.entries.values() if e.request_id == request_id]
 
     def finals_count(self) -> int:
         with self._lock:

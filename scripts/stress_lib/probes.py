@@ -210,7 +210,9 @@ class StatusMonitor(threading.Thread):
             self.last = data
             workers = [w for w in data.get("workers") or [] if isinstance(w, dict)]
             self.workers = workers
-            pids = {w.get("pid") for w in workers if isinstance(w.get("pid"), int)}
+            # the stress tool's own raw peers (raw_worker.py) are no worker processes
+            pids = {w.get("pid") for w in workers if isinstance(w.get("pid"), int)
+                    and not str(w.get("worker_id", "")).startswith("stress-")}
             if self.initial_pids is None and pids:
                 self.initial_pids = set(pids)
             self.pids_seen |= pids
@@ -222,6 +224,10 @@ class StatusMonitor(threading.Thread):
         with self._lock:
             return [w["pid"] for w in self.workers
                     if isinstance(w.get("pid"), int) and w.get("state") != "lost"]
+
+    def worker_id_of(self, pid: int) -> str | None:
+        with self._lock:
+            return next((w.get("worker_id") for w in self.workers if w.get("pid") == pid), None)
 
     def new_worker_pids(self) -> int:
         with self._lock:

@@ -8,8 +8,10 @@ atexit hook and SIGTERM. Nothing is killed by name.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +34,18 @@ def sdxl_broker_argv() -> list[str]:
         return [str(exe)]
     found = shutil.which("sdxl-broker")
     return [found] if found else [sys.executable, "-m", "broker.cli"]
+
+
+@functools.lru_cache(maxsize=None)
+def _help_text(command: str) -> str:
+    proc = subprocess.run(sdxl_broker_argv() + [command, "--help"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return proc.stdout
+
+
+def has_flag(command: str, flag: str) -> bool:
+    """Whether `sdxl-broker <command>` knows `flag` (a setting another change may add)."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", _help_text(command)) is not None
 
 
 def free_tcp_endpoint() -> str:

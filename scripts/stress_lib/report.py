@@ -18,6 +18,7 @@ def build_summary(ledger: Ledger, phases: list[dict], max_rss_growth_mb: float,
                   args: dict) -> dict:
     per_phase = {p["phase"]: {**ledger.summary(p["phase"]), **p} for p in phases}
     total = ledger.summary()
+    total["healthy_workers_lost"] = sum(p.get("healthy_workers_lost") or 0 for p in phases)
     violations = dict(ledger.violations)
     for p in phases:
         for name, n in ((p.get("bad_input") or {}).get("violations") or {}).items():
@@ -53,6 +54,10 @@ def evaluate(total: dict, phases: list[dict], violations: dict,
         failures.append(f"{total['duplicated']} requests duplicated, e.g. "
                         f"{', '.join(total['duplicated_examples'][:3])}")
     for p in phases:
+        if p.get("healthy_workers_lost"):
+            failures.append(f"{p['phase']}: {p['healthy_workers_lost']} healthy workers lost "
+                            f"(not faulted, yet declared lost / disconnected / taken over), "
+                            f"e.g. {'; '.join(p.get('healthy_lost_examples') or [])[:300]}")
         if p.get("unplanned_broker_deaths") or not p.get("broker_ok", True):
             failures.append(f"{p['phase']}: the broker died outside the planned restart")
         growth = p.get("broker_rss_growth_mb")
@@ -71,6 +76,59 @@ def exit_code(summary: dict) -> int:
     if summary["tool_errors"]:
         return EXIT_SETUP
     return EXIT_OK
+
+
+def _sum(runs: list[dict], key: str) -> int:
+    return sum(int(r.get(key) or 0) for r in runs)
+
+
+def _cell(kind: str, fmt):
+    """One table cell for an issue-16 fault: '-' when it did not run in that phase."""
+    def cell(attacks: dict) -> str:
+        runs = attacks.get(kind) or []
+        return fmt(runs) if runs else "-"
+    return cell
+
+
+# (label, cell) rows for the issue-16 faults (hostile_faults.py); the JSON has every figure
+ATTACK_ROWS = [
+    ("big bodies: sent / answered (outcomes)", _cell("big_bodies", lambda r: (
+        f"{_sum(r, 'sent')} / {_sum(r, 'answered')} "
+        f"({_fmt(_merge(x.get('outcomes') for x in r))})"))),
+    ("big bodies: slowest answer (s)", _cell("big_bodies", lambda r: _fmt(
+        max((s for x in r for s in x.get("answer_s") or []), default=None)))),
+    ("poison worker: garbage frames / disconnects", _cell("poison_telemetry", lambda r: (
+        f"{_sum(r, 'poison_frames')} / {_sum(r, 'disconnects')}"))),
+    ("poison worker: status answered", _cell("poison_telemetry", lambda r: (
+        f"{_sum(r, 'status_answered')} of {_sum(r, 'status_polls')}"))),
+    ("rogue: READY as a real id / took it over", _cell("rogue_worker", lambda r: (
+        f"{sum((x.get('frames_sent') or {}).get('READY-as-victim', 0) for x in r)} / "
+        f"{sum(1 for x in r if x.get('takeover_registered'))}"))),
+    ("rogue: jobs forged for / forged frames", _cell("rogue_worker", lambda r: (
+        f"{_sum(r, 'jobs_forged_for')} / "
+        f"{sum(n for x in r for k, n in (x.get('frames_sent') or {}).items() if 'forged' in k)}"))),
+    ("stuck worker: jobs taken / aborts to it", _cell("stuck_worker", lambda r: (
+        f"{_sum(r, 'jobs_taken')} / {_sum(r, 'aborts_received')}"))),
+    ("stuck worker's jobs: done while it was stuck / after it left / open", _cell(
+        "stuck_worker", lambda r: (f"{_sum(r, 'finished_while_stuck')} / "
+                                   f"{_sum(r, 'finished_after_it_left')} / "
+                                   f"{_sum(r, 'unfinished_30s_after')}"))),
+    ("full disk: answered while full / sent (outcomes)", _cell("full_disk", lambda r: (
+        f"{_sum(r, 'answered_while_full')} / {_sum(r, 'requests_while_full')} "
+        f"({_fmt(_merge({o: 1} for x in r for o in x.get('outcomes_while_full') or []))})"))),
+    ("full disk: journal errors the broker logged", _cell("full_disk", lambda r: (
+        f"{_sum(r, 'disk_errors_logged')}"))),
+    ("full disk: resends after freeing answered", _cell("full_disk", lambda r: (
+        f"{_sum(r, 'resends_answered')} of {_sum(r, 'resent_after_free')}"))),
+]
+
+
+def _merge(counts) -> dict:
+    out: dict = {}
+    for c in counts:
+        for k, n in (c or {}).items():
+            out[k] = out.get(k, 0) + n
+    return out
 
 
 def _fmt(v) -> str:
@@ -117,6 +175,10 @@ def print_table(summary: dict, console: Console | None = None) -> None:
     style_dup = "red" if t["duplicated"] else "green"
     row("LOST (no final reply)", "lost", style=style_lost)
     row("DUPLICATED (more than one final)", "duplicated", style=style_dup)
+    style_healthy = "red" if t.get("healthy_workers_lost") else "green"
+    row("HEALTHY WORKERS LOST (not faulted)", "healthy_workers_lost", style=style_healthy)
+    row("workers given up on (faulted ones included)", "worker_give_ups",
+        sum_of("worker_give_ups"))
     row("resent by clients during the run", "resent_in_run")
     table.add_row("resent at the end / answered",
                   *[f"{p.get('resent_at_end', 0)} / {p.get('recovered_at_end', 0)}" for p in phases],
@@ -135,6 +197,10 @@ def print_table(summary: dict, console: Console | None = None) -> None:
     row("broker RSS growth (MB)", "broker_rss_growth_mb", "-")
     row("latency p50 (s)", "latency_p50_s")
     row("latency p99 (s)", "latency_p99_s")
+    for label, cell in ATTACK_ROWS:
+        cells = [cell(p.get("attacks") or {}) for p in phases]
+        if any(c != "-" for c in cells):
+            table.add_row(label, *cells, "")
     table.add_row("bad input sent", *[_fmt((p.get("bad_input") or {}).get("sent")) for p in phases],
                   _fmt(sum((p.get("bad_input") or {}).get("sent", 0) for p in phases)))
     table.add_row("bad input outcomes",
@@ -144,6 +210,10 @@ def print_table(summary: dict, console: Console | None = None) -> None:
         console.print("[red]violations:[/red] " + _fmt(summary["violations"]))
         for name, example in summary["violation_examples"].items():
             console.print(f"  {name}: {example}")
+    for p in phases:
+        for _at, fault, outcome in p.get("faults") or []:
+            if str(outcome).startswith("skipped"):
+                console.print(f"note ({p['phase']}): fault {fault} {outcome}")
     for p in phases:
         worker_policed = (p.get("bad_input") or {}).get("worker_policed_accepted_by_sim")
         if worker_policed:
@@ -157,5 +227,5 @@ def print_table(summary: dict, console: Console | None = None) -> None:
     elif summary["tool_errors"]:
         console.print("[bold yellow]TOOL ERRORS[/bold yellow] " + "; ".join(summary["tool_errors"]))
     else:
-        console.print("[bold green]OK[/bold green]: nothing lost, nothing duplicated, "
-                      "the broker lived, memory within bound")
+        console.print("[bold green]OK[/bold green]: nothing lost, nothing duplicated, no "
+                      "healthy worker lost, the broker lived, memory within bound")

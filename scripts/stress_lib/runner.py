@@ -16,9 +16,11 @@ import zmq
 from . import bodies
 from . import procs as P
 from .clients import Conn, DealerClient, LoadConfig, ReqClient, VanishingClient, resend_unanswered
-from .faults import FaultScheduler, ServeOptions, ServeTopology, SplitTopology, build_schedule
+from .faults import (FAULT_KINDS, FaultScheduler, ServeOptions, ServeTopology, SplitTopology,
+                     build_schedule)
 from .ledger import Entry, Ledger
 from .probes import BadInputClient, StatusMonitor
+from .worker_health import healthy_workers_lost
 
 log = logging.getLogger("stress.runner")
 
@@ -35,6 +37,7 @@ class PhasePlan:
     burst_size: int = 150
     bad_input: bool = True
     faults: bool = True
+    fault_kinds: tuple[str, ...] = FAULT_KINDS
 
 
 def run_phase(plan: PhasePlan, opts: ServeOptions, ledger: Ledger, procs: P.ProcessSet,
@@ -44,7 +47,11 @@ def run_phase(plan: PhasePlan, opts: ServeOptions, ledger: Ledger, procs: P.Proc
     topo = (ServeTopology if plan.kind == "serve" else SplitTopology)(procs, run_dir, opts)
     log.info("phase %s: starting (%.0fs of load)", plan.kind, plan.duration_s)
     t0 = time.monotonic()
-    topo.start(ctx)
+    try:
+        topo.start(ctx)
+    except BaseException:
+        topo.stop()   # what did start (and the tmpfs, if mounted)
+        raise
     startup_s = time.monotonic() - t0
     cfg = LoadConfig(phase=plan.kind, resend_after_s=max(8.0, opts.heartbeat_interval_s * 20))
     stop_sending, stop_now, stop_side = threading.Event(), threading.Event(), threading.Event()
@@ -66,7 +73,8 @@ def run_phase(plan: PhasePlan, opts: ServeOptions, ledger: Ledger, procs: P.Proc
         bad = BadInputClient(ctx, topo.frontend, ledger, plan.kind, rng.randrange(2**31),
                              stop_side, simulated_workers=not opts.real,
                              worker_reply_wait_s=180.0 if opts.real else 20.0)
-    schedule = build_schedule(plan.kind, plan.duration_s, rng) if plan.faults else []
+    schedule = (build_schedule(plan.kind, plan.duration_s, rng, plan.fault_kinds)
+                if plan.faults else [])
     scheduler = FaultScheduler(topo, monitor, ledger, ctx, cfg, schedule, stop_side,
                                rng.randrange(2**31), bad, plan.burst_size)
     for d in drivers:
@@ -75,6 +83,7 @@ def run_phase(plan: PhasePlan, opts: ServeOptions, ledger: Ledger, procs: P.Proc
         bad.start()
     scheduler.start()
     broker_ok = True
+    measured_until = None
     try:
         deadline = time.monotonic() + plan.duration_s
         while time.monotonic() < deadline and not interrupted.is_set():
@@ -117,11 +126,13 @@ def run_phase(plan: PhasePlan, opts: ServeOptions, ledger: Ledger, procs: P.Proc
         rss_end = P.rss_mb(topo.broker_pid()) if topo.broker_alive() else None
         if broker_ok and not topo.check_broker():
             broker_ok = False
+        measured_until = time.time()   # give-ups after this are the shutdown's
     finally:
         stop_sending.set()
         stop_now.set()
         stop_side.set()
         topo.stop()
+    health = healthy_workers_lost(topo.broker_logs(), topo.fault_log, measured_until)
     client_errors = [f"{d.name}: {d.error!r}" for d in drivers if getattr(d, "error", None)]
     for thing in (bad, scheduler):
         if thing is not None and thing.error is not None:
@@ -150,6 +161,8 @@ def run_phase(plan: PhasePlan, opts: ServeOptions, ledger: Ledger, procs: P.Proc
         "status_polls_unanswered": monitor.unanswered,
         "final_broker_status": (final_status or {}).get("broker"),
         "faults": scheduler.done,
+        "attacks": scheduler.attacks,
+        **health,
         "end_resend": resend,
         "bad_input": bad.summary() if bad else None,
         "tool_errors": client_errors,

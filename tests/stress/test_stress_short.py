@@ -19,7 +19,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from stress_lib import report  # noqa: E402
 from stress_lib.bad_input import CORPUS  # noqa: E402
+from stress_lib.faults import BASIC_KINDS, build_schedule  # noqa: E402
 from stress_lib.ledger import Entry, Ledger  # noqa: E402
+from stress_lib.raw_worker import POISON_FRAMES  # noqa: E402
+from stress_lib.worker_health import FaultLog, healthy_workers_lost  # noqa: E402
 
 
 def _final(rid, success=True, code=None, seed=7, mt="generate_sdxl_enhanced_response"):
@@ -77,6 +80,58 @@ def test_exit_rules():
     assert report.evaluate(clean, [{**ok_phase, "broker_rss_growth_mb": 250.0}], {}, 200)
     assert report.evaluate(clean, [{**ok_phase, "unplanned_broker_deaths": 1}], {}, 200)
     assert report.evaluate(clean, [ok_phase], {"req_got_progress": 1}, 200)
+    assert report.evaluate(clean, [{**ok_phase, "healthy_workers_lost": 1}], {}, 200)
+
+
+def test_healthy_workers_lost_are_read_from_the_broker_log(tmp_path):
+    """Give-ups of a faulted worker inside its window, of the tool's own peers and of never
+    registered connections are not counted; any other loss, late loss or takeover is."""
+    log = tmp_path / "broker.log"
+    log.write_text("\n".join([
+        "2026-12-05 01:00:00,100 WARNING broker.server: worker sim-0 lost: no heartbeat for 1.5 s",
+        "2026-12-05 01:00:01,000 WARNING broker.server: worker sim-1 lost: no heartbeat for 1.5 s",
+        "2026-12-05 01:00:02,000 WARNING broker.server: worker stress-stuck-1 lost: no heartbeat",
+        "2026-12-05 01:00:03,000 ERROR broker.server: disconnecting worker (unregistered) "
+        "(connection 00ab): 20 invalid messages within 60 s",
+        "2026-12-05 01:00:04,000 ERROR broker.server: disconnecting worker sim-2 (connection "
+        "00cd): 20 invalid messages within 60 s",
+        "2026-12-05 01:00:05,000 INFO broker.server: worker sim-0 registered: cpu x, 8000 MB, "
+        "pid 7 on stress-rogue (SIMULATED)",
+        "2026-12-05 01:00:06,000 INFO gpu_worker.transport: worker sim-1 lost: not a broker line",
+        "2026-12-05 01:09:00,000 WARNING broker.server: worker sim-1 lost: no heartbeat for 1.5 s",
+    ]))
+    from datetime import datetime
+    at = datetime.strptime("2026-12-05 01:00:00", "%Y-%m-%d %H:%M:%S").timestamp()
+    faults = FaultLog()
+    faults.faulted("sim-0", at - 1, at + 2)        # killed: its loss at 01:00:00 is expected
+    counts = healthy_workers_lost([log], faults, until=at + 60)
+    assert counts["worker_give_ups"] == 5          # the 01:09 loss is after `until`
+    assert counts["healthy_workers_lost"] == 3     # sim-1, sim-2's disconnect, sim-0 taken over
+    assert counts["healthy_lost_by_kind"] == {"disconnected": 1, "lost": 1, "taken_over": 1}
+
+
+def test_schedule_has_every_fault_kind_where_it_applies():
+    import random
+    serve = {f for _t, f in build_schedule("serve", 60.0, random.Random(1))}
+    split = {f for _t, f in build_schedule("split", 60.0, random.Random(1))}
+    hostile = {"big_bodies", "poison_telemetry", "rogue_worker", "stuck_worker"}
+    assert serve == (set(BASIC_KINDS) - {"restart_broker"}) | hostile
+    assert split == set(BASIC_KINDS) | hostile | {"full_disk"}
+    only = {f for _t, f in build_schedule("split", 60.0, random.Random(1), ("stuck_worker",))}
+    assert only == {"stuck_worker"}
+
+
+@pytest.mark.parametrize("kind", sorted(POISON_FRAMES))
+def test_poison_frames_are_refused_by_the_worker_protocol_decoder(kind):
+    """The poison worker's garbage is garbage to the product's own decoder (the broker must
+    drop it, count it and carry on); the one exception is a well-formed extra frame."""
+    from protocol import worker_protocol as W
+    frames = POISON_FRAMES[kind]()
+    if kind == "two_frames":
+        assert isinstance(W.decode_from_worker(frames[-1]), W.WorkerHeartbeat)
+        return
+    with pytest.raises(W.WorkerProtocolError):
+        W.decode_from_worker(frames[-1])
 
 
 @pytest.mark.parametrize("case", [c for c in CORPUS if c.policed_by == "broker"],
@@ -97,36 +152,99 @@ def test_bad_input_corpus_is_refused_by_the_product_parser(case):
         assert info.value.code in case.expect, (case.name, info.value.code, info.value.message)
 
 
-@pytest.mark.slow
-def test_short_stress_run_loses_nothing(tmp_path):
-    """`scripts/stress.py --seconds 40` against simulated workers, both phases (serve, and a
-    broker + workers with one kill -9 and restart of the broker): exit 0, and its JSON summary
-    shows work done, faults injected, bad input refused, nothing lost or duplicated."""
+def _run_stress(tmp_path, *args: str, timeout_s: float = 420) -> tuple[int, dict, str]:
+    """scripts/stress.py as a user runs it (subprocess); its exit code, JSON summary, output."""
     out = tmp_path / "summary.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "stress.py"), "--seconds", "40",
-           "--drain-s", "20", "--resend-wait-s", "20", "--seed", "1234",
-           "--run-dir", str(tmp_path / "run"), "--json-out", str(out), "--log-level", "WARNING"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "stress.py"), *args,
+           "--drain-s", "20", "--resend-wait-s", "20", "--run-dir", str(tmp_path / "run"),
+           "--json-out", str(out), "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
                             start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=240)
+        output, _ = proc.communicate(timeout=timeout_s)
     finally:
         if proc.poll() is None:  # the tool cleans up on SIGTERM; make sure of it
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
     assert out.exists(), output[-3000:]
-    summary = json.loads(out.read_text())
+    return proc.returncode, json.loads(out.read_text()), output
+
+
+def _attacks(summary: dict, kind: str) -> list[dict]:
+    return [r for p in summary["phases"].values() for r in (p.get("attacks") or {}).get(kind, [])]
+
+
+@pytest.mark.slow
+def test_short_stress_run_loses_nothing(tmp_path):
+    """`scripts/stress.py --seconds 60` against simulated workers, both phases (serve, and a
+    broker + workers with one kill -9 and restart of the broker), with the worker faults of
+    issue 16 besides kill -9 and SIGSTOP: a poison worker, a rogue worker and a stuck worker.
+    Exit 0, and its JSON summary shows work done, faults injected, bad input refused, nothing
+    lost or duplicated, no healthy worker lost, and what each hostile worker achieved:
+    nothing (status answered throughout the poison, no id taken over, no forged result
+    delivered, the stuck worker's jobs finished elsewhere while it still heart-beat)."""
+    kinds = "kill_worker,stop_worker,burst,oversize,restart_broker,poison_telemetry," \
+            "rogue_worker,stuck_worker"
+    code, summary, output = _run_stress(tmp_path, "--seconds", "60", "--seed", "1234",
+                                        "--fault-kinds", kinds)
     totals = summary["totals"]
-    assert proc.returncode == 0, (summary["failures"], summary["tool_errors"], output[-3000:])
+    assert code == 0, (summary["failures"], summary["tool_errors"], output[-3000:])
     assert totals["lost"] == 0 and totals["duplicated"] == 0
+    assert totals["healthy_workers_lost"] == 0
     assert totals["accepted"] > 0 and totals["completed"] > 0
     assert set(summary["phases"]) == {"serve", "split"}
     events = summary["events"]
     for fault in ("fault_kill_worker", "fault_stop_worker", "fault_burst", "fault_oversize",
-                  "fault_restart_broker"):
+                  "fault_restart_broker", "fault_poison_telemetry", "fault_rogue_worker",
+                  "fault_stuck_worker"):
         assert events.get(fault, 0) >= 1, (fault, events)
     assert summary["phases"]["split"]["planned_broker_restarts"] == 1
     assert totals["failed_by_code"].get("queue_full", 0) > 0  # the burst went past --max-queue
     bad = summary["phases"]["serve"]["bad_input"]
     assert bad["outcomes"].get("refused", 0) > 0 and not bad["violations"]
+    # the hostile workers: each ran in both phases and achieved nothing
+    poison = _attacks(summary, "poison_telemetry")
+    assert len(poison) == 2 and all(r["poison_frames"] >= 20 for r in poison)
+    assert all(r["status_answered"] == r["status_polls"] > 0 for r in poison)
+    assert all(r["disconnects"] >= 1 for r in poison)   # repeated garbage disconnects it
+    rogue = _attacks(summary, "rogue_worker")
+    assert len(rogue) == 2 and all(r["jobs_forged_for"] > 0 for r in rogue)
+    assert not any(r["takeover_registered"] and not r["victim_faulted_meanwhile"] for r in rogue)
+    assert "forged_message_delivered" not in summary["violations"]
+    stuck = _attacks(summary, "stuck_worker")
+    assert len(stuck) == 2 and sum(r["jobs_taken"] for r in stuck) > 0
+    # the watchdog (--stuck-job-s 5 here) aborted them there and re-ran them elsewhere
+    assert sum(r["aborts_received"] for r in stuck) > 0
+    assert sum(r["finished_while_stuck"] for r in stuck) > 0
+    assert sum(r["unfinished_30s_after"] for r in stuck) == 0
+
+
+@pytest.mark.slow
+def test_short_stress_run_with_big_bodies_and_a_full_disk(tmp_path):
+    """The two issue-16 faults whose guarantees are still being built (issue 16 items 1 and
+    3): four legal 60 MB bodies per phase from a hostile client, and the split phase's journal
+    disk (a tmpfs the script mounts as root) filled for 10 s with requests sent meanwhile.
+    Asserted: what holds on main today. The broker survives both, the faults really happened
+    (the journal hit ENOSPC), status is answered while the disk is full. Not yet asserted
+    (docs/reliability.md says what happens): lost 0 and healthy workers lost 0 under the big
+    bodies (a JSON body parses for seconds on the loop that judges liveness), and an answer
+    for every request sent while the disk is full."""
+    code, summary, output = _run_stress(tmp_path, "--seconds", "40", "--seed", "4321",
+                                        "--fault-kinds", "big_bodies,full_disk")
+    assert code in (0, 1), (summary["tool_errors"], output[-3000:])
+    for name, phase in summary["phases"].items():
+        assert phase["broker_ok"] and not phase["unplanned_broker_deaths"], (name, output[-3000:])
+    assert summary["events"].get("fault_big_bodies", 0) >= 2, summary["events"]
+    big = _attacks(summary, "big_bodies")
+    assert big and all(r["sent"] == 4 and r["size_mb"] == 60.0 for r in big)
+    assert "forged_message_delivered" not in summary["violations"]
+    if os.geteuid() != 0:
+        skipped = [o for p in summary["phases"].values() for _t, f, o in p["faults"]
+                   if f == "full_disk"]
+        assert skipped and all(o.startswith("skipped: not root") for o in skipped)
+        return
+    disk = _attacks(summary, "full_disk")
+    assert len(disk) == 1, summary["phases"]["split"]["faults"]
+    assert disk[0]["free_mb_when_full"] == 0.0 and disk[0]["disk_errors_logged"] > 0
+    assert disk[0]["status_answered_while_full"] is True
