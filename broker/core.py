@@ -14,6 +14,7 @@ methods), the journal (broker.journal), management operations waiting for worker
 Entry points (each returns the outputs):
     open(journal, now, wall_now)              start with this journal; re-queue its pending jobs
     on_client(request, now)                   a frontend message (generation or management)
+    on_decoded_client(request, decoded, now)  the same, its body decoded off the loop
     on_worker(identity, message, now)         a decoded backend message (worker_protocol)
     on_bad_worker_frame(identity, error, now) a backend frame that did not decode
     tick(now)                                 timers (heartbeats + liveness, job deadlines,
@@ -41,6 +42,7 @@ from protocol.replies import error_reply, final_reply, progress_message
 from broker import access, job_log, listings, management, routing, watchdog
 from broker.access import LOCAL_PEER, PeerFacts
 from broker.bad_frames import BadFrames
+from broker.client_decode import FALLBACK_REPLY_TYPE, DecodedBody, decode_body, request_parser
 from broker.eta import queued_eta_s
 from broker.job_queue import JobQueue
 from broker.journal import JournalError, UnstoredReplies
@@ -56,7 +58,6 @@ DISPATCH_LOOKAHEAD = 64
 JOURNAL_EXPIRE_EVERY_S = 60.0
 STORE_RETRY_EVERY_S = 2.0   # a reply the journal could not store is tried again this often
 FORBIDDEN_LOG_EVERY_S = 10.0   # refusals of what a peer may not do: one log line per this
-FALLBACK_REPLY_TYPE = "error_response"  # a body too broken to tell what it asked for
 
 
 @dataclass
@@ -94,6 +95,10 @@ class BrokerConfig:
     # a worker holding jobs without progress this long: its jobs are aborted there and re-run
     # elsewhere, and it is unhealthy until it finishes one (broker/watchdog.py); 0: off
     stuck_job_s: float = watchdog.DEFAULT_STUCK_JOB_S
+    # bodies over broker.decode_stage.INLINE_DECODE_MAX_BYTES are decoded, validated and
+    # fingerprinted in this many processes off the loop (0: on the loop, as small ones are)
+    decode_processes: int = 1
+    decode_backlog_mb: int = 512   # undecoded big bodies held; beyond it, queue_full
 
 
 # --- what goes in and out ------------------------------------------------------------------------
@@ -126,20 +131,6 @@ class ToWorkers:
 
 
 Output = Union[ToClient, ToWorkers]
-
-_parse_module = None
-
-
-def request_parser():
-    """protocol.parse (the one request parser), imported on first use rather than at module
-    import, so `sdxl-broker --help` (which imports every command module) does not build its
-    schemas; the loop calls this at start so the first request does not pay ~0.5 s."""
-    global _parse_module
-    if _parse_module is None:
-        from protocol import parse
-        _parse_module = parse
-    return _parse_module
-
 
 def _mb(size_bytes: float) -> str:
     return f"{size_bytes / 2**20:.1f}"
@@ -213,7 +204,13 @@ class BrokerCore:
         return self._handle(now, self._restore_from_journal, wall_now)
 
     def on_client(self, request: ClientRequest, now: float) -> list[Output]:
+        """A client message; its body is decoded here (the loop does so for small bodies)."""
         return self._handle(now, self._on_client, request)
+
+    def on_decoded_client(self, request: ClientRequest, decoded: DecodedBody,
+                          now: float) -> list[Output]:
+        """A client message whose body was already decoded off the loop (broker.decode_stage)."""
+        return self._handle(now, self._on_client, request, decoded)
 
     def on_worker(self, identity: bytes, message: W.FromWorker, now: float) -> list[Output]:
         return self._handle(now, self._on_worker, identity, message)
@@ -248,6 +245,10 @@ class BrokerCore:
     def busy(self) -> bool:
         """A job or a management operation is in flight (worker messages need prompt reading)."""
         return bool(self.jobs) or bool(self._ops)
+
+    def liveness_due(self, now: float) -> bool:
+        """The next tick judges liveness: the loop first reads every queued worker message."""
+        return now >= self._next_heartbeat
 
     def seconds_to_next_timer(self, now: float) -> float:
         wait_s = self._next_heartbeat - now
@@ -302,31 +303,23 @@ class BrokerCore:
             C.DUPLICATE_REQUEST_ID, f"request_id {rid!r} is already used by a different request"))
 
     # --- clients ---------------------------------------------------------------------------------
-    def _on_client(self, request: ClientRequest) -> None:
-        body = request.body
-        peer = Peer(request.envelope, codec.sniff(body) or C.CODEC_JSON, local=request.local,
+    def _on_client(self, request: ClientRequest, decoded: DecodedBody | None = None) -> None:
+        if decoded is None:   # a small body: decoded here, on the loop (big ones arrive decoded)
+            decoded = decode_body(request.body, request.body_frames,
+                                  default_model_base=self.config.default_model_base,
+                                  allow_pickle=self.config.allow_pickle)
+        peer = Peer(request.envelope, decoded.codec, local=request.local,
                     facts=request.peer_facts)
-        parse = request_parser()
-        if request.body_frames != 1:
-            self.counters["malformed"] += 1
-            self._send_error(peer, FALLBACK_REPLY_TYPE, None, ProtocolError(
-                C.MALFORMED_MESSAGE, f"expected one body frame, got {request.body_frames}"))
-            return
-        decoded = None
-        try:
-            decoded, peer.codec = codec.decode(body)
-            parsed = parse.parse_request(decoded, default_model_base=self.config.default_model_base,
-                                         allow_pickle=self.config.allow_pickle)
-        except ProtocolError as exc:
-            if exc.code == C.MALFORMED_MESSAGE:
+        if decoded.error is not None:
+            if decoded.error.code == C.MALFORMED_MESSAGE:
                 self.counters["malformed"] += 1
-            reply_type, request_id = parse.peek(decoded)
-            self._send_error(peer, reply_type or FALLBACK_REPLY_TYPE, request_id, exc)
+            self._send_error(peer, decoded.reply_type, decoded.request_id, decoded.error)
             return
+        parsed = decoded.parsed
         if parsed.job is not None:
             # this peer's own request decides whether it gets progress, not the job's first peer
             peer.streams = parsed.job.stream and not request.is_req_peer()
-            self._on_generate(peer, body, decoded, parsed)
+            self._on_generate(peer, request.body, decoded.fingerprint, parsed)
             return
         handler = self._manage_handlers.get(parsed.message_type)
         if handler is None:
@@ -340,10 +333,9 @@ class BrokerCore:
             return
         handler(peer, parsed)
 
-    def _on_generate(self, peer: Peer, body: bytes, decoded: dict, parsed) -> None:
+    def _on_generate(self, peer: Peer, body: bytes, fingerprint: str, parsed) -> None:
         job: Job = parsed.job
         rid = parsed.request_id   # decided by protocol.parse (== job.request_id)
-        fingerprint = request_parser().body_fingerprint(decoded)
         active = self.jobs.get(rid)
         if active is not None:
             if active.fingerprint != fingerprint:

@@ -1,11 +1,15 @@
 """The broker process's loop: a frontend ROUTER for clients, a backend ROUTER for workers, one
 thread, around a broker.core.BrokerCore that holds all state and logic.
 
-The loop thread owns both sockets (created and bound in start(), then used only by it). Each
-turn it reads a batch from each socket, decodes it (frames -> ClientRequest, worker frames ->
-typed worker messages), hands each to the core, sends the core's outputs, and calls the core's
-tick() for its timers. Nothing here decides anything about jobs or workers; see
-docs/architecture.md. `sdxl-broker broker` and `serve` run one (broker.service).
+The loop thread owns the sockets (created and bound in start(), then used only by it). Each
+turn it reads a batch from each socket, bounded in count and in time, decodes it (frames ->
+ClientRequest, worker frames -> typed worker messages), hands each to the core, sends the core's
+outputs, and calls the core's tick() for its timers. A client body over
+decode_stage.INLINE_DECODE_MAX_BYTES is decoded in a decode process (broker.decode_stage) and
+reaches the core when decoded, in its peer's order; before the core judges liveness the loop
+reads every worker message already queued, so no heartbeat that arrived is missed. Nothing here
+decides anything about jobs or workers; see docs/architecture.md. `sdxl-broker broker` and
+`serve` run one (broker.service).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from runtime.curve import CLIENT_DOMAIN, WORKER_DOMAIN
 from broker.core import (FALLBACK_REPLY_TYPE, BrokerConfig, BrokerCore, ClientRequest, Output,
                          ToWorkers, request_parser)
 from broker.access import LOCAL_PEER, PeerFacts
+from broker.decode_stage import DecodeStage
 from broker.jobs import Peer
 from broker.journal import open_journal
 from broker.metrics import BrokerMetrics
@@ -36,7 +41,11 @@ __all__ = ["Broker", "BrokerConfig", "is_loopback_endpoint"]
 
 log = logging.getLogger(__name__)
 
-_BATCH = 256                # messages read from one socket per loop turn
+_BATCH = 256                # messages read from one socket per loop turn, at most
+_BATCH_S = 0.02             # ... and for at most this long (then the other sockets and timers)
+# worker messages read before liveness is judged: all that are queued, up to this many (a
+# worker flooding the backend cannot hold the loop forever)
+_DRAIN_BEFORE_LIVENESS = 50_000
 # plain ints: pyzmq's enum flag arithmetic shows up in profiles of the hot loop
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 _SNDMORE, _SNDMORE_NOBLOCK = int(zmq.SNDMORE), int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -61,6 +70,7 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context | None = None
         self._restored: list[Output] = []
+        self._stage: DecodeStage | None = None   # big client bodies, decoded off the loop
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -91,6 +101,11 @@ class Broker:
                 admin_keys=self._admin_keys)
             self._local_facts = PeerFactsReader(
                 curve=False, tcp=self.local_frontend_endpoint.startswith("tcp://"), admin_keys=None)
+            if self.config.decode_processes > 0:
+                self._stage = DecodeStage(self._ctx, self.config.decode_processes,
+                                          self.config.decode_backlog_mb,
+                                          default_model_base=self.config.default_model_base,
+                                          allow_pickle=self.config.allow_pickle)
             self.journal = open_journal(self.config.state_dir, self.config.reply_ttl_s)
             request_parser()  # import the request parser now, not on the first request (~0.5 s)
             with self._lock:   # outputs are sent by the loop thread, which owns the sockets
@@ -98,6 +113,9 @@ class Broker:
         except Exception:
             # e.g. an endpoint already in use: release what was bound, leave nothing behind
             self._stop_curve_auth()
+            if self._stage is not None:
+                self._stage.close()
+                self._stage = None
             self._ctx.destroy(linger=0)
             self._ctx = None
             if self.journal is not None:
@@ -214,10 +232,13 @@ class Broker:
         # thousand wake-ups a second, each costing ~100 us of CPU mostly in cold caches). Any
         # job or management op in flight makes the backend polled at once again.
         poll_all, poll_clients = zmq.Poller(), zmq.Poller()
+        stage = self._stage
         for poller in (poll_all, poll_clients):
             poller.register(self.frontend, zmq.POLLIN)
             if self.local_frontend is not None:
                 poller.register(self.local_frontend, zmq.POLLIN)
+            if stage is not None:
+                poller.register(stage.socket, zmq.POLLIN)
         poll_all.register(self.backend, zmq.POLLIN)
         core = self.core
         next_idle_batch = time.monotonic()   # real time: an I/O pace, not broker logic
@@ -244,7 +265,14 @@ class Broker:
                         self._read_frontend(self.frontend, local=False)
                     if self.local_frontend is not None and self.local_frontend in events:
                         self._read_frontend(self.local_frontend, local=True)
+                    if stage is not None and (stage.socket in events or stage.busy):
+                        self._to_core(stage.on_readable())
+                        self._to_core(stage.check(time.monotonic()))
                     now = self.clock()
+                    if core.liveness_due(now):
+                        # every heartbeat that has arrived counts before anyone is judged lost
+                        self._read_backend(limit=_DRAIN_BEFORE_LIVENESS, budget_s=None)
+                        now = self.clock()
                     self._send_safely(core.tick(now))
                     if self._stopping.is_set() and core.drained(now):
                         break
@@ -263,13 +291,15 @@ class Broker:
             if self.local_frontend is not None:
                 self.local_frontend.close(linger=500)
             self.backend.close(linger=0)
+            if stage is not None:
+                stage.close()
             if self.journal is not None:
                 self.journal.close()
             log.info("broker stopped")
 
-    def _read_backend(self) -> None:
+    def _read_backend(self, limit: int = _BATCH, budget_s: float | None = _BATCH_S) -> None:
         core, clock = self.core, self.clock
-        for frames in _queued_messages(self.backend):
+        for frames in _queued_messages(self.backend, limit, budget_s):
             identity = frames[0].bytes
             try:
                 message = W.decode_from_worker(frames[-1].bytes)
@@ -281,7 +311,7 @@ class Broker:
                 self._send_safely(out)
 
     def _read_frontend(self, sock: zmq.Socket, local: bool) -> None:
-        core, clock = self.core, self.clock
+        core, clock, stage = self.core, self.clock, self._stage
         read_facts = self._local_facts if local else self._frontend_facts
         for frames in _queued_messages(sock):
             identity = frames[0].bytes
@@ -295,7 +325,16 @@ class Broker:
                                     # a REQ peer is told by the frame's Socket-Type
                                     is_req_peer=lambda: _is_req_peer(last),
                                     peer_facts=read_facts(frames[-1]))
-            self._send_safely(core.on_client(request, clock()))
+            if stage is not None and last is not None and stage.wants(request, len(last)):
+                self._to_core(stage.submit(request, last))
+            else:
+                self._send_safely(core.on_client(request, clock()))
+
+    def _to_core(self, decoded: list) -> None:
+        """Client messages the decode stage has decoded (or refused), in their peers' order."""
+        core, clock = self.core, self.clock
+        for request, body in decoded:
+            self._send_safely(core.on_decoded_client(request, body, clock()))
 
     def _send_safely(self, outputs: list[Output]) -> None:
         try:
@@ -334,13 +373,15 @@ class Broker:
             log.warning("client %s is not reading; reply dropped", peer.envelope[0].hex())
 
 
-def _queued_messages(sock: zmq.Socket):
-    """Up to _BATCH whole messages already queued on a socket the poller said is readable."""
-    for index in range(_BATCH):
+def _queued_messages(sock: zmq.Socket, limit: int = _BATCH, budget_s: float | None = _BATCH_S):
+    """Up to `limit` whole messages already queued on a socket the poller said is readable,
+    read within `budget_s` (None: no time limit): one turn never stays on one socket."""
+    deadline = time.monotonic() + budget_s if budget_s is not None else math.inf
+    for index in range(limit):
         # the first read needs no check; after it, ask EVENTS instead of reading until zmq.Again:
         # an exception per wake-up costs more than the rest of handling a heartbeat (measured
         # with 1,000 workers)
-        if index and not sock.getsockopt(_EVENTS) & _POLLIN:
+        if index and (not sock.getsockopt(_EVENTS) & _POLLIN or time.monotonic() > deadline):
             return
         try:
             frames = _recv_message(sock)

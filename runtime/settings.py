@@ -187,6 +187,13 @@ SETTINGS: tuple[Setting, ...] = (
             (S, B, W), metavar="N", readme=True),
     Setting("max_message_mb", int, 64, "largest accepted message; larger ones are dropped",
             (S, B), metavar="MB", readme=True),
+    Setting("decode_processes", int, 1,
+            "processes that decode, validate and fingerprint client bodies over 64 KB off the "
+            "broker loop (0: on the loop, which then stalls for seconds on a 60 MB body)",
+            (S, B), metavar="N"),
+    Setting("decode_backlog_mb", int, 512,
+            "undecoded large bodies held for the decode processes; beyond it a large body is "
+            "refused with queue_full", (S, B), metavar="MB"),
     Setting("default_model_base", str, None, "model_base used when a request names none",
             (S, B), metavar="NAME", readme=True),
     Setting("reply_ttl_s", float, 3600.0, "how long finished replies are kept for resends",
