@@ -111,7 +111,9 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="ID"),
     Setting("supervisor_pid", int, None,
             "exit when the process with this pid stops being this worker's parent (serve passes "
-            "its own pid; a worker started alone keeps running when its parent goes)", (W,),
+            "its own pid; a worker started alone keeps running when its parent goes). On Linux "
+            "the worker also gets SIGTERM when the thread that started it ends: start it from a "
+            "thread that lives as long as the supervisor", (W,),
             default_text="none", metavar="PID"),
     Setting("cpu_threads_per_worker", int, None,
             "CPU threads of each worker's torch/OpenMP/MKL; serve also pins each worker to its "

@@ -110,7 +110,9 @@ class Cluster:
         proc = subprocess.Popen(
             [SDXL_BROKER, "worker", "--connect", backend or self.backend, "--sim",
              "--worker-id", worker_id, "--sim-step-s", str(step_s), "--sim-load-s", str(load_s),
-             "--heartbeat-interval-s", str(HEARTBEAT_S), *extra],
+             "--heartbeat-interval-s", str(HEARTBEAT_S),
+             # a pytest killed by a timeout leaves no worker heart-beating into nothing
+             "--supervisor-pid", str(os.getpid()), *extra],
             stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
