@@ -598,8 +598,11 @@ class BrokerCore:
             return
         if not access.may_cancel(peer.facts, peer.owner, state.owner,
                                  self.config.allow_remote_management):
+            owner = ("another CURVE key" if peer.facts.curve_key is not None else
+                     "another connection (without CURVE a job belongs to the connection that "
+                     "sent it)")
             self._forbid(peer, parsed, f"cancel of job {state.request_id}",
-                         f"job {state.request_id!r} was submitted by another client: only its "
+                         f"job {state.request_id!r} was submitted by {owner}: only its "
                          f"submitter or an admin may cancel it")
             return
         was = "queued" if state.state == QUEUED else "running"
