@@ -71,6 +71,12 @@ def test_choice_rules_and_pickle(tmp_path, demo_models_dir):
     (root / "upscale_models" / "old-4x.pth").write_bytes(b"not really a pickle")
     library = upscalers.Upscalers(ModelResolver(str(root)))
     assert library.available() == ["a1111-4x", "comfy-4x"]
+    # what the worker reports for the broker to decide on (Telemetry.upscalers): the alias only
+    # where the default resolves (configured, or the only file)
+    assert library.request_names() == ["a1111-4x", "comfy-4x"]
+    assert upscalers.Upscalers(ModelResolver(str(root)), default="comfy-4x").request_names() == \
+        ["realesrgan", "a1111-4x", "comfy-4x"]
+    assert upscalers.Upscalers(ModelResolver(demo_models_dir)).request_names() == ["realesrgan", "tiny-esrgan"]
     assert library.resolve("comfy-4x")[0] == "comfy-4x"
     assert library.resolve("ESRGAN/a1111-4x.safetensors")[0] == "a1111-4x"
     with pytest.raises(JobError) as info:  # two and no default: say which to name
