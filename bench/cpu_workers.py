@@ -118,7 +118,7 @@ class InProcess:
 
 # --- through serve --------------------------------------------------------------------------------
 class Serve:
-    def __init__(self, workers: int, models_dir: str, run_dir: str):
+    def __init__(self, workers: int, models_dir: str, run_dir: str, extra_argv=()):
         os.makedirs(run_dir, exist_ok=True)
         self.frontend = f"ipc://{run_dir}/fe.sock"
         self.log_path = os.path.join(run_dir, "serve.log")
@@ -129,7 +129,7 @@ class Serve:
             [sys.executable, "-m", "broker.cli", "serve", "--frontend", self.frontend,
              "--backend", f"ipc://{run_dir}/be.sock", "--devices", "cpu", "--cpu-workers", str(workers),
              "--models-dir", models_dir, "--output-dir", os.path.join(run_dir, "out"),
-             "--input-dir", run_dir, "--ready-timeout-s", str(READY_TIMEOUT_S)],
+             "--input-dir", run_dir, "--ready-timeout-s", str(READY_TIMEOUT_S), *extra_argv],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("ready "):
@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workers", default="1,2", help="comma list of --cpu-workers to measure")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="serve's --max-batch (default 1, batching off: this bench compares "
+                             "threads per worker with the same job-by-job work; bench/batching.py "
+                             "measures batching)")
     parser.add_argument("--baseline-omp-passive", action="store_true",
                         help="run the in-process baseline with OMP_WAIT_POLICY=PASSIVE too (as "
                              "serve's workers run), for a like-for-like comparison on a busy host")
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"{args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, float32, {MODEL}, "
-              f"{args.runs} runs each; this machine: {cores} cores")
+              f"{args.runs} runs each; serve --max-batch {args.max_batch}; this machine: {cores} cores")
         os.makedirs(os.path.join(tmp, "inproc"))
         # every setup is up and warm before the first run; the runs then go round robin
         # (in-process, serve 1, serve 2, in-process, ...) so a neighbour's load hits all alike,
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         serves: dict[int, Serve] = {}
         try:
             for n in worker_counts:
-                serves[n] = Serve(n, models_dir, os.path.join(tmp, f"serve-{n}"))
+                serves[n] = Serve(n, models_dir, os.path.join(tmp, f"serve-{n}"),
+                                  extra_argv=["--max-batch", str(args.max_batch)])
                 serves[n].warm_up(n, args)
             base_walls, base_other = [], []
             results = {n: ([], [], []) for n in worker_counts}

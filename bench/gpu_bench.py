@@ -11,7 +11,9 @@ On an accelerator it builds random-weight pipelines with the real SDXL base arch
      by the worker (`model_load_request`, the worker's own load_time_s)
   2. steps/s and images/s at 1024x1024 for batch 1, 2, 4: plain diffusers in this process vs
      the same generation through `serve` (one worker on the device), and their ratio
-  3. dynamic batching: 8 compatible requests sent at once vs one after another
+  3. dynamic batching: 8 compatible requests (own prompt and seed each) through serve
+     (--max-batch 8) sent at once vs one after another, with how the worker grouped them into
+     calls; and in this process 8 calls vs one call of the 8 prompts
   4. LoRA attach cost: in this process (load_lora_weights + set_adapters, unload) and what a
      job through serve pays before its first step (preprocessing_time) with and without LoRA
   5. memory: the worker's reported peak (processing_metrics.memory_peak_mb) against
@@ -190,6 +192,26 @@ def in_process(plan: Plan) -> dict:
         if plan.device_type == "cuda":
             results["peak_mb"][batch] = torch.cuda.max_memory_allocated(plan.device) / 2**20
 
+    # dynamic batching's reference: the 8 compatible prompts as 8 calls vs one call (each image
+    # from its own generator, as the worker's batched call does)
+    def prompts_call(indexes: list[int]) -> float:
+        generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in indexes]
+        _sync(plan)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            pipe(prompt=[f"{PROMPT}, variant {i}" for i in indexes], num_inference_steps=plan.steps,
+                 guidance_scale=GUIDANCE, width=plan.size, height=plan.size, generator=generators,
+                 output_type="pil")
+        _sync(plan)
+        return time.perf_counter() - began
+
+    try:
+        one_by_one = sum(prompts_call([i]) for i in range(BATCHING_REQUESTS))
+        results["batching"] = (one_by_one, prompts_call(list(range(BATCHING_REQUESTS))))
+    except torch.OutOfMemoryError as exc:   # 8 images at 1024x1024 need a big device
+        results["batching"] = f"out of memory with {BATCHING_REQUESTS} images in one call ({str(exc)[:80]})"
+        _free_memory(plan)
+
     lora_path = os.path.join(plan.models_dir, "loras", f"{plan.lora}.safetensors")
     attach, detach = [], []
     for _ in range(2):  # the first attach also imports peft's machinery
@@ -326,6 +348,12 @@ def serve_supports(flag: str) -> bool:
     return flag in help_text
 
 
+def batching_args() -> list[str]:
+    """serve's dynamic batching up to the 8 compatible requests measured (a build without it:
+    nothing; its row then says not available)."""
+    return ["--max-batch", str(BATCHING_REQUESTS)] if serve_supports("--max-batch") else []
+
+
 def one_worker_args(plan: Plan) -> list[str]:
     return ["--devices", "cpu", "--cpu-workers", "1"] if plan.device_type == "cpu" else ["--devices", plan.device]
 
@@ -346,7 +374,7 @@ def second_device(plan: Plan) -> tuple[list[str], str | None]:
 def through_serve(plan: Plan, run_dir: str) -> dict:
     """One worker on the device: load, batches, LoRA jobs, batching, a burst for scaling."""
     results: dict = {"batches": {}, "inference_s": {}, "worker_peak_mb": {}, "lora": {}}
-    serve = Serve(plan, os.path.join(run_dir, "one-worker"), one_worker_args(plan))
+    serve = Serve(plan, os.path.join(run_dir, "one-worker"), one_worker_args(plan) + batching_args())
     try:
         worker = serve.wait_for_workers(1)[0]
         results["worker_id"] = worker["worker_id"]
@@ -368,20 +396,27 @@ def through_serve(plan: Plan, run_dir: str) -> dict:
             _wall, reply = timed_job(serve, plan.job(1, **extra))
             results["lora"][label] = metrics(reply).get("preprocessing_time")
 
-        bodies = lambda: [plan.job(1, prompt=f"{PROMPT}, variant {i}") for i in range(BATCHING_REQUESTS)]
+        # dynamic batching (serve runs with --max-batch 8): the same 8 compatible requests one
+        # after another (nothing to batch with) vs sent at once from one client socket
+        bodies = lambda: [plan.job(1, prompt=f"{PROMPT}, variant {i}", seed=SEED + i)  # noqa: E731
+                          for i in range(BATCHING_REQUESTS)]
         results["batching_available"] = serve_supports("--max-batch")
         if results["batching_available"]:
+            from bench.batching import calls_of, send_bodies
+
             sequential = 0.0
             for body in bodies():
                 sequential += timed_job(serve, body)[0]
-            results["batching"] = (sequential, burst(serve, bodies()))
+            began = time.perf_counter()
+            replies = send_bodies(serve.frontend, bodies(), JOB_TIMEOUT_S)
+            results["batching"] = (sequential, time.perf_counter() - began, calls_of(replies))
 
         results["burst_one"] = burst(serve, [plan.job(1) for _ in range(plan.scaling_jobs)])
     finally:
         serve.stop()
 
     args, extra_device = second_device(plan)
-    serve = Serve(plan, os.path.join(run_dir, "two-workers"), args)
+    serve = Serve(plan, os.path.join(run_dir, "two-workers"), args + batching_args())
     try:
         if extra_device:
             serve.add_worker(extra_device, "bench-second")
@@ -422,9 +457,17 @@ def report(plan: Plan, local: dict, served: dict) -> None:
           "inference\n   time is its pipeline call alone)", flush=True)
 
     section(f"dynamic batching: {BATCHING_REQUESTS} compatible requests (same settings, different prompts)")
+    reference = local.get("batching")
+    if isinstance(reference, tuple):
+        row("in-process: 8 calls / one call of 8 prompts",
+            f"{reference[0]:.2f} s / {reference[1]:.2f} s: gain {reference[0] / reference[1]:.2f}x")
+    elif reference:
+        row("in-process: one call of 8 prompts", reference)
     if served.get("batching_available"):
-        sequential, together = served["batching"]
-        row("one after another / all at once", f"{sequential:.2f} s / {together:.2f} s: gain {sequential / together:.2f}x")
+        sequential, together, calls = served["batching"]
+        row("through serve (--max-batch 8): one after another / all at once",
+            f"{sequential:.2f} s / {together:.2f} s: gain {sequential / together:.2f}x "
+            f"(the worker's calls: {calls} jobs)")
     else:
         row("dynamic batching gain", "not available: this build's `serve` has no --max-batch")
 
@@ -452,7 +495,8 @@ def report(plan: Plan, local: dict, served: dict) -> None:
             f"n/a on {plan.device_type} (max_memory_allocated is CUDA only; the worker reported "
             f"{peak:,.0f} MB of process RSS)" if peak is not None else f"n/a on {plan.device_type}")
 
-    section(f"two workers: {plan.scaling_jobs} batch-1 jobs sent at once")
+    section(f"two workers: {plan.scaling_jobs} batch-1 jobs sent at once (dynamic batching on, --max-batch "
+            f"{BATCHING_REQUESTS})")
     one, two = served["burst_one"], served["burst_two"]
     row(f"one worker ({served['worker_id']})", f"{one:.2f} s ({plan.scaling_jobs / one:.3f} images/s)")
     row(f"two workers ({', '.join(served['two_workers'])})", f"{two:.2f} s ({plan.scaling_jobs / two:.3f} images/s)")

@@ -17,6 +17,10 @@ worker's backlog. Things that can be varied to find out why a policy loads what 
   (the real broker knows the step of the last heartbeat);
 - `max_jobs_per_worker`: how many jobs the broker may hand one worker (BrokerConfig; the real
   value is 2: one running and one prefetched; a large value is early binding, like the oracle's).
+- dynamic batching (`cost.max_batch`, `--max-batch`): each device says max_batch in READY, so
+  the core sends compatible queued jobs along with a job, and a device runs the compatible
+  jobs in its inbox as one call costing (1 + cost.batch_cost x (k - 1)) lone computes, as the
+  real worker and the sim executor do. The oracle does not batch.
 
 Policy "smart-hold" exists only here, as a what-if for the broker (docs/benchmarks.md): each
 queued job goes to the worker where it would finish first counting that worker's whole backlog
@@ -58,6 +62,7 @@ class _Device:
     loading: list = field(default_factory=list)
     inbox: deque = field(default_factory=deque)               # items sent, not started
     running: W.WorkItem | None = None
+    companions: list = field(default_factory=list)          # items riding in running's call
     compute_from_s: float | None = None   # when the running job's models were loaded
     running_until_s: float = 0.0
     load_times: dict = field(default_factory=dict)
@@ -66,9 +71,16 @@ class _Device:
     held: int = 0                                            # smart-hold: jobs sent, not done
     reported_models: frozenset = frozenset()                 # smart-hold: at the last heartbeat
 
+    max_batch: int = 1                                       # jobs per batched call
+
     @property
     def identity(self) -> bytes:
         return self.spec.worker_id.encode()
+
+    @property
+    def call(self) -> list:
+        """The items of the running call (the running item and its batch companions)."""
+        return [self.running, *self.companions] if self.running is not None else []
 
 
 @dataclass
@@ -95,7 +107,8 @@ class _CoreDispatcher:
         for d in devices:
             self._take(self.core.on_worker(d.identity, P.Ready(
                 worker_id=d.spec.worker_id, memory_total_mb=d.spec.memory_mb,
-                capabilities=list(routing_features()), simulated=True, telemetry=snapshot(d)), 0.0))
+                capabilities=list(routing_features()), simulated=True, telemetry=snapshot(d),
+                max_batch=d.max_batch), 0.0))
 
     def _take(self, outputs) -> list[tuple[_Device, W.WorkItem]]:
         sent = []
@@ -202,7 +215,7 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
            heartbeat_s: float = 1.0, seed: int = 0, hold_patience_s: float = 0.0,
            exact_progress: bool = False) -> ReplayResult:
     sizes = {m: cost.model_mb(m) for i in items for m in i.models}  # as the sim workers advertise
-    devices = [_Device(s) for s in specs]
+    devices = [_Device(s, max_batch=cost.max_batch) for s in specs]
     events: list = []
     seq = itertools.count()
     done_at: dict[str, float] = {}
@@ -226,7 +239,7 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
         """The denoising step the running job reached (0 while its models load)."""
         if d.running is None or d.compute_from_s is None:
             return 0
-        return int(d.running.steps * (t - d.compute_from_s) / max(d.running.compute_s(cost), 1e-9))
+        return int(d.running.steps * (t - d.compute_from_s) / max(cost.call_compute_s(d.call), 1e-9))
 
     if policy == "smart-hold":
         broker = _HoldDispatcher(devices, cost, max_jobs_per_worker, hold_patience_s)
@@ -239,18 +252,23 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
         if d.running is not None or not d.inbox:
             return
         item = d.running = d.inbox.popleft()
+        # dynamic batching, as the worker's busy thread: compatible items waiting in its inbox
+        d.companions = [other for other in d.inbox if other.batch_key == item.batch_key][:d.max_batch - 1]
+        for other in d.companions:
+            d.inbox.remove(other)
         d.compute_from_s = None
         missing = [m for m in item.models if m not in d.cache]
         load_s = sum(cost.model_load_s(m) for m in missing)
         loads += len(missing)
         d.loading = missing
         changed(d, t)
-        d.running_until_s = t + load_s + item.compute_s(cost)
+        d.running_until_s = t + load_s + cost.call_compute_s(d.call)
         push(t + load_s, "loaded", d, item, missing)
 
     def deliver(sent: list) -> None:
-        for d, item in sent:
+        for d, item in sent:   # a dispatch's jobs all arrive before the device picks its call
             d.inbox.append(item)
+        for d in {id(d): d for d, _ in sent}.values():
             start_next(d, t)
 
     def changed(d: _Device, t: float) -> None:
@@ -278,7 +296,7 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
                     raise RuntimeError(f"{broker.queued()} queued jobs no device will take")
         elif kind == "loaded":
             d, item, missing = args
-            activation = cost.activation_mb(item.width, item.height)
+            activation = cost.activation_mb(item.width, item.height) * len(d.call)
             for m in item.models:  # in the sim executor's order: hits move to the end
                 if m in d.cache:
                     d.cache.move_to_end(m)
@@ -291,16 +309,17 @@ def replay(items: list[W.WorkItem], specs: list[W.WorkerSpec], cost: W.CostModel
             d.loading = []
             d.compute_from_s = t
             changed(d, t)
-            push(t + item.compute_s(cost), "done", d, item)
-            busy_s += item.compute_s(cost) + sum(cost.model_load_s(m) for m in missing)
+            push(t + cost.call_compute_s(d.call), "done", d, item)
+            busy_s += cost.call_compute_s(d.call) + sum(cost.model_load_s(m) for m in missing)
         elif kind == "done":
             d, item = args
             d.step_times[f"{item.base_model}@{item.width}x{item.height}"] = \
                 cost.step_time_s(item.width, item.height)
-            d.running = None
-            done_at[item.request_id] = t
-            remaining -= 1
-            deliver(broker.done(d, item, t))
+            call, d.running, d.companions = d.call, None, []
+            for finished in call:
+                done_at[finished.request_id] = t
+                remaining -= 1
+                deliver(broker.done(d, finished, t))
             changed(d, t)
             start_next(d, t)
         if exact_progress:
@@ -338,9 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=8, help="workload seed (default 8)")
     parser.add_argument("--policies", default=",".join(routing.POLICIES),
                         help="broker policies to vary (default all)")
+    parser.add_argument("--max-batch", type=int, default=W.CostModel.max_batch,
+                        help="jobs per batched call of compatible jobs (dynamic batching; 1: off; "
+                             f"default {W.CostModel.max_batch})")
     args = parser.parse_args(argv)
-    cost = W.CostModel()
-    print("SIMULATED devices driving the broker's real core (broker.core.BrokerCore, simulated time)")
+    cost = W.CostModel(max_batch=args.max_batch)
+    print("SIMULATED devices driving the broker's real core (broker.core.BrokerCore, simulated time); "
+          f"dynamic batching up to {cost.max_batch} jobs per call, each extra job "
+          f"{cost.batch_cost:g} of a lone job's compute (the oracle does not batch)")
     print(f"{'workers':>7} {'load':>5} {'policy':<13} {'variant':<32} {'loads':>6} {'p50 s':>7} {'p99 s':>7}")
     for n in (int(x) for x in args.workers.split(",")):
         specs = W.worker_specs(n, cost)

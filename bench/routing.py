@@ -125,6 +125,7 @@ class Cluster:
                 "--sim-model-mb", f"{self.cost.base_model_mb:g}",
                 "--sim-step-s", f"{self.cost.step_time_1024_s / self.time_scale:.6f}",
                 "--sim-memory-mb", f"{spec.memory_mb:g}", "--sim-model-sizes", size_arg,
+                "--max-batch", str(self.cost.max_batch), "--sim-batch-cost", f"{self.cost.batch_cost:g}",
                 "--heartbeat-interval-s", f"{self.heartbeat_s:.6f}",
                 "--heartbeat-liveness", str(self.liveness), "--log-level", "WARNING",
                 "--bench-counters-file", str(self.workdir / f"{spec.worker_id}.counters.json")])
@@ -371,6 +372,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-scale", type=float, default=20.0,
                         help="real-world seconds per wall-clock second (default 20)")
     parser.add_argument("--seed", type=int, default=8, help="workload seed (default 8)")
+    parser.add_argument("--max-batch", type=int, default=W.CostModel.max_batch,
+                        help="the sim workers' --max-batch: compatible jobs per batched call "
+                             f"(1: no dynamic batching; default {W.CostModel.max_batch})")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR),
                         help="where routing.json and routing.png go (default bench/results)")
     parser.add_argument("--keep-logs", default=None, metavar="DIR",
@@ -387,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
              report.get("cold_start_floor_loads"))
         print(f"redrew {Path(args.out_dir) / 'routing.png'}")
         return 0
-    cost = W.CostModel()
+    cost = W.CostModel(max_batch=args.max_batch)
     n_jobs = args.jobs or (150 if args.quick else 300)
     loads = [float(x) for x in (args.loads or ("0.7" if args.quick else "0.5,0.7,0.9")).split(",")]
     worker_counts = [int(x) for x in args.workers.split(",")]
@@ -402,6 +406,9 @@ def run(args: argparse.Namespace) -> int:
           f"real-world seconds", flush=True)
     print(f"workload: seed {args.seed}, {n_jobs} jobs per run, {cost.steps} steps, "
           f"loads {loads}, workers {worker_counts}, policies {policies} + oracle", flush=True)
+    print(f"dynamic batching: the sim workers run up to {cost.max_batch} compatible jobs per call, "
+          f"each extra job costing {cost.batch_cost:g} of a lone job's steps (an assumption; the "
+          f"oracle does not batch)", flush=True)
     rows: list[RunFigures] = []
     started = time.monotonic()
     for n in worker_counts:

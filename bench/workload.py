@@ -47,6 +47,12 @@ class CostModel:
     refiner_mb: float = 6000.0               # SDXL refiner in fp16
     controlnet_mb: float = 2500.0            # an SDXL ControlNet in fp16
     activation_mb_per_megapixel: float = 2048.0  # the router's estimate (broker/routing.py)
+    # dynamic batching: compatible jobs (same models, size, steps, LoRAs) share one call of up
+    # to max_batch jobs, each after the first adding batch_cost of a lone job's compute (an
+    # assumption, as the broker's routing.BATCH_COMPANION_COST; bench/gpu_bench.py measures
+    # the real gain on a GPU). max_batch 1: no batching.
+    max_batch: int = 4
+    batch_cost: float = 0.5
 
     def step_time_s(self, width: int, height: int) -> float:
         return self.step_time_1024_s * width * height / (1024 * 1024)
@@ -64,6 +70,10 @@ class CostModel:
 
     def activation_mb(self, width: int, height: int) -> float:
         return self.activation_mb_per_megapixel * width * height / 1e6
+
+    def call_compute_s(self, items: list["WorkItem"]) -> float:
+        """Denoising time of one batched call of compatible items (warm models)."""
+        return items[0].compute_s(self) * (1 + self.batch_cost * (len(items) - 1))
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,13 @@ class WorkItem:
         if self.controlnet:
             names.append(controlnet_model_name(self.controlnet))
         return tuple(names)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Items with equal keys can share one call (protocol.batching.batch_key of their
+        requests: prompts and seeds differ, everything else of the call is equal)."""
+        return (self.base_model, self.width, self.height, self.steps, self.loras, self.controlnet,
+                self.refiner)
 
     def compute_s(self, cost: CostModel) -> float:
         """Denoising time with every model warm."""

@@ -1042,6 +1042,8 @@ class BrokerCore:
         room = min(worker.max_batch, -(-images // max(sharing, 1))) - lead.job.batch_size
         chosen = []
         for state, state_needs in same:
+            if self._overtakes(state, lead, window, chosen):
+                continue
             size = state.job.batch_size
             if size <= room and routing.could_run(state_needs, worker) and \
                     routing.fits_batch(lead_needs, worker, extra_images=sum(
@@ -1049,6 +1051,21 @@ class BrokerCore:
                 chosen.append((state, state_needs))
                 room -= size
         return chosen
+
+    @staticmethod
+    def _overtakes(candidate: JobState, lead: JobState, window: list[JobState],
+                   chosen: list) -> bool:
+        """Whether taking `candidate` along would let it overtake a queued job of higher
+        priority that stays behind (the window is in serving order: priority, then arrival)."""
+        taken = {lead.request_id, *(state.request_id for state, _ in chosen)}
+        rank = C.PRIORITIES.index
+        for state in window:
+            if state is candidate:
+                return False
+            if state.state == QUEUED and state.request_id not in taken and \
+                    rank(state.job.priority) < rank(candidate.job.priority):
+                return True
+        return False
 
     def _needs(self, state: JobState) -> routing.JobNeeds:
         """The job's routing needs, computed once per job (again only when a worker reports a

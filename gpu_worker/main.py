@@ -108,6 +108,7 @@ def build_executor(settings: dict, worker_id: str, threads: int | None = None):
                                  model_sizes_mb=parse_model_sizes(settings["sim_model_sizes"]),
                                  capabilities=capabilities, worker_id=worker_id,
                                  cost_model=settings["sim_cost_model"],
+                                 batch_cost=settings["sim_batch_cost"],
                                  preview_cadence=_preview_cadence(settings),
                                  stall_after_jobs=settings["sim_stall_after_jobs"])
     if threads is not None:

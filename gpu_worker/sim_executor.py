@@ -14,6 +14,9 @@ Telemetry counts oom_events, models_loaded_total (loads), evictions_total, jobs_
 Fault (for the stuck-job watchdog's tests and scripts/stress.py): `stall_after_jobs=N` makes
 the job after the first N stall forever: no progress, abort ignored, never answered, while the
 worker's transport keeps heart-beating, as a hung driver or deadlocked pipeline would.
+
+Dynamic batching (run_batch): a call of k compatible jobs costs (1 + batch_cost * (k - 1)) times
+a lone job's steps (batch_cost 0.5 unless --sim-batch-cost says otherwise).
 """
 
 from __future__ import annotations
@@ -50,11 +53,14 @@ class SimulatedExecutor:
                  worker_types: tuple[str, ...] = (C.WORKER_BASIC, C.WORKER_ENHANCED),
                  worker_id: str = "", cost_model: str = "flat",
                  preview_cadence: PreviewCadence | None = None,
-                 stall_after_jobs: int | None = None):
+                 stall_after_jobs: int | None = None, batch_cost: float = 0.5):
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {COST_MODELS}, not {cost_model!r}")
         self.device = device
         self.cost_model = cost_model
+        # dynamic batching: each job after the first of a batched call adds this share of a
+        # lone job's step time (routing's BATCH_COMPANION_COST assumes the same)
+        self.batch_cost = batch_cost
         self.load_s = load_s
         self.step_s = step_s
         self.memory_mb = memory_mb
@@ -121,10 +127,7 @@ class SimulatedExecutor:
             self._counters[name] += amount
 
     def run(self, job: Job, progress, should_abort) -> dict:
-        if self.stall_after_jobs is not None and self.counters()["jobs_total"] >= self.stall_after_jobs:
-            log.warning("SIMULATED stall: job %s will never finish (stall after %d job(s)); "
-                        "heartbeats go on", job.request_id, self.stall_after_jobs)
-            threading.Event().wait()   # forever: a hung device does not look at should_abort
+        self._maybe_stall(job)
         started = time.perf_counter()
         try:
             return self._run(job, progress, should_abort, started)
@@ -132,11 +135,75 @@ class SimulatedExecutor:
             self._count("jobs_total")
             self._count("busy_s", time.perf_counter() - started)
 
-    def _run(self, job: Job, progress, should_abort, started: float) -> dict:
+    def _maybe_stall(self, job: Job) -> None:
+        if self.stall_after_jobs is not None and self.counters()["jobs_total"] >= self.stall_after_jobs:
+            log.warning("SIMULATED stall: job %s will never finish (stall after %d job(s)); "
+                        "heartbeats go on", job.request_id, self.stall_after_jobs)
+            threading.Event().wait()   # forever: a hung device does not look at should_abort
+
+    def run_batch(self, members: list) -> list:
+        """SIMULATED dynamic batching: compatible jobs (protocol.batching.batch_key) in one
+        simulated call. Each step costs step_s * (1 + batch_cost * (jobs - 1)); the activations
+        of every image count against the budget. Each job gets its own outcome: unsupported or
+        aborted before the call alone, dropped (cancelled) when aborted during it."""
+        started = time.perf_counter()
+        outcomes: list = [None] * len(members)
+        live = []
+        for index, member in enumerate(members):
+            missing = sorted(member.job.features - set(self.capabilities))
+            if missing:
+                outcomes[index] = JobError(C.UNSUPPORTED_FEATURE,
+                                           f"simulated worker does not offer {', '.join(missing)}")
+            elif member.should_abort():
+                outcomes[index] = JobError(C.CANCELLED, "aborted before it started")
+            else:
+                live.append(index)
+        if not live:
+            return outcomes
+
+        def progress(stage, step, total_steps, **extra):
+            for index in live:
+                if not members[index].should_abort():
+                    members[index].progress(stage, step, total_steps, eta_s=extra.get("eta_s"))
+
+        def should_abort() -> bool:
+            return all(members[index].should_abort() for index in live)
+
+        jobs = [members[index].job for index in live]
+        self._maybe_stall(jobs[0])   # the fault holds for a batched call too
+        call_job = jobs[0].model_copy(update={"stream": any(job.stream for job in jobs), "preview": False})
+        try:
+            shared = self._run(call_job, progress, should_abort, started,
+                               images=sum(job.batch_size for job in jobs),
+                               step_factor=1.0 + self.batch_cost * (len(jobs) - 1))
+        except JobError as exc:
+            for index in live:
+                outcomes[index] = JobError(exc.code, exc.message, dict(exc.details))
+            return outcomes
+        finally:
+            self._count("jobs_total", len(live))
+            self._count("busy_s", time.perf_counter() - started)
+        batch = {"jobs": len(jobs), "images": sum(job.batch_size for job in jobs),
+                 "request_ids": [job.request_id for job in jobs]}
+        for index in live:
+            member = members[index]
+            if member.should_abort():
+                outcomes[index] = JobError(C.CANCELLED, "cancelled while running in a batch; the other "
+                                                        "jobs of the batch went on")
+                continue
+            outcomes[index] = {**shared, "generated_images": self._images(member.job),
+                               "processing_metrics": {**shared["processing_metrics"], "batch": batch},
+                               "features_used": sorted(member.job.features) + ["dynamic_batch"],
+                               "warnings": []}
+        return outcomes
+
+    def _run(self, job: Job, progress, should_abort, started: float, images: int | None = None,
+             step_factor: float = 1.0) -> dict:
         missing = sorted(job.features - set(self.capabilities))
         if missing:
             raise JobError(C.UNSUPPORTED_FEATURE, f"simulated worker does not offer {', '.join(missing)}")
-        pixels_mb = ACTIVATION_MB_PER_MEGAPIXEL * job.width * job.height / 1e6 * job.batch_size
+        images = job.batch_size if images is None else images
+        pixels_mb = ACTIVATION_MB_PER_MEGAPIXEL * job.width * job.height / 1e6 * images
         step_s = self.step_s
         if self.cost_model == "scaled":
             step_s = self.step_s * job.width * job.height / REFERENCE_PIXELS
@@ -148,6 +215,7 @@ class SimulatedExecutor:
                 raise JobError(C.OUT_OF_MEMORY, f"simulated device out of memory: job needs "
                                                 f"{need_mb:.0f} MB, budget is {self.memory_mb:.0f} MB")
             self._reserved_mb = pixels_mb
+        step_s *= step_factor
         try:
             for name in job.needed_models:
                 if name not in self._cache:
@@ -174,21 +242,15 @@ class SimulatedExecutor:
                     if job.preview and throttle.due(step):
                         extra["preview"] = simulated_preview(step, job.steps, job.preview_size)
                 progress(stage, step, job.steps, **extra)
-                self._record_step(key, time.perf_counter() - step_start)
+                if step_factor == 1.0:   # a batched call's steps are not one job's step time
+                    self._record_step(key, time.perf_counter() - step_start)
             progress("postprocessing", job.steps, job.steps)
         finally:
             with self._lock:
                 self._activation_mb = 0.0
         done = time.perf_counter()
-        seed = job.seed if job.seed != -1 else random.randrange(2**32)
-        images = []
-        for index in range(job.batch_size):
-            digest = hashlib.sha256(f"sim:{job.request_id}:{seed + index}".encode()).hexdigest()
-            images.append({"index": index, "seed": seed + index, "width": job.width,
-                           "height": job.height, "format": job.output.format, "path": None,
-                           "sha256": digest})
         return {
-            "generated_images": images,
+            "generated_images": self._images(job),
             "processing_metrics": {
                 "total_time": done - started, "queue_time": 0.0, "inference_time": done - load_done,
                 "preprocessing_time": load_done - started, "postprocessing_time": 0.0,
@@ -200,6 +262,17 @@ class SimulatedExecutor:
             "simulated": True,
             "warnings": [],
         }
+
+    @staticmethod
+    def _images(job: Job) -> list[dict]:
+        seed = job.seed if job.seed != -1 else random.randrange(2**32)
+        images = []
+        for index in range(job.batch_size):
+            digest = hashlib.sha256(f"sim:{job.request_id}:{seed + index}".encode()).hexdigest()
+            images.append({"index": index, "seed": seed + index, "width": job.width,
+                           "height": job.height, "format": job.output.format, "path": None,
+                           "sha256": digest})
+        return images
 
     def load_model(self, name: str) -> dict:
         took = self._ensure_loaded(name, lambda: False)

@@ -275,6 +275,9 @@ SETTINGS: tuple[Setting, ...] = (
             "SIMULATED fault: after this many jobs the simulated worker stalls forever in its next "
             "job (no progress, ignores abort) while it keeps heart-beating", (S, W),
             default_text="never", metavar="N"),
+    Setting("sim_batch_cost", float, 0.5,
+            "dynamic batching: each job after the first of a simulated batched call adds this "
+            "share of a lone job's step time", (S, W), metavar="SHARE"),
     Setting("sim_capabilities", str, None,
             "comma list of features the simulated worker offers", (S, W), default_text="all",
             metavar="LIST"),

@@ -65,7 +65,12 @@ def test_cpu_run_prints_every_figure(demo_models_dir, tmp_path):
         # 2 steps per call: steps/s = 2 / t and images/s = batch / t for the same t
         assert steps_local * batch == pytest.approx(images_local * 2, rel=0.02, abs=0.002)
         assert steps_served * batch == pytest.approx(images_served * 2, rel=0.02, abs=0.002)
-    assert re.search(r"dynamic batching gain\s+not available|one after another / all at once\s+\d", out), out
+    # dynamic batching: the 8 requests sent at once ran in fewer calls than 8 (e.g. "1+7 jobs")
+    calls = re.search(r"one after another / all at once\s+[\d.]+ s / [\d.]+ s: gain [\d.]+x "
+                      r"\(the worker's calls: ([\d+]+) jobs\)", out)
+    assert calls, out
+    assert sum(map(int, calls[1].split("+"))) == 8 and len(calls[1].split("+")) < 8, calls[1]
+    assert re.search(r"in-process: 8 calls / one call of 8 prompts\s+[\d.]+ s / [\d.]+ s: gain", out), out
     assert re.search(r"worker memory vs max_memory_allocated\s+n/a on cpu", out), out
     # nothing the bench started is left running
     left = [p for p in psutil.process_iter(["cmdline"])

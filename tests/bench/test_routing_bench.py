@@ -75,3 +75,20 @@ def test_replay_mirrors_the_broker_holding_jobs_for_the_best_worker():
     assert smart.loads < rr.loads
     remaining = replay(items, specs, cost, "smart", exact_progress=True)
     assert len(remaining.latencies_s) == 120 and remaining.loads >= cold_start_floor(items)
+
+
+def test_replay_batches_compatible_jobs_through_the_real_core():
+    # one device: two incompatible jobs fill its two slots (model load 4 s, then 1 s and 0.25 s
+    # of compute); 4 compatible jobs arrive meanwhile and queue in the core. When the first
+    # finishes (5 s) the core sends them as one group (batch_of 4) and the device runs them as
+    # one call of 1 + 0.5 * 3 = 2.5 lone computes after the second (5.25..7.75 s).
+    cost = W.CostModel(steps=1, step_time_1024_s=1.0, load_time_s=4.0, base_model_mb=1000.0,
+                       activation_mb_per_megapixel=2048.0, max_batch=4, batch_cost=0.5)
+    specs = [W.WorkerSpec("w0", 2, 20000.0)]
+    items = [W.WorkItem(0, "first", 0.0, "A", 1024, 1024, 1), W.WorkItem(1, "second", 0.0, "A", 512, 512, 1)]
+    items += [W.WorkItem(i, f"b{i}", 4.5, "A", 1024, 1024, 1) for i in range(2, 6)]
+    out = replay(items, specs, cost, "smart")
+    assert out.latencies_s == [5.0, 5.25, 3.25, 3.25, 3.25, 3.25]
+    # without batching: one after another, 1 s each from 5.25 s
+    alone = replay(items, specs, W.CostModel(**{**cost.__dict__, "max_batch": 1}), "smart")
+    assert alone.latencies_s == [5.0, 5.25, 1.75, 2.75, 3.75, 4.75]

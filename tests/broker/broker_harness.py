@@ -107,12 +107,15 @@ class Cluster:
     def start_worker(self, worker_id: str, *extra: str, step_s: float = 0.02, load_s: float = 0.05,
                      backend: str | None = None) -> subprocess.Popen:
         log = open(os.path.join(self.tmp, f"{worker_id}.log"), "wb")
+        # one job per call unless a test asks for dynamic batching: these tests fill a worker's
+        # two slots with two jobs (tests/serve/test_batching_e2e.py tests batching)
+        batching = [] if any(arg.startswith("--max-batch") for arg in extra) else ["--max-batch", "1"]
         proc = subprocess.Popen(
             [SDXL_BROKER, "worker", "--connect", backend or self.backend, "--sim",
              "--worker-id", worker_id, "--sim-step-s", str(step_s), "--sim-load-s", str(load_s),
              "--heartbeat-interval-s", str(HEARTBEAT_S),
              # a pytest killed by a timeout leaves no worker heart-beating into nothing
-             "--supervisor-pid", str(os.getpid()), *extra],
+             "--supervisor-pid", str(os.getpid()), *batching, *extra],
             stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc

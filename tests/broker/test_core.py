@@ -290,3 +290,21 @@ def test_a_failing_journal_read_answers_unavailable():
     journal.failing = journal.reads = True
     [refused] = _finals(_submit(core, "a", 0.1))
     assert refused["error_code"] == "unavailable"
+
+
+def test_a_batch_companion_never_overtakes_a_job_of_higher_priority():
+    core = _core()
+    _submit(core, "high", 0.0, priority="high")
+    _submit(core, "normal-odd", 0.0, priority="normal", steps=9)   # cannot share high's call
+    _submit(core, "low", 0.0, priority="low")                      # could, but would overtake it
+    _submit(core, "high-2", 0.0, priority="high")
+    _register_batching(core, "w1", 0.0, max_batch=8)
+    sent = [m for _, m in _to_workers(core.tick(0.1), W.RunJob)]
+    assert [(m.request_id, m.batch_of) for m in sent] == [("high", 2), ("high-2", 2), ("normal-odd", 1)]
+    # once nothing of higher priority waits behind, a lower-priority job may ride along
+    core = _core()
+    _submit(core, "high", 0.0, priority="high")
+    _submit(core, "normal", 0.0, priority="normal")
+    _register_batching(core, "w1", 0.0, max_batch=8)
+    sent = [m for _, m in _to_workers(core.tick(0.1), W.RunJob)]
+    assert [(m.request_id, m.batch_of) for m in sent] == [("high", 2), ("normal", 2)]

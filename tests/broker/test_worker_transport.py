@@ -121,3 +121,40 @@ def test_job_book_keeps_both_threads_views_consistent():
     assert book.snapshot() == (None, 0, 0, 1) and not book.is_aborted(("a", 1))
     book.finish(("b", 2), ok=True)
     assert book.snapshot() == (None, 0, 1, 1) and book.abort(("b", 2)) is False
+
+
+def test_a_group_sent_together_runs_as_one_call_and_an_abort_drops_only_its_job(cluster):
+    """Dynamic batching in the transport (with the SIMULATED executor's batched call): the jobs
+    of a RunJob.batch_of group arriving in separate reads still run as one call; an ABORT of
+    one of them answers it cancelled while the others finish; an incompatible job runs alone."""
+    router = cluster.ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(f"ipc://{cluster.tmp}/be-batch")
+    cluster.start_worker("tb", "--max-batch", "4", step_s=0.05, backend=f"ipc://{cluster.tmp}/be-batch")
+    identity, ready = _next(router, (W.Ready,))
+    assert ready.max_batch == 4
+    router.send_multipart([identity, W.encode(W.BrokerHeartbeat(registered=True))])
+
+    def job(rid: str, steps: int = 20) -> dict:
+        return Job(request_id=rid, prompt=f"prompt of {rid}", models=ModelSpec(base="m"), width=256,
+                   height=256, steps=steps, seed=len(rid), stream=True).to_wire()
+    for index, rid in enumerate(("g1", "g2", "g3")):
+        router.send_multipart([identity, W.encode(W.RunJob(request_id=rid, attempt=1, dispatch_id=10 + index,
+                                                            job=job(rid), batch_of=3))])
+        time.sleep(0.05)   # separate reads of the worker's socket
+    router.send_multipart([identity, W.encode(W.RunJob(request_id="odd", attempt=1, dispatch_id=20,
+                                                        job=job("odd", steps=3)))])
+    finals: dict = {}
+    while len(finals) < 4:
+        _, msg = _next(router, (W.JobProgress, W.JobResult, W.JobFailed))
+        if isinstance(msg, W.JobProgress) and msg.request_id == "g2" and msg.step == 2:
+            router.send_multipart([identity, W.encode(W.AbortJob(request_id="g2", dispatch_id=11))])
+        elif not isinstance(msg, W.JobProgress):
+            finals[msg.request_id] = msg
+    assert isinstance(finals["g2"], W.JobFailed) and finals["g2"].code == "cancelled"
+    for rid in ("g1", "g3"):
+        assert isinstance(finals[rid], W.JobResult)
+        batch = finals[rid].data["processing_metrics"]["batch"]
+        assert batch["jobs"] == 3 and batch["request_ids"] == ["g1", "g2", "g3"]
+        assert finals[rid].data["generated_images"][0]["seed"] == len(rid)
+    assert "batch" not in finals["odd"].data["processing_metrics"]
