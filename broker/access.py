@@ -22,7 +22,7 @@ Pure functions of the facts: no sockets, no clock.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from protocol import constants as C
 
@@ -30,9 +30,9 @@ from protocol import constants as C
 MANAGEMENT_TYPES = frozenset({C.CLEANUP, C.MODEL_LOAD, C.MODEL_LOAD_LEGACY})
 
 
-@dataclass(frozen=True, slots=True)
-class PeerFacts:
-    """What the loop knows of the peer behind one client message."""
+class PeerFacts(NamedTuple):
+    """What the loop knows of the peer behind one client message (a NamedTuple: made for every
+    tcp or CURVE message, it costs a fifth of a frozen dataclass)."""
     curve_key: str | None = None   # z85 public key (ZAP User-Id); None on a NULL-security socket
     admin_key: bool = False        # curve_key is listed in --curve-admin-keys
     address: str | None = None     # IP the peer connected from (tcp); None: ipc/inproc, this machine
