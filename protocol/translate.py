@@ -139,6 +139,7 @@ def _padded(items, count: int):
 
 _DELIVERY_FIELDS = ("stream", "preview", "preview_size", "preview_every_steps", "preview_interval_ms")
 _delivery_values = operator.itemgetter(*_DELIVERY_FIELDS)  # one C call per source, per request
+_NOT_GIVEN = (None,) * len(_DELIVERY_FIELDS)
 
 
 def _delivery(*sources) -> dict[str, Any]:
@@ -147,7 +148,9 @@ def _delivery(*sources) -> dict[str, Any]:
     `stream: "preview"` or `preview: true` asks for previews, and previews imply progress."""
     values = _delivery_values(sources[0].__dict__)
     for source in sources[1:]:
-        if None in values:
+        if values == _NOT_GIVEN:  # the usual case: the next source decides them all
+            values = _delivery_values(source.__dict__)
+        elif None in values:
             values = tuple(v if v is not None else o
                            for v, o in zip(values, _delivery_values(source.__dict__)))
     given = dict(zip(_DELIVERY_FIELDS, values))
