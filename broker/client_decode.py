@@ -45,6 +45,9 @@ class DecodedBody:
     reply_type: str = FALLBACK_REPLY_TYPE
     request_id: str | None = None
     body_bytes: int = 0                 # size of the frame it came from
+    # what the journal stores instead of the body: a broker.staged_bodies reference to the
+    # file a decode process wrote (None: the body itself)
+    journal_body: bytes | None = None
 
     def to_wire(self) -> bytes:
         if self.error is not None:
@@ -57,6 +60,7 @@ class DecodedBody:
                    "rid": p.request_id, "job": p.job.to_wire() if p.job is not None else None,
                    "params": p.params, "warnings": list(p.warnings), "fp": self.fingerprint}
         out["size"] = self.body_bytes
+        out["jb"] = self.journal_body
         return msgpack.packb(out, use_bin_type=True)
 
     @classmethod
@@ -71,7 +75,8 @@ class DecodedBody:
         job = Job.from_wire(d["job"]) if d["job"] is not None else None
         parsed = parse.ParsedRequest(message_type=d["mt"], reply_type=d["rt"], request_id=d["rid"],
                                      job=job, params=d["params"], warnings=d["warnings"])
-        return cls(d["codec"], parsed=parsed, fingerprint=d["fp"], body_bytes=d["size"])
+        return cls(d["codec"], parsed=parsed, fingerprint=d["fp"], body_bytes=d["size"],
+                   journal_body=d.get("jb"))
 
 
 def decode_body(body: bytes, body_frames: int = 1, *, default_model_base: str | None = None,

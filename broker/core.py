@@ -319,7 +319,8 @@ class BrokerCore:
         if parsed.job is not None:
             # this peer's own request decides whether it gets progress, not the job's first peer
             peer.streams = parsed.job.stream and not request.is_req_peer()
-            self._on_generate(peer, request.body, decoded.fingerprint, parsed)
+            self._on_generate(peer, request.body, decoded.fingerprint, parsed,
+                              journal_body=decoded.journal_body)
             return
         handler = self._manage_handlers.get(parsed.message_type)
         if handler is None:
@@ -333,7 +334,8 @@ class BrokerCore:
             return
         handler(peer, parsed)
 
-    def _on_generate(self, peer: Peer, body: bytes, fingerprint: str, parsed) -> None:
+    def _on_generate(self, peer: Peer, body: bytes, fingerprint: str, parsed,
+                     journal_body: bytes | None = None) -> None:
         job: Job = parsed.job
         rid = parsed.request_id   # decided by protocol.parse (== job.request_id)
         active = self.jobs.get(rid)
@@ -382,7 +384,9 @@ class BrokerCore:
                          fingerprint=fingerprint, accepted_at=now, deadline=now + job.timeout_s,
                          body_bytes=len(body), peers=[peer], warnings=warnings, owner=peer.owner)
         try:
-            self.journal.accept(rid, body, fingerprint)
+            # a big body the decode stage wrote to a file: the row holds its reference
+            self.journal.accept(rid, journal_body if journal_body is not None else body,
+                                fingerprint)
         except JournalError as exc:   # never accepted silently without a journal row
             self._journal_unavailable(peer, parsed.reply_type, rid, "accept", exc)
             return

@@ -85,10 +85,12 @@ class DecodeStage:
     ROUTER, as it creates the frontend and backend)."""
 
     def __init__(self, ctx: zmq.Context, processes: int, backlog_mb: float, *,
-                 default_model_base: str | None = None, allow_pickle: bool = False):
+                 default_model_base: str | None = None, allow_pickle: bool = False,
+                 state_dir: str | None = None):
         self.max_processes = max(int(processes), 1)
         self.backlog_bytes = int(backlog_mb * 2**20)
         self._settings = {"default_model_base": default_model_base, "allow_pickle": allow_pickle}
+        self._state_dir = os.path.abspath(state_dir) if state_dir else None
         self._dir = tempfile.mkdtemp(prefix="sdxl-decode-")   # 0700: only this user connects
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -274,6 +276,8 @@ class DecodeStage:
             argv += ["--default-model-base", self._settings["default_model_base"]]
         if self._settings["allow_pickle"]:
             argv.append("--allow-pickle")
+        if self._state_dir:
+            argv += ["--state-dir", self._state_dir]
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self._decoders[identity] = _Decoder(identity, process)
         log.info("decode process %s started (pid %d) for bodies over %d KB",
@@ -293,6 +297,25 @@ def _die_with_parent(parent_pid: int) -> None:
         sys.exit(0)
 
 
+def _stage_for_journal(state_dir: str, name: str, body: bytes,
+                       decoded: DecodedBody) -> DecodedBody:
+    """Write a valid generation body for the journal (broker.staged_bodies), here rather than
+    on the loop; a full disk refuses the request as the journal would (`unavailable`)."""
+    from broker import staged_bodies
+    try:
+        decoded.journal_body = staged_bodies.write(state_dir, name, body)
+    except OSError as exc:
+        log.error("cannot stage a %.1f MB body for the journal: %s", len(body) / 2**20, exc)
+        parsed = decoded.parsed
+        return DecodedBody(decoded.codec, body_bytes=decoded.body_bytes,
+                           reply_type=parsed.reply_type, request_id=parsed.request_id,
+                           error=ProtocolError(C.UNAVAILABLE, (
+                               f"the broker cannot take jobs right now: its journal could not "
+                               f"store the request ({exc}). Nothing was queued; send the same "
+                               f"request again later")))
+    return decoded
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="a broker decode process (started by the broker)")
     parser.add_argument("--connect", required=True)
@@ -300,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--default-model-base")
     parser.add_argument("--allow-pickle", action="store_true")
+    parser.add_argument("--state-dir", help="write valid generation bodies here for the journal")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s decode %(levelname)s %(message)s")
     _die_with_parent(args.parent_pid)
@@ -321,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             seq, frames, body = sock.recv_multipart()
             started = time.monotonic()
             decoded = decode_body(body, struct.unpack("!I", frames)[0], **settings)
+            if args.state_dir and decoded.parsed is not None and decoded.parsed.job is not None:
+                decoded = _stage_for_journal(args.state_dir, f"{args.identity}-{os.getpid()}-"
+                                             f"{_SEQ.unpack(seq)[0]}-{time.time_ns()}", body, decoded)
             del body
             sock.send_multipart([seq, decoded.to_wire()])
             took_s = time.monotonic() - started

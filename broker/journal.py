@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import msgpack
 
+from broker import staged_bodies
+
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "broker-journal.sqlite3"
@@ -69,6 +71,7 @@ class Journal:
         self.reply_ttl_s = reply_ttl_s
         self.max_replies = max_replies
         self.wall_clock = wall_clock
+        self.state_dir = state_dir
         if state_dir:
             os.makedirs(state_dir, exist_ok=True)
             self.path = os.path.join(state_dir, JOURNAL_FILE)
@@ -81,7 +84,15 @@ class Journal:
             # NORMAL in WAL mode: a committed row survives a process kill (not a power cut)
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        if state_dir:   # staged bodies of requests never accepted, or of finished jobs
+            staged_bodies.sweep(state_dir, self._staged_names(), older_than_s=None)
         log.info("journal at %s (reply ttl %.0f s)", self.path, reply_ttl_s)
+
+    def _staged_names(self) -> set[str]:
+        """The staged body files (broker.staged_bodies) job rows refer to."""
+        magic = staged_bodies.is_reference
+        rows = self._db.execute("SELECT substr(body, 1, 256) FROM jobs WHERE length(body) < 256")
+        return {staged_bodies.name_of(r[0]) for r in rows if magic(r[0])}
 
     def close(self) -> None:
         self._db.close()
@@ -126,12 +137,31 @@ class Journal:
         """Store the final reply and drop the job row, in one transaction. `finished_at`
         (wall clock): when it finished, for a reply stored late (a retry after a full disk)."""
         blob = _pack_reply(reply)
+        staged = self._staged_reference(request_id) if self.state_dir else None
         with self._io("store the reply"), self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
                              (request_id, fingerprint, codec, blob,
                               self.wall_clock() if finished_at is None else finished_at))
             self._db.execute("DELETE FROM jobs WHERE request_id = ?", (request_id,))
+        if staged is not None:
+            staged_bodies.remove(self.state_dir, staged)
+
+    def _staged_reference(self, request_id: str) -> bytes | None:
+        """The staged-body reference the job's row holds, if it holds one (a small read)."""
+        with self._io("read the job"):
+            row = self._db.execute("SELECT substr(body, 1, 256) FROM jobs WHERE request_id = ? "
+                                   "AND length(body) < 256", (request_id,)).fetchone()
+        return bytes(row[0]) if row is not None and staged_bodies.is_reference(row[0]) else None
+
+    def drop_staged_unless_accepted(self, request_id: str, reference: bytes) -> None:
+        """After the core handled a request whose body the decode stage staged: the file goes
+        unless the job's row now refers to it (a refusal, a resend of a known job)."""
+        try:
+            if self._staged_reference(request_id) != reference:
+                staged_bodies.remove(self.state_dir, reference)
+        except JournalError as exc:   # left to the periodic sweep
+            log.warning("%s", exc)
 
     def stored_reply(self, request_id: str) -> StoredReply | None:
         with self._io("read a stored reply"):
@@ -158,7 +188,18 @@ class Journal:
         """Accepted jobs without a final reply, oldest first (to re-queue after a restart)."""
         rows = self._db.execute(
             "SELECT request_id, body, fingerprint, accepted_at FROM jobs ORDER BY accepted_at")
-        return [PendingJob(r[0], bytes(r[1]), r[2], r[3]) for r in rows]
+        out = []
+        for request_id, body, fingerprint, accepted_at in rows:
+            body = bytes(body)
+            if staged_bodies.is_reference(body) and self.state_dir:
+                try:   # a big body the decode stage kept as a file
+                    body = staged_bodies.read(self.state_dir, body)
+                except OSError as exc:
+                    log.error("journal: job %s: its staged body is unreadable (%s); dropping it",
+                              request_id, exc)
+                    continue
+            out.append(PendingJob(request_id, body, fingerprint, accepted_at))
+        return out
 
     def expire(self) -> int:
         """Delete replies older than the TTL and the oldest past max_replies. Returns rows deleted."""
@@ -172,6 +213,8 @@ class Journal:
                     "DELETE FROM replies WHERE request_id IN "
                     "(SELECT request_id FROM replies ORDER BY finished_at LIMIT ?)",
                     (count - self.max_replies,)).rowcount
+            if self.state_dir:
+                staged_bodies.sweep(self.state_dir, self._staged_names())
         return deleted
 
     def counts(self) -> dict:

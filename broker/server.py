@@ -105,7 +105,8 @@ class Broker:
                 self._stage = DecodeStage(self._ctx, self.config.decode_processes,
                                           self.config.decode_backlog_mb,
                                           default_model_base=self.config.default_model_base,
-                                          allow_pickle=self.config.allow_pickle)
+                                          allow_pickle=self.config.allow_pickle,
+                                          state_dir=self.config.state_dir)
             self.journal = open_journal(self.config.state_dir, self.config.reply_ttl_s)
             request_parser()  # import the request parser now, not on the first request (~0.5 s)
             with self._lock:   # outputs are sent by the loop thread, which owns the sockets
@@ -335,6 +336,8 @@ class Broker:
         core, clock = self.core, self.clock
         for request, body in decoded:
             self._send_safely(core.on_decoded_client(request, body, clock()))
+            if body.journal_body is not None:   # a staged file the core did not take
+                self.journal.drop_staged_unless_accepted(body.parsed.request_id, body.journal_body)
 
     def _send_safely(self, outputs: list[Output]) -> None:
         try:

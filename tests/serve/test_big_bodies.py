@@ -1,11 +1,12 @@
 """Issue 16 item 1: one client's 60 MB bodies never make a healthy worker look dead.
 
-A real `serve` (SIMULATED worker, in-memory journal, 0.3 s heartbeats: a worker is lost after
+A real `serve` (SIMULATED worker, SQLite journal, 0.3 s heartbeats: a worker is lost after
 0.9 s of silence) runs another client's jobs one after another while one client sends legal
 62 MB bodies (31 M zeros in JSON, 62 M in msgpack). Decoding, validating and fingerprinting one
 took the loop ~8 s before the decode stage (broker/decode_stage.py). The other client's jobs
 all succeed on the same worker, which is never declared lost or re-registered, and every big
-body gets its own final reply.
+body gets its own final reply. The journal holds the big bodies as files the decode process
+wrote (broker/staged_bodies.py), removed when their jobs finish.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def _status(endpoint: str) -> dict:
         return client.request({"message_type": "status_request"})["data"]
 
 
-def test_big_bodies_do_not_lose_a_healthy_worker_or_other_clients_jobs(start_serve):
+def test_big_bodies_do_not_lose_a_healthy_worker_or_other_clients_jobs(start_serve, tmp_path):
+    state_dir = tmp_path / "state"
     sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
                       "--sim-workers", "1", "--sim-step-s", "0.05", "--sim-load-s", "0.05",
-                      "--heartbeat-interval-s", "0.3"])
+                      "--heartbeat-interval-s", "0.3", "--state-dir", str(state_dir)])
     before = _status(sp.endpoint)
     worker_before = before["workers"][0]
     bodies = [("big-json-0", big_json_body("big-json-0")),
@@ -114,6 +116,8 @@ def test_big_bodies_do_not_lose_a_healthy_worker_or_other_clients_jobs(start_ser
     assert after["broker"]["completed"] == \
         before["broker"]["completed"] + len(other_replies) + len(bodies)
     assert after["broker"]["failed"] == before["broker"]["failed"]
+    # the finished big jobs' staged bodies are gone with their journal rows
+    assert list((state_dir / "bodies").iterdir()) == []
     log = "".join(sp.stderr_lines)
     for sign_of_a_lost_worker in ("no heartbeat", "re-queued", "reconnecting", "re-registered"):
         assert sign_of_a_lost_worker not in log, sp.log()
