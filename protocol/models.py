@@ -40,8 +40,8 @@ def _prompt(value: str) -> str:
 
 
 def _model_ref(value: str, info: ValidationInfo) -> str:
-    """_not_blank, _no_pickle and no '..', inlined as one call: a request carries several model
-    references, and every call costs on the broker's hot path."""
+    """No '..' out of the model root, no pickle suffix (unless allowed), not blank: one call, as
+    a request carries several model references and every call costs on the broker's hot path."""
     if ".." in value and normalize.leaves_root(value):
         raise ValueError(R.MODEL_PATH_ESCAPES.message)
     if value.lower().endswith(C.PICKLE_SUFFIXES) and not (info.context or {}).get("allow_pickle"):

