@@ -138,11 +138,12 @@ def test_worker_refuses_half_a_curve_configuration(tmp_path, keys):
     assert out.returncode == 2 and "needs both" in out.stderr
 
 
-def test_broker_rejects_allowed_keys_without_its_own_secret(tmp_path, keys):
+@pytest.mark.parametrize("folder", ["curve_allowed_keys", "curve_worker_keys", "curve_admin_keys"])
+def test_broker_rejects_a_keys_folder_without_its_own_secret(tmp_path, keys, folder):
     _, allowed = keys
     broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
-                                 curve_allowed_keys=allowed))
-    with pytest.raises(ValueError, match="curve_secret_key"):
+                                 **{folder: allowed}))
+    with pytest.raises(ValueError, match=f"{folder} needs curve_secret_key"):
         broker.start()
 
 

@@ -104,6 +104,33 @@ def test_under_curve_only_the_owners_key_or_an_admin_key_cancels_and_only_an_adm
                for line in sp.stderr_lines), sp.log()
 
 
+def test_curve_without_allowed_keys_still_owns_jobs_by_key(tmp_path, curve_keys):
+    """--curve-secret-key alone admits any key (encryption only), but the authenticator still
+    runs, so each message carries its key: a job belongs to it and another key cannot cancel."""
+    from broker.server import Broker, BrokerConfig
+
+    pairs, _, _ = curve_keys
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/fe.sock", backend=f"ipc://{tmp_path}/be.sock",
+                                 curve_secret_key=pairs["server"][1], no_worker_grace_s=600.0))
+    broker.start()
+    try:
+        def client(name: str) -> BrokerClient:
+            return BrokerClient.with_curve(broker.frontend_endpoint, pairs["server"][0],
+                                           pairs[name][1], timeout_s=10.0)
+
+        with client("alice") as alice, client("bob") as bob:
+            queued = threading.Thread(target=lambda: alice.generate(
+                prompt="mine", model_base="tiny-sdxl", steps=2, width=256, height=256,
+                request_id="queued-1", raise_on_error=False, timeout_s=30.0), daemon=True)
+            queued.start()   # no worker: it stays queued
+            assert wait_for(lambda: broker.status()["broker"]["queue_depth"] == 1, 10)
+            assert _refused(lambda: bob.cancel("queued-1")).code == "forbidden"
+            assert alice.cancel("queued-1")["state"] == "queued"
+            queued.join(10)
+    finally:
+        broker.stop()
+
+
 # --- without CURVE, from another address -----------------------------------------------------------
 def _non_loopback_ipv4() -> str | None:
     for addresses in psutil.net_if_addrs().values():
