@@ -8,7 +8,7 @@ component is made under its own fixed torch seed, so the same versions give the 
 
 `sdxl-broker demo-models --out DIR` writes (names from CONTRACT.md):
   tiny-sdxl/  tiny-sdxl.safetensors  tiny-sdxl-refiner/  tiny-vae/
-  controlnet/tiny-canny/  controlnet/tiny-depth/
+  controlnet/tiny-canny/  controlnet/tiny-depth/  controlnet/tiny-canny-original.safetensors
   loras/tiny-lora-a.safetensors  loras/tiny-lora-b.safetensors  embeddings/tiny-ti.safetensors
   upscalers/tiny-esrgan.safetensors  loras/tiny-lora-kohya.safetensors (kohya layout)
 """
@@ -43,6 +43,11 @@ BASE_SINGLE_FILE = "tiny-sdxl.safetensors"
 REFINER = "tiny-sdxl-refiner"
 VAE = "tiny-vae"
 CONTROLNETS = {"tiny-canny": "controlnet/tiny-canny", "tiny-depth": "controlnet/tiny-depth"}
+# tiny-canny again as one file in the original ControlNet (cldm) layout, `control_model.*`:
+# gpu_worker.ldm_layout.controlnet_to_ldm writes it (diffusers ships only the opposite
+# direction, convert_controlnet_checkpoint, which is what loads it: the round trip is checked
+# by loading it with diffusers and comparing with the folder)
+CONTROLNET_SINGLE_FILES = {"tiny-canny-original": "controlnet/tiny-canny-original.safetensors"}
 LORAS = {"tiny-lora-a": "loras/tiny-lora-a.safetensors", "tiny-lora-b": "loras/tiny-lora-b.safetensors"}
 TEXTUAL_INVERSIONS = {"tiny-ti": "embeddings/tiny-ti.safetensors"}
 # kohya/A1111 layout (lora_unet_* / lora_te1_* / lora_te2_* with alphas), UNet + both encoders
@@ -235,7 +240,7 @@ def build_demo_models(out_dir: str, progress: Callable[[str, float], None] | Non
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from gpu_worker.ldm_layout import sdxl_to_single_file
+    from gpu_worker.ldm_layout import controlnet_to_ldm, sdxl_to_single_file
 
     report = progress or (lambda name, seconds: None)
     paths: dict[str, str] = {}
@@ -281,9 +286,17 @@ def build_demo_models(out_dir: str, progress: Callable[[str, float], None] | Non
         timed(VAE, os.path.join(out_dir, VAE),
               lambda path: _vae(SEEDS["custom_vae"]).save_pretrained(path, safe_serialization=True))
 
+        controlnets = {name: _controlnet(unet, SEEDS[name]) for name in CONTROLNETS}
         for name, rel in CONTROLNETS.items():
             timed(name, os.path.join(out_dir, rel),
-                  lambda path, seed=SEEDS[name]: _controlnet(unet, seed).save_pretrained(path, safe_serialization=True))
+                  lambda path, model=controlnets[name]: model.save_pretrained(path, safe_serialization=True))
+
+        for name, rel in CONTROLNET_SINGLE_FILES.items():
+            def save_controlnet_file(path: str, model=controlnets[name.removesuffix("-original")]) -> None:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_file(controlnet_to_ldm(model.state_dict(), dict(model.config)), path,
+                          metadata={"format": "pt"})
+            timed(name, os.path.join(out_dir, rel), save_controlnet_file)
 
         for name, rel in LORAS.items():
             def save_lora(path: str, seed: int = SEEDS[name]) -> None:

@@ -439,8 +439,20 @@ class DiffusersExecutor:
             ensure_config_folder(resolved.path, config)  # shipped configs: written on first load
         return {"config": config, "local_files_only": True} if config else {}
 
+    def _controlnet(self, resolved, config: str | None, dtype):
+        """A ControlNet folder, or a single file with the config folder the resolver found for
+        it (None: the Hugging Face cache/hub)."""
+        from diffusers import ControlNetModel
+
+        if resolved.single_file:
+            from gpu_worker.controlnet_files import load_controlnet_file
+
+            return load_controlnet_file(resolved.path, config, dtype).to(self._torch_device)
+        return ControlNetModel.from_pretrained(resolved.path, dtype=dtype,
+                                               local_files_only=True).to(self._torch_device)
+
     def _assemble(self, job: Job, dtype, vae_dtype, inputs: dict, state: _JobState):
-        from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLImg2ImgPipeline
+        from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline
 
         with about_field("models.base"):
             _key, base, _hit = self._base(job.models.base, dtype, state)
@@ -481,10 +493,13 @@ class DiffusersExecutor:
         for index, spec in enumerate(job.controlnets):
             with about_field(f"controlnets[{index}].{'model' if spec.model else 'type'}"):
                 resolved = self.resolver.controlnet(spec.model or spec.type)
+                # a single file's config depends on the base it runs with: part of the key
+                config = self.resolver.controlnet_config(resolved.path, dict(base.unet.config)) \
+                    if resolved.single_file else None
                 model, _ = self._load(
-                    (CONTROLNET, resolved.path, str(dtype)), resolved.name, CONTROLNET,
-                    lambda path=resolved.path: ControlNetModel.from_pretrained(
-                        path, dtype=dtype, local_files_only=True).to(self._torch_device), state)
+                    (CONTROLNET, resolved.path, str(dtype), *((config,) if resolved.single_file else ())),
+                    resolved.name, CONTROLNET,
+                    lambda resolved=resolved, config=config: self._controlnet(resolved, config, dtype), state)
             controlnets.append(model)
             model_info["controlnets"].append({"name": resolved.name, "type": spec.type, "weight": spec.weight})
         if controlnets:

@@ -18,6 +18,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 OPEN_CLIP_G_PREFIX = "conditioner.embedders.1.model."  # base; the refiner uses embedders.0
+OPEN_CLIP_G_REFINER_PREFIX = "conditioner.embedders.0.model."
 
 _UNET_FIXED = {
     "time_embedding.linear_1.weight": "time_embed.0.weight",
@@ -171,3 +172,42 @@ def sdxl_to_single_file(unet, vae, text_encoder, text_encoder_2) -> dict[str, to
     for key, value in open_clip_to_ldm(text_encoder_2.state_dict()).items():
         tensors[OPEN_CLIP_G_PREFIX + key] = value
     return {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+
+
+def sdxl_refiner_to_single_file(unet, vae, text_encoder_2) -> dict[str, torch.Tensor]:
+    """One SDXL refiner's weights as one original-layout state dict: its only text encoder,
+    OpenCLIP, is embedders.0 (as in sd_xl_refiner_1.0.safetensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in unet_to_ldm(unet.state_dict(), dict(unet.config)).items():
+        tensors[UNET_PREFIX + key] = value
+    for key, value in vae_to_ldm(vae.state_dict(), dict(vae.config)).items():
+        tensors[VAE_PREFIX + key] = value
+    for key, value in open_clip_to_ldm(text_encoder_2.state_dict()).items():
+        tensors[OPEN_CLIP_G_REFINER_PREFIX + key] = value
+    return {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+
+
+CONTROLNET_PREFIX = "control_model."  # lllyasviel's ControlNet (cldm) checkpoints, SD 1.5 and SDXL
+
+
+def controlnet_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """ControlNetModel weights -> the original ControlNet (cldm) layout under `control_model.`:
+    the UNet-encoder half named as the UNet's (`time_embed`, `label_emb`, `input_blocks`,
+    `middle_block`), `input_hint_block.{0,2,...,14}` (the condition embedding: conv_in, its
+    blocks, conv_out), `zero_convs.N.0` and `middle_block_out.0`. diffusers' own converter
+    (`loaders.single_file_utils.convert_controlnet_checkpoint`) is its inverse."""
+    unet_part: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if m := re.fullmatch(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)", key):
+            index = 0 if m[1] == "conv_in" else 14 if m[1] == "conv_out" else 2 * (int(m[2]) + 1)
+            out[f"input_hint_block.{index}.{m[3]}"] = value
+        elif m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(weight|bias)", key):
+            out[f"zero_convs.{m[1]}.0.{m[2]}"] = value
+        elif m := re.fullmatch(r"controlnet_mid_block\.(weight|bias)", key):
+            out[f"middle_block_out.0.{m[1]}"] = value
+        else:
+            unet_part[key] = value
+    # the encoder half has no up blocks: unet_to_ldm reads up_block_types only for those
+    out.update(unet_to_ldm(unet_part, {**config, "up_block_types": ()}))
+    return {CONTROLNET_PREFIX + k: v.detach().contiguous().clone() for k, v in out.items()}

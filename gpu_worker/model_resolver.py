@@ -6,8 +6,9 @@ A request names models (`tiny-sdxl`, `tiny-lora-a`, `canny`, ...); this module f
   base / refiner      NAME/ with model_index.json, or NAME.safetensors (one original-layout file,
                       loaded with config=<a diffusers folder of the same architecture>)
   vae                 NAME/ or vae/NAME/ with config.json, or NAME.safetensors
-  controlnet          controlnet/NAME/ (or NAME/) with config.json; a type such as "canny"
-                      picks the first controlnet/*canny* folder
+  controlnet          controlnet/NAME/ (or NAME/) with config.json, or controlnet/NAME.safetensors
+                      (one file, original ControlNet or diffusers layout: configs as for single
+                      checkpoints); a type such as "canny" picks the first controlnet/*canny*
   lora                loras/NAME.safetensors, or an explicit path inside the model root
   textual inversion   embeddings/NAME.safetensors, or an explicit path inside the model root
 Each kind is also looked for in the folders of an A1111 or ComfyUI `models/` tree (FOLDERS:
@@ -134,11 +135,14 @@ class ModelResolver:
         try:
             path = self._first_existing(name, "controlnet", candidates, marker="config.json", refuse_files=True)
         except JobError as exc:
-            if exc.code != C.MODEL_NOT_FOUND or "/" in name:
+            if exc.code != C.MODEL_NOT_FOUND:
                 raise
-            path = self._controlnet_by_type(name)
+            path = self._controlnet_file(name) or (None if "/" in name else self._controlnet_by_type(name))
             if path is None:
                 raise
+        if os.path.isfile(path):  # a single file: its configs are found when it is loaded
+            self.check_weight_file(path, f"controlnet {name!r}")
+            return ResolvedModel(_stem(path), path, "controlnet", single_file=True)
         # known by its folder name, so "canny" and "tiny-canny" share one cache entry
         return self._resolved(os.path.basename(path), path, "controlnet")
 
@@ -178,6 +182,8 @@ class ModelResolver:
                     stem, suffix = os.path.splitext(entry)
                     if kind == "controlnet" and os.path.isdir(os.path.join(sub, entry)):
                         found[kind].append(entry)
+                    elif kind == "controlnet" and suffix in SAFE_SUFFIXES:
+                        found[kind].append(stem)   # a single-file ControlNet
                     elif suffix in SAFE_SUFFIXES or (self.allow_pickle and suffix in PICKLE_SUFFIXES):
                         found[kind].append(stem)
         return found
@@ -224,19 +230,39 @@ class ModelResolver:
         self.check_weight_file(full, label)
         return ResolvedModel(_stem(name), full, kind, single_file=True)
 
+    def _controlnet_file(self, name: str) -> str | None:
+        """controlnet/NAME.safetensors (or NAME with that suffix) in a ControlNet folder of the
+        model root; never at the root itself, where base checkpoints live. Single-file
+        ControlNets are read as safetensors only."""
+        if os.path.isabs(name):
+            return None
+        candidate = name if name.lower().endswith(SAFE_SUFFIXES) else name + SAFE_SUFFIXES[0]
+        for sub in (f for f in FOLDERS["controlnet"] if f):
+            full = self.inside_root(os.path.join(sub, candidate), "controlnet")
+            if os.path.isfile(full):
+                return full
+        return None
+
     def _controlnet_by_type(self, control_type: str) -> str | None:
+        """The first controlnet/*TYPE* folder, else the first controlnet/*TYPE*.safetensors."""
+        files: list[str] = []
         for sub in FOLDERS["controlnet"]:
             folder = os.path.join(self.models_dir, sub)
             if not sub or not os.path.isdir(folder):
                 continue
             for entry in sorted(os.listdir(folder)):
                 full = os.path.join(folder, entry)
-                if control_type.lower() in entry.lower() and os.path.isfile(os.path.join(full, "config.json")):
-                    real = _real(full)
-                    if _is_within(real, self.models_dir):
-                        self._refuse_pickle_weights(entry, real)
-                        return real
-        return None
+                if control_type.lower() not in entry.lower():
+                    continue
+                real = _real(full)
+                if not _is_within(real, self.models_dir):
+                    continue
+                if os.path.isfile(os.path.join(full, "config.json")):
+                    self._refuse_pickle_weights(entry, real)
+                    return real
+                if os.path.isfile(real) and entry.lower().endswith(SAFE_SUFFIXES):
+                    files.append(real)
+        return files[0] if files else None
 
     # ---- shared checks -----------------------------------------------------------------
 
@@ -459,6 +485,37 @@ class ModelResolver:
                            "HF_HUB_OFFLINE so diffusers reads it from the Hugging Face cache/hub") from None
 
 
+    def controlnet_config(self, path: str, base_unet_config: dict | None = None) -> str | None:
+        """The config folder of a single-file ControlNet, in this order: the
+        --single-file-config folder's controlnet/ (or the folder itself when it is a ControlNet),
+        a ControlNet folder named like the file next to it, each only when its widths are the
+        file's; the Hugging Face cache/hub (None; only when HF_HUB_OFFLINE is unset); else one
+        the product writes from the file's tensors (sizes they do not show from
+        `base_unet_config`, the base UNet the ControlNet runs with)."""
+        from gpu_worker import single_file_configs
+
+        try:
+            shapes = _read_safetensors_shapes(path)
+            wanted = single_file_configs.controlnet_config(shapes, base_unet_config)
+        except (OSError, ValueError, KeyError, StopIteration, IndexError, struct.error) as exc:
+            reason = str(exc) if isinstance(exc, single_file_configs.NotControlNet) else \
+                f"{exc.__class__.__name__}: {exc}"
+            raise JobError(C.VALIDATION_ERROR,
+                           f"controlnet single file {path} is not a ControlNet this worker can read: {reason}") from None
+        options: list[str] = []
+        if self.single_file_config:
+            folder = self.inside_root(self.single_file_config, "single-file config folder")
+            options += [os.path.join(folder, "controlnet"), folder]
+        options.append(os.path.join(os.path.dirname(path), _stem(path)))
+        for option in options:
+            if _component_class(option) == "ControlNetModel" and \
+                    _config_value(option, "block_out_channels") == wanted["block_out_channels"]:
+                return _real(option)
+        if not hub_offline():
+            return None
+        return single_file_configs.write_controlnet_config(shapes, config_cache_dir(), base_unet_config)
+
+
 def ensure_config_folder(checkpoint: str, config: str) -> None:
     """Write the shipped-config folder `config` for `checkpoint` if the resolver only named it."""
     if config and not os.path.isfile(os.path.join(config, "model_index.json")):
@@ -500,6 +557,15 @@ def _component_class(folder: str) -> str | None:
             return json.load(fh).get("_class_name")
     except (OSError, ValueError):
         return None
+
+
+def _config_value(folder: str, key: str):
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
+            value = json.load(fh).get(key)
+    except (OSError, ValueError):
+        return None
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _unet_matches(shapes: dict[str, list[int]], folder: str) -> bool:

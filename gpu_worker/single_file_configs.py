@@ -206,3 +206,121 @@ def write_vae_config(shapes: dict, cache_dir: str) -> str:
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=1)
     return folder
+
+
+# --- single-file ControlNets ----------------------------------------------------------------------
+# Two layouts circulate: the original ControlNet (cldm) one (`control_model.` + the UNet's
+# input_blocks/middle_block names, `input_hint_block`, `zero_convs`, `middle_block_out`) and,
+# for most SDXL ControlNets people download, diffusers' own keys in one file
+# (`controlnet_cond_embedding.*`, `down_blocks.*`). Either way the config is read from the
+# tensors; what they do not show (attention heads, normalisation groups, the text-time
+# embedding width) comes from the base UNet the ControlNet runs with when its widths match it
+# (a ControlNet is a copy of its base's encoder), else from SDXL's conventions.
+CONTROLNET_LDM = "control_model."
+CONTROLNET_DIFFUSERS = "controlnet_cond_embedding.conv_in.weight"
+SDXL_TIME_EMBED_DIM = 256   # SDXL's addition_time_embed_dim (2816 = 1280 pooled + 6 x 256)
+
+
+class NotControlNet(ValueError):
+    """The tensors are not a ControlNet in either layout."""
+
+
+def controlnet_layout(shapes: dict) -> str:
+    """'original' or 'diffusers'; NotControlNet otherwise."""
+    if any(k.startswith(CONTROLNET_LDM + "input_hint_block.") for k in shapes) or "input_hint_block.0.weight" in shapes:
+        return "original"
+    if CONTROLNET_DIFFUSERS in shapes:
+        return "diffusers"
+    raise NotControlNet("neither control_model.input_hint_block.* (original ControlNet layout) nor "
+                        "controlnet_cond_embedding.* (diffusers layout) is in the file")
+
+
+def _numbers(shapes: dict, pattern: str) -> list[int]:
+    return sorted({int(m[1]) for k in shapes if (m := re.match(pattern, k))})
+
+
+def _controlnet_sizes_original(shapes: dict) -> dict:
+    p = CONTROLNET_LDM if any(k.startswith(CONTROLNET_LDM) for k in shapes) else ""
+    ep = re.escape(p)
+    blocks = _numbers(shapes, rf"{ep}input_blocks\.(\d+)\.")
+    levels = len(_numbers(shapes, rf"{ep}input_blocks\.(\d+)\.0\.op\.weight$")) + 1
+    layers = (max(blocks) - (levels - 1)) // levels
+    widths, depth = [], []
+    for level in range(levels):
+        first = 1 + level * (layers + 1)
+        widths.append(shapes[f"{p}input_blocks.{first}.0.out_layers.3.weight"][0])
+        depth.append(len(_numbers(shapes, rf"{ep}input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")))
+    hint = _numbers(shapes, rf"{ep}input_hint_block\.(\d+)\.weight$")   # conv_in, blocks..., conv_out
+    embedding = [shapes[f"{p}input_hint_block.{hint[0]}.weight"][0]] + [
+        shapes[f"{p}input_hint_block.{i}.weight"][0] for i in hint[2:-1:2]]
+    label = shapes.get(f"{p}label_emb.0.0.weight")
+    return {"prefix": p, "widths": widths, "layers": layers, "depth": depth,
+            "in_channels": shapes[f"{p}input_blocks.0.0.weight"][1],
+            "conditioning_channels": shapes[f"{p}input_hint_block.{hint[0]}.weight"][1],
+            "embedding": embedding, "projection": label[1] if label else None}
+
+
+def _controlnet_sizes_diffusers(shapes: dict) -> dict:
+    levels = _numbers(shapes, r"down_blocks\.(\d+)\.")
+    widths = [shapes[f"down_blocks.{i}.resnets.0.conv2.weight"][0] for i in levels]
+    depth = [len(_numbers(shapes, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.")) for i in levels]
+    blocks = _numbers(shapes, r"controlnet_cond_embedding\.blocks\.(\d+)\.weight$")
+    embedding = [shapes["controlnet_cond_embedding.conv_in.weight"][0]] + [
+        shapes[f"controlnet_cond_embedding.blocks.{i}.weight"][0] for i in blocks[1::2]]
+    label = shapes.get("add_embedding.linear_1.weight")
+    return {"prefix": "", "widths": widths, "layers": len(_numbers(shapes, r"down_blocks\.0\.resnets\.(\d+)\.")),
+            "depth": depth, "in_channels": shapes["conv_in.weight"][1],
+            "conditioning_channels": shapes["controlnet_cond_embedding.conv_in.weight"][1],
+            "embedding": embedding, "projection": label[1] if label else None}
+
+
+def controlnet_config(shapes: dict, base_unet_config: dict | None = None) -> dict:
+    """A ControlNetModel config for a single file's tensors (either layout); sizes the tensors
+    do not show from `base_unet_config` when its widths are the ControlNet's."""
+    layout = controlnet_layout(shapes)
+    sizes = _controlnet_sizes_original(shapes) if layout == "original" else _controlnet_sizes_diffusers(shapes)
+    widths = sizes["widths"]
+    attn_key = next(k for k in shapes if k.endswith("attn2.to_k.weight"))
+    proj_in = next((k for k in shapes if k.endswith("proj_in.weight")), None)
+    base = dict(base_unet_config or {})
+    same_base = list(base.get("block_out_channels") or ()) == widths
+    projection = sizes["projection"]
+    if same_base and base.get("projection_class_embeddings_input_dim") == projection:
+        time_embed_dim = base.get("addition_time_embed_dim")
+    else:
+        time_embed_dim = SDXL_TIME_EMBED_DIM
+    return {
+        "_class_name": "ControlNetModel",
+        "in_channels": sizes["in_channels"], "conditioning_channels": sizes["conditioning_channels"],
+        "flip_sin_to_cos": True, "freq_shift": 0,
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in sizes["depth"]],
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+        "block_out_channels": widths, "layers_per_block": sizes["layers"],
+        "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
+        "norm_num_groups": base["norm_num_groups"] if same_base and "norm_num_groups" in base else _groups(widths),
+        "norm_eps": 1e-5, "cross_attention_dim": shapes[attn_key][1],
+        "transformer_layers_per_block": [d or 1 for d in sizes["depth"]],
+        "attention_head_dim": base["attention_head_dim"] if same_base and "attention_head_dim" in base
+        else [_heads(w) for w in widths],
+        "use_linear_projection": proj_in is not None and len(shapes[proj_in]) == 2,
+        "addition_embed_type": "text_time" if projection else None,
+        "addition_time_embed_dim": time_embed_dim if projection else None,
+        "projection_class_embeddings_input_dim": projection,
+        "upcast_attention": False, "resnet_time_scale_shift": "default",
+        "controlnet_conditioning_channel_order": "rgb",
+        "conditioning_embedding_out_channels": sizes["embedding"], "global_pool_conditions": False,
+    }
+
+
+def write_controlnet_config(shapes: dict, cache_dir: str, base_unet_config: dict | None = None) -> str:
+    """A folder with config.json for a single-file ControlNet, written once per config."""
+    config = controlnet_config(shapes, base_unet_config)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir, f"sdxl-controlnet-{digest}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        os.makedirs(folder, exist_ok=True)
+        staging = os.path.join(folder, f"config.json.{os.getpid()}.tmp")
+        with open(staging, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=1)
+        os.replace(staging, os.path.join(folder, "config.json"))
+    return folder

@@ -48,7 +48,7 @@ def test_a_job_using_every_kind_runs_on_the_tree_as_it_is(demo_models_dir, tmp_p
     executor = DiffusersExecutor("cpu", models_dir=root, output_dir=str(tmp_path / "out"),
                                  input_dir=str(tmp_path))  # the lone checkpoint needs no config folder
     fields = dict(request_id="tree", prompt="a photo of a <tiny-ti> cat", models={"base": "my-sdxl", "vae": "tiny-vae"},
-                  width=128, height=128, steps=2, seed=1, precision={"dtype": "float32"},
+                  width=256, height=256, steps=2, seed=1, precision={"dtype": "float32"},
                   scheduler="EulerDiscreteScheduler", loras=[{"name": "tiny-lora-kohya", "weight": 0.5}],
                   textual_inversions=[{"name": "tiny-ti", "token": "<tiny-ti>"}],
                   postprocess={"upscale_factor": 2, "upscale_method": "tiny-esrgan"})
@@ -57,7 +57,7 @@ def test_a_job_using_every_kind_runs_on_the_tree_as_it_is(demo_models_dir, tmp_p
     result = executor.run(Job.model_validate(fields), lambda *a: None, lambda: False)
     info = result["processing_metrics"]["model_info"]
     assert info["loras"][0]["name"] == "tiny-lora-kohya" and info["vae"] == "tiny-vae"
-    assert info["upscaler"] == "tiny-esrgan" and result["generated_images"][0]["width"] == 256
+    assert info["upscaler"] == "tiny-esrgan" and result["generated_images"][0]["width"] == 512
     assert {"lora", "textual_inversion", "custom_vae", "upscale_realesrgan"} <= set(result["features_used"])
     if controlnet:
         assert info["controlnets"][0]["name"] == "tiny-canny"

@@ -89,7 +89,8 @@ def test_two_builds_are_byte_identical(demo_models_dir, tmp_path):
     second = tmp_path / "again"
     paths = kit.build_demo_models(str(second))
     assert set(paths) == {"tiny-sdxl", "tiny-sdxl.safetensors", "tiny-sdxl-refiner", "tiny-vae", "tiny-canny",
-                          "tiny-depth", "tiny-lora-a", "tiny-lora-b", "tiny-ti", "tiny-esrgan", "tiny-lora-kohya"}
+                          "tiny-depth", "tiny-lora-a", "tiny-lora-b", "tiny-ti", "tiny-esrgan", "tiny-lora-kohya",
+                          "tiny-canny-original"}
     first_files, second_files = _all_files(demo_models_dir), _all_files(str(second))
     assert sorted(first_files) == sorted(second_files)
     differing = [name for name in first_files if first_files[name] != second_files[name]]
@@ -106,9 +107,10 @@ def test_cli_prints_a_line_per_model_and_the_total(tmp_path, capsys):
     assert main(["demo-models", "--out", str(out), "--log-level", "WARNING"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for name in ("tiny-sdxl", "tiny-sdxl.safetensors", "tiny-sdxl-refiner", "tiny-vae", "tiny-canny",
-                 "tiny-depth", "tiny-lora-a", "tiny-lora-b", "tiny-ti", "tiny-esrgan", "tiny-lora-kohya"):
+                 "tiny-depth", "tiny-lora-a", "tiny-lora-b", "tiny-ti", "tiny-esrgan", "tiny-lora-kohya",
+                 "tiny-canny-original"):
         assert any(line.split()[:1] == [name] and line.rstrip().endswith(" s") for line in lines), name
-    assert lines[-1].startswith("built 11 models in ")
+    assert lines[-1].startswith("built 12 models in ")
     assert (out / "tiny-sdxl.safetensors").is_file()
     assert not (out / "tiny-sdxl" / "stale.txt").exists()  # a rebuild replaces, never mixes
 
