@@ -193,10 +193,21 @@ def _upscale_method(name: Optional[str]) -> str:
 _IGNORED_IF_SET = ("restore_faces", "tiling")
 
 
+def preview_every_steps(value: Any) -> Optional[int]:
+    """A1111's `show_progress_every_n_steps` option as preview_every_steps: a positive number
+    of steps (capped at the most a job may have); anything else (A1111's -1, "only at the
+    end", or a bad value) leaves the worker's default."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+        return None
+    return min(int(value), C.MAX_PREVIEW_EVERY_STEPS)
+
+
 def to_inference_request(params: GenerationParams, *, request_id: str, default_model: Optional[str],
                          init_images: Optional[list[str]] = None, mask: Optional[str] = None,
-                         invert_mask: bool = False) -> tuple[dict, list[str]]:
-    """(nested inference_request body, warnings about A1111 fields that do not apply)."""
+                         invert_mask: bool = False, options: Optional[dict] = None) -> tuple[dict, list[str]]:
+    """(nested inference_request body, warnings about A1111 fields that do not apply).
+    `options`: the gateway's /sdapi/v1/options (show_progress_every_n_steps sets the preview
+    cadence; override_settings wins, as for the checkpoint)."""
     warnings: list[str] = []
     prompt, loras = _loras_from_prompt(params.prompt)
     override = params.override_settings or {}
@@ -219,6 +230,10 @@ def to_inference_request(params: GenerationParams, *, request_id: str, default_m
         "batch": {"size": batch}, "output": {"format": "png", "return_images": params.send_images},
         "metadata": {"preview": True},
     }
+    every = preview_every_steps(override.get("show_progress_every_n_steps",
+                                             (options or {}).get("show_progress_every_n_steps")))
+    if every is not None:
+        data["metadata"]["preview_every_steps"] = every
     if karras is not None:
         data["use_karras_sigmas"] = karras
     if loras:

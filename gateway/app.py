@@ -343,7 +343,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # --- A1111 ---------------------------------------------------------------------------------
     async def _a1111_generate(params: a1111.GenerationParams, request_id: str, **images) -> JSONResponse:
         body, warnings = a1111.to_inference_request(params, request_id=request_id,
-                                                    default_model=gw.default_model(), **images)
+                                                    default_model=gw.default_model(),
+                                                    options=gw.options, **images)
         if not body["data"]["models"]["base"]:
             return AsciiJSONResponse(error_body(C.VALIDATION_ERROR, "no model: set sd_model_checkpoint "
                                            "(POST /sdapi/v1/options or override_settings)",
