@@ -24,7 +24,9 @@ FORGED_MARK_BYTES = bodies.FORGED_MARK.encode()
 
 log = logging.getLogger("stress.clients")
 
-_NO_PROBE_AFTER = frozenset({"queue_full", "validation_error", "malformed_message",
+# "come back later" answers: a polite client backs off before its next request
+BACK_OFF_AFTER = frozenset({"queue_full", "unavailable"})
+_NO_PROBE_AFTER = frozenset({"queue_full", "unavailable", "validation_error", "malformed_message",
                              "duplicate_request_id", "unknown_message_type"})
 
 
@@ -199,8 +201,9 @@ class DealerClient(_Driver):
             while conn.poll(wait):
                 wait = 0
                 key, reply = conn.receive()
-                if key and reply.get("error_code") == "queue_full":
+                if key and reply.get("error_code") in BACK_OFF_AFTER:
                     # as a polite client would: back off instead of hammering a full queue
+                    # or a broker whose journal's disk is full
                     self.backoff_until = time.monotonic() + self.rng.uniform(0.2, 1.0)
                 if key and conn is self.main and not self.stop_sending.is_set():
                     self._maybe_probe(key, reply)
@@ -265,7 +268,7 @@ class ReqClient(_Driver):
             spec = self.new_spec(allow_stream=True, stream_share=self.cfg.req_stream_share)
             entry = self.new_entry(spec, "req")
             self._one(entry)
-            if entry.finals and entry.finals[0].error_code == "queue_full":
+            if entry.finals and entry.finals[0].error_code in BACK_OFF_AFTER:
                 self.stop_sending.wait(self.rng.uniform(0.2, 1.0))  # back off, politely
             if self.cfg.think_s:
                 time.sleep(self.rng.uniform(0, self.cfg.think_s))

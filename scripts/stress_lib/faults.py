@@ -333,6 +333,7 @@ class FaultScheduler(threading.Thread):
         self.attacks: dict[str, list[dict]] = {}   # what each issue-16 fault measured
         self.error: BaseException | None = None
         self._side_threads: list[threading.Thread] = []
+        self.load_over = threading.Event()   # set by the phase: start no new fault
         self._handlers = {
             "kill_worker": self._kill_worker, "stop_worker": self._stop_worker,
             "burst": self._burst, "oversize": self._oversize,
@@ -346,6 +347,9 @@ class FaultScheduler(threading.Thread):
             for at_s, fault in self.schedule:
                 if self.stop.wait(max(0.0, started + at_s - time.monotonic())):
                     break
+                if self.load_over.is_set():
+                    log.info("fault %s not started: the load is over", fault)
+                    break
                 outcome = self._handlers[fault]()
                 self.done.append((round(time.monotonic() - started, 1), fault, outcome))
                 self.ledger.event(f"fault_{fault}")
@@ -356,6 +360,11 @@ class FaultScheduler(threading.Thread):
         finally:
             for t in self._side_threads:
                 t.join(timeout=60)
+
+    def busy(self) -> bool:
+        """A fault is still running (a side thread waits for its replies, a peer lives)."""
+        return self.is_alive() and (any(t.is_alive() for t in self._side_threads)
+                                    or not self.load_over.is_set())
 
     def _pick_worker(self) -> int | None:
         pids = [p for p in self.monitor.live_worker_pids() if self.topo.procs.owns(p)]

@@ -103,7 +103,7 @@ def big_bodies(s) -> str:
             if not turn.ok:
                 return
             result = send_big_bodies(s.ctx, s.topo.frontend, s.ledger, s.topo.kind, count,
-                                     size_mb, s.rng.randrange(2**31), wait_s=60.0,
+                                     size_mb, s.rng.randrange(2**31), wait_s=120.0,
                                      stop_now=s.stop)
         s.attacks.setdefault("big_bodies", []).append(result)
         log.info("big bodies done: %s", result)

@@ -18,6 +18,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+# answers that say the broker did not take the request (nothing queued, nothing stored): a
+# resend of the id afterwards is a new request, not a duplicate
+NOT_TAKEN = frozenset({"queue_full", "unavailable", "validation_error", "malformed_message",
+                       "unknown_message_type", "duplicate_request_id", "forbidden"})
 # error codes that prove the broker accepted the job before it failed
 _ACCEPTED_FAILURES = frozenset({"timeout", "cancelled", "worker_lost", "out_of_memory",
                                 "internal_error", "unsupported_feature", "model_not_found"})
@@ -204,6 +208,8 @@ class Ledger:
             if parent is None or not parent.finals:
                 continue
             a, b = parent.finals[0], e.finals[0]
+            if a.error_code in NOT_TAKEN or b.error_code == "unavailable":
+                continue   # the original was never taken, or the resend was told to come back
             if e.kind == "probe_diff" and b.error_code != "duplicate_request_id":
                 out.append(f"{e.key}: different body got {b.error_code or 'success'}")
             elif e.kind == "probe_same" and (a.success, a.error_code) != (b.success, b.error_code):

@@ -20,7 +20,7 @@ log = logging.getLogger("stress.probes")
 ERROR_CODES = frozenset({
     "malformed_message", "unknown_message_type", "validation_error", "model_not_found",
     "unsupported_feature", "queue_full", "timeout", "cancelled", "worker_lost", "out_of_memory",
-    "duplicate_request_id", "internal_error"})
+    "duplicate_request_id", "internal_error", "unavailable", "forbidden"})
 
 # outcome of one bad frame
 REFUSED = "refused"            # typed error, a code the case names

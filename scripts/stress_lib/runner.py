@@ -91,14 +91,16 @@ def run_phase(plan: PhasePlan, opts: ServeOptions, ledger: Ledger, procs: P.Proc
                 broker_ok = False
                 break
             time.sleep(0.25)
-        # drain: no new requests, wait for the outstanding ones
+        # drain: no new requests and no new fault, wait for the outstanding ones (also those
+        # of a fault still running: a big body's reply can take many seconds to come)
         stop_sending.set()
+        scheduler.load_over.set()
         scheduler_stop_at = time.monotonic()
         # drain while finals keep arriving: drain_s without any, 10 x drain_s in all
         hard_deadline = time.monotonic() + 10 * plan.drain_s
         drain_deadline = time.monotonic() + plan.drain_s
         finals_seen = ledger.finals_count()
-        while (any(d.is_alive() for d in drivers)
+        while ((any(d.is_alive() for d in drivers) or scheduler.busy())
                and time.monotonic() < min(drain_deadline, hard_deadline)
                and not interrupted.is_set()):
             if broker_ok and not topo.check_broker():

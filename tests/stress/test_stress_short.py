@@ -71,6 +71,29 @@ def test_ledger_flags_wrong_dedupe_and_reply_type():
     assert s["accepted"] == 1 and s["failed_by_code"] == {"timeout": 1}
 
 
+def test_a_resend_of_a_request_the_broker_never_took_is_no_duplicate():
+    """`unavailable` (journal disk full) and `queue_full` mean nothing was queued: a resend of
+    the id afterwards may run; a resend told `unavailable` was told to come back later."""
+    ledger = Ledger()
+    for parent, probe in ((("a", False, "unavailable"), ("a", True, None)),
+                          (("b", False, "queue_full"), ("b", True, None)),
+                          (("c", True, None), ("c", False, "unavailable"))):
+        _entry(ledger, parent[0])
+        ledger.sent(parent[0])
+        ledger.final(parent[0], _final(parent[0], success=parent[1], code=parent[2]))
+        _entry(ledger, f"{probe[0]}#p", kind="probe_same", parent=parent[0], rid=probe[0])
+        ledger.sent(f"{probe[0]}#p")
+        ledger.final(f"{probe[0]}#p", _final(probe[0], success=probe[1], code=probe[2]))
+    assert ledger.summary()["dedupe_mismatches"] == []
+    _entry(ledger, "d")   # but a job that ran and a resend that failed differently still count
+    ledger.sent("d")
+    ledger.final("d", _final("d"))
+    _entry(ledger, "d#p", kind="probe_same", parent="d", rid="d")
+    ledger.sent("d#p")
+    ledger.final("d#p", _final("d", success=False, code="timeout"))
+    assert len(ledger.summary()["dedupe_mismatches"]) == 1
+
+
 def test_exit_rules():
     clean = {"lost": 0, "duplicated": 0, "lost_examples": [], "duplicated_examples": []}
     ok_phase = {"phase": "serve", "broker_ok": True, "unplanned_broker_deaths": 0,
@@ -222,23 +245,31 @@ def test_short_stress_run_loses_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_short_stress_run_with_big_bodies_and_a_full_disk(tmp_path):
-    """The two issue-16 faults whose guarantees are still being built (issue 16 items 1 and
-    3): four legal 60 MB bodies per phase from a hostile client, and the split phase's journal
-    disk (a tmpfs the script mounts as root) filled for 10 s with requests sent meanwhile.
-    Asserted: what holds on main today. The broker survives both, the faults really happened
-    (the journal hit ENOSPC), status is answered while the disk is full. Not yet asserted
-    (docs/reliability.md says what happens): lost 0 and healthy workers lost 0 under the big
-    bodies (a JSON body parses for seconds on the loop that judges liveness), and an answer
-    for every request sent while the disk is full."""
+    """The two issue-16 faults about the broker's own resources (items 1 and 3): four legal
+    60 MB bodies per phase from a hostile client (JSON with 30 M zeros, msgpack with a 60 MB
+    image), and the split phase's journal disk (a tmpfs the script mounts as root) filled for
+    10 s with requests sent meanwhile. Nothing lost or duplicated; every big body answered;
+    with the in-memory journal (serve) no healthy worker is lost; every request sent while the
+    disk is full is answered (a job, or `unavailable`), and sending each again after the disk
+    is freed gives the stored outcome or runs it once. Not asserted, because it does not hold
+    yet (docs/reliability.md): no healthy worker lost in the split phase, where the SQLite
+    journal writes each 60 MB body on the broker's loop."""
+    # no bad-input stream here (the test above has it): its 20 s reply rule would flag a
+    # 68 KB frame queued behind 60 MB bodies in the broker's decode stage (docs/reliability.md)
     code, summary, output = _run_stress(tmp_path, "--seconds", "40", "--seed", "4321",
-                                        "--fault-kinds", "big_bodies,full_disk")
+                                        "--fault-kinds", "big_bodies,full_disk", "--no-bad-input")
     assert code in (0, 1), (summary["tool_errors"], output[-3000:])
+    allowed = [f for f in summary["failures"]
+               if f.startswith("split: ") and "healthy workers lost" in f]
+    assert summary["failures"] == allowed, (summary["failures"], output[-3000:])
+    totals = summary["totals"]
+    assert totals["lost"] == 0 and totals["duplicated"] == 0
+    assert summary["phases"]["serve"]["healthy_workers_lost"] == 0
     for name, phase in summary["phases"].items():
         assert phase["broker_ok"] and not phase["unplanned_broker_deaths"], (name, output[-3000:])
-    assert summary["events"].get("fault_big_bodies", 0) >= 2, summary["events"]
     big = _attacks(summary, "big_bodies")
-    assert big and all(r["sent"] == 4 and r["size_mb"] == 60.0 for r in big)
-    assert "forged_message_delivered" not in summary["violations"]
+    assert len(big) == 2 and all(r["sent"] == r["answered"] == 4 for r in big), big
+    assert all(r["size_mb"] == 60.0 for r in big)
     if os.geteuid() != 0:
         skipped = [o for p in summary["phases"].values() for _t, f, o in p["faults"]
                    if f == "full_disk"]
@@ -246,5 +277,10 @@ def test_short_stress_run_with_big_bodies_and_a_full_disk(tmp_path):
         return
     disk = _attacks(summary, "full_disk")
     assert len(disk) == 1, summary["phases"]["split"]["faults"]
-    assert disk[0]["free_mb_when_full"] == 0.0 and disk[0]["disk_errors_logged"] > 0
-    assert disk[0]["status_answered_while_full"] is True
+    d = disk[0]
+    assert d["free_mb_when_full"] == 0.0 and d["disk_errors_logged"] > 0  # it really was full
+    assert d["answered_while_full"] == d["requests_while_full"] == 4, d
+    assert set(d["outcomes_while_full"]) <= {"success", "unavailable"}, d
+    assert d["status_answered_while_full"] is True
+    assert d["resends_answered"] == d["resent_after_free"] == 4, d
+    assert "dedupe_mismatch" not in summary["violations"]
