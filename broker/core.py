@@ -65,6 +65,7 @@ class BrokerConfig:
     frontend: str = "tcp://127.0.0.1:5555"
     backend: str = "tcp://127.0.0.1:5556"
     state_dir: str | None = None       # SQLite journal lives here; None -> in-memory journal
+    journal_reserve_mb: float = 16.0   # disk set aside beside it for replies when the disk fills
     max_queue: int = 1000
     max_queue_mb: float = 2048.0       # request bytes queued jobs may hold; beyond: queue_full
     max_timeout_s: float = 3600.0      # a request's timeout above this is lowered to it (warned)

@@ -5,6 +5,11 @@ its stored reply. Stored replies expire after `reply_ttl_s` and the table is cap
 `max_replies` rows, so the journal does not grow without bound. Rows hold the request body as
 the client sent it (bytes) and replies as msgpack: no pickle. With state_dir None the journal
 lives in memory (MemoryJournal: the same interface on dicts, nothing survives a restart).
+
+A full or failing disk: every sqlite3 error is raised as JournalError (the broker answers it:
+a job it cannot store is refused `unavailable`), a reserve file (DiskReserve) is released so
+the replies of running jobs can still be stored, and a reply that still cannot be stored is
+kept in memory (UnstoredReplies) until it can.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from broker import staged_bodies
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "broker-journal.sqlite3"
+RESERVE_FILE = "broker-journal.reserve"   # disk space held back for replies (DiskReserve)
+RESERVE_RETRY_EVERY_S = 2.0   # how often a released reserve is tried again (at an accept)
 _BLOB_CHUNK = 1 << 20   # bytes per incremental write of a job body
 
 _SCHEMA = """
@@ -65,9 +72,70 @@ class PendingJob:
     accepted_at: float
 
 
+class DiskReserve:
+    """A file of `size_bytes` beside the journal, written while the disk has room and deleted
+    when the disk fills, so the final replies of jobs already running can still be stored
+    (a reply only in memory is lost if the broker stops before the disk has room, and its job
+    would run again after the restart). While it is released, new jobs are refused: the room
+    it made is for replies, and it is written again once the disk has that much room."""
+
+    def __init__(self, path: str, size_bytes: int, wall_clock=time.time):
+        self.path, self.size_bytes, self.wall_clock = path, int(size_bytes), wall_clock
+        self._next_try = 0.0
+        self.held = self.size_bytes <= 0 or self._write()
+        if not self.held:
+            log.warning("journal: could not set %.0f MB aside at %s (is the disk full?); "
+                        "new jobs are refused until it can be", self.size_bytes / 2**20, path)
+
+    def release(self) -> bool:
+        """Give its room back to the journal; False when there is none to give."""
+        if self.size_bytes <= 0 or not self.held:
+            return False
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        self.held = False
+        self._next_try = self.wall_clock() + RESERVE_RETRY_EVERY_S
+        log.warning("journal: the disk is full; released the %.0f MB reserve (%s) to store the "
+                    "replies of running jobs; new jobs are refused `unavailable` until the disk "
+                    "has that much room again", self.size_bytes / 2**20, self.path)
+        return True
+
+    def ensure(self) -> bool:
+        """Held, or written again now (tried at most every RESERVE_RETRY_EVERY_S)."""
+        if self.held or self.wall_clock() < self._next_try:
+            return self.held
+        self._next_try = self.wall_clock() + RESERVE_RETRY_EVERY_S
+        self.held = self._write()
+        if self.held:
+            log.info("journal: the disk has room again; reserve of %.0f MB set aside, new jobs "
+                     "are accepted", self.size_bytes / 2**20)
+        return self.held
+
+    def _write(self) -> bool:
+        try:
+            if os.path.exists(self.path) and os.path.getsize(self.path) == self.size_bytes:
+                return True
+            with open(self.path, "wb") as f:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(f.fileno(), 0, self.size_bytes)   # blocks, not a sparse file
+                else:
+                    chunk = b"\0" * _BLOB_CHUNK
+                    for _ in range(0, self.size_bytes, len(chunk)):
+                        f.write(chunk)
+            return True
+        except OSError:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            return False
+
+
 class Journal:
     def __init__(self, state_dir: str | None, reply_ttl_s: float = 3600.0,
-                 max_replies: int = 100_000, wall_clock=time.time):
+                 max_replies: int = 100_000, wall_clock=time.time, reserve_mb: float = 0.0):
         self.reply_ttl_s = reply_ttl_s
         self.max_replies = max_replies
         self.wall_clock = wall_clock
@@ -77,6 +145,8 @@ class Journal:
             self.path = os.path.join(state_dir, JOURNAL_FILE)
         else:
             self.path = ":memory:"
+        self.reserve = DiskReserve(os.path.join(state_dir, RESERVE_FILE) if state_dir else "",
+                                   int(reserve_mb * 2**20) if state_dir else 0, wall_clock)
         # one connection, used only by the broker's loop thread
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         if self.path != ":memory:":
@@ -116,6 +186,10 @@ class Journal:
         """Store an accepted job's body. Written through SQLite's incremental blob I/O, not
         bound as a parameter: a bound blob is copied by SQLite and the copy stays in the cached
         statement until its next run (one more 60 MB in RAM after a 60 MB request)."""
+        if not self.reserve.ensure():
+            raise JournalError(f"journal {self.path} could not store the job: its disk is full "
+                               f"(the {self.reserve.size_bytes / 2**20:.0f} MB reserve for the "
+                               f"replies of running jobs is in use)")
         with self._io("store the job"):
             if not hasattr(self._db, "blobopen"):   # Python 3.10: no incremental blob I/O
                 self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?)",
@@ -135,17 +209,27 @@ class Journal:
     def finish(self, request_id: str, fingerprint: str, codec: str, reply: dict,
                finished_at: float | None = None) -> None:
         """Store the final reply and drop the job row, in one transaction. `finished_at`
-        (wall clock): when it finished, for a reply stored late (a retry after a full disk)."""
+        (wall clock): when it finished, for a reply stored late (a retry after a full disk).
+        When the disk is full, the reserve is released and the store tried once more."""
         blob = _pack_reply(reply)
         staged = self._staged_reference(request_id) if self.state_dir else None
+        try:
+            self._store_reply(request_id, fingerprint, codec, blob, finished_at)
+        except JournalError:
+            if not self.reserve.release():
+                raise
+            self._store_reply(request_id, fingerprint, codec, blob, finished_at)
+        if staged is not None:
+            staged_bodies.remove(self.state_dir, staged)
+
+    def _store_reply(self, request_id: str, fingerprint: str, codec: str, blob: bytes,
+                     finished_at: float | None) -> None:
         with self._io("store the reply"), self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
                              (request_id, fingerprint, codec, blob,
                               self.wall_clock() if finished_at is None else finished_at))
             self._db.execute("DELETE FROM jobs WHERE request_id = ?", (request_id,))
-        if staged is not None:
-            staged_bodies.remove(self.state_dir, staged)
 
     def _staged_reference(self, request_id: str) -> bytes | None:
         """The staged-body reference the job's row holds, if it holds one (a small read)."""
@@ -309,10 +393,11 @@ class MemoryJournal:
 
 
 class UnstoredReplies:
-    """Final replies the journal could not store (a full disk), kept in memory until a retry
-    stores them: a resend meanwhile gets the reply from here, never a second run. The job's
-    row stays in the journal until then, so a broker stopped before the disk has room runs
-    the job again after its restart (logged when it stops; docs/reliability.md)."""
+    """Final replies the journal could not store (a full disk, its reserve used up), kept in
+    memory until a retry stores them: a resend meanwhile gets the reply from here, never a
+    second run. The job's row stays in the journal until then, so a broker stopped before the
+    disk has room runs the job again after its restart (logged when it stops;
+    docs/reliability.md)."""
 
     def __init__(self, wall_clock=time.time):
         self.wall_clock = wall_clock
@@ -350,9 +435,11 @@ class UnstoredReplies:
         return list(self._replies)
 
 
-def open_journal(state_dir: str | None, reply_ttl_s: float = 3600.0) -> Journal | MemoryJournal:
-    """SQLite under state_dir, or the in-memory journal when there is none."""
+def open_journal(state_dir: str | None, reply_ttl_s: float = 3600.0,
+                 reserve_mb: float = 0.0) -> Journal | MemoryJournal:
+    """SQLite under state_dir (with `reserve_mb` of disk set aside for replies), or the
+    in-memory journal when there is none."""
     if state_dir:
-        return Journal(state_dir, reply_ttl_s)
+        return Journal(state_dir, reply_ttl_s, reserve_mb=reserve_mb)
     log.info("journal in memory (no --state-dir): jobs and replies do not survive a restart")
     return MemoryJournal(reply_ttl_s)

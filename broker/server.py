@@ -107,7 +107,8 @@ class Broker:
                                           default_model_base=self.config.default_model_base,
                                           allow_pickle=self.config.allow_pickle,
                                           state_dir=self.config.state_dir)
-            self.journal = open_journal(self.config.state_dir, self.config.reply_ttl_s)
+            self.journal = open_journal(self.config.state_dir, self.config.reply_ttl_s,
+                                        self.config.journal_reserve_mb)
             request_parser()  # import the request parser now, not on the first request (~0.5 s)
             with self._lock:   # outputs are sent by the loop thread, which owns the sockets
                 self._restored = self.core.open(self.journal, self.clock(), time.time())

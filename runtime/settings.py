@@ -161,6 +161,10 @@ SETTINGS: tuple[Setting, ...] = (
     # --- the broker ---
     Setting("state_dir", str, None, "directory of the job journal (jobs survive a restart)",
             (S, B), default_text="none (in memory)", metavar="DIR", readme=True),
+    Setting("journal_reserve_mb", float, 16.0,
+            "disk space kept beside the journal (a file) and released when the disk fills, so "
+            "the replies of running jobs are still stored; new jobs are refused `unavailable` "
+            "until it can be set aside again", (S, B), metavar="MB"),
     Setting("max_queue", int, 1000, "queued jobs beyond this get queue_full", (S, B), metavar="N",
             readme=True),
     Setting("max_queue_mb", float, 2048.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.job_queue import JobQueue
-from broker.journal import Journal, MemoryJournal
+from broker.journal import Journal, JournalError, MemoryJournal
 from broker.registry import WorkerRegistry
 from protocol.worker_protocol import Ready, Telemetry
 
@@ -126,3 +126,34 @@ def test_stored_reply_is_a_serialized_copy_in_both_journals(kind):
     stored = j.stored_reply("r")
     assert stored.reply == {"success": True, "data": {"image": b"\x89PNG", "size": [8, 8]}}
     assert (stored.fingerprint, stored.codec) == ("fp", "msgpack")
+
+
+def test_the_disk_reserve_is_released_for_replies_and_blocks_new_jobs_until_restored(tmp_path):
+    """A reply that SQLite cannot store (here: an injected SQLITE_FULL on the first try) is
+    stored after the reserve file gives its room back; accepts are refused meanwhile, and
+    allowed again once the reserve could be written again."""
+    wall = [0.0]
+    j = Journal(str(tmp_path), wall_clock=lambda: wall[0], reserve_mb=1)
+    reserve = tmp_path / "broker-journal.reserve"
+    assert reserve.stat().st_size == 2**20
+    j.accept("a", b"{}", "fp")
+    real_store, failures = j._store_reply, [1]
+
+    def full_once(*args):
+        if failures:
+            failures.pop()
+            raise JournalError("journal could not store the reply: database or disk is full")
+        return real_store(*args)
+    j._store_reply = full_once
+    j.finish("a", "fp", "json", {"success": True})
+    assert j.stored_reply("a").reply == {"success": True} and not reserve.exists()
+    with pytest.raises(JournalError, match="reserve"):
+        j.accept("b", b"{}", "fp")
+    wall[0] += 3.0                     # the next try writes the reserve again: room for it now
+    j.accept("b", b"{}", "fp")
+    assert reserve.stat().st_size == 2**20 and [p.request_id for p in j.pending()] == ["b"]
+    # no reserve left to give: the error reaches the caller (the broker keeps the reply)
+    j.reserve.release()
+    failures.append(1)
+    with pytest.raises(JournalError):
+        j.finish("b", "fp", "json", {"success": False})
