@@ -84,3 +84,21 @@ def test_simulated_worker_sends_previews_and_eta_like_the_real_one():
     assert all("preview" in e[2] for e in steps)  # 0.3 s apart: every step is due
     with Image.open(io.BytesIO(steps[0][2]["preview"])) as image:
         assert image.format == "JPEG" and image.size == (32, 32)
+
+
+def test_simulated_worker_keeps_the_cadence_of_the_job_or_its_default():
+    from gpu_worker.previews import PreviewCadence
+    from gpu_worker.sim_executor import SimulatedExecutor
+
+    sim = SimulatedExecutor(step_s=0.0, load_s=0.0,
+                            preview_cadence=PreviewCadence(every_steps=4, interval_ms=0))
+
+    def preview_steps(**fields) -> list[int]:
+        events = []
+        sim.run(make_job(preview=True, preview_size=32, steps=9, **fields),
+                lambda stage, step, total, **extra: events.append((stage, step, extra)), lambda: False)
+        return [step for stage, step, extra in events if stage == "denoising" and "preview" in extra]
+
+    assert preview_steps() == [1, 4, 8]                                  # the worker's default
+    assert preview_steps(preview_every_steps=3) == [1, 3, 6, 9]          # the job's own
+    assert preview_steps(preview_every_steps=1, preview_interval_ms=60_000) == [1]
