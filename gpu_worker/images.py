@@ -16,6 +16,7 @@ import re
 from PIL import Image, UnidentifiedImageError
 
 from protocol import constants as C
+from protocol import rule_texts as R
 from protocol.errors import JobError
 
 _DATA_URI = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
@@ -26,21 +27,23 @@ _MAX_PIXELS = 4096 * 4096  # far above the 2048x2048 bound; stops decompression 
 
 
 def _invalid(field: str, message: str) -> JobError:
-    return JobError(C.VALIDATION_ERROR, f"{field}: {message}", {"field": field})
+    """A validation_error whose errors[] entry carries the rule's words (protocol.rule_texts),
+    with `field` named as the client sent it on the way out (JobError.name_fields)."""
+    return JobError(C.VALIDATION_ERROR, f"{field}: {message}",
+                    {"errors": [{"field": field, "message": message}]})
 
 
 def resolve_input_path(path: str, input_dir: str | None, field: str) -> str:
     """The real path of `path` (relative to, or absolute inside, input_dir); outside -> error."""
     if not input_dir:
-        raise _invalid(field, "image paths are not accepted: this worker has no --input-dir; "
-                              "send the image as base64 or binary")
+        raise _invalid(field, R.INPUT_NO_ROOT.message)
     root = os.path.realpath(input_dir)
     candidate = path if os.path.isabs(path) else os.path.join(root, path)
     real = os.path.realpath(candidate)
     if os.path.commonpath([root, real]) != root:
-        raise _invalid(field, f"path {path!r} is outside the input root {root}")
+        raise _invalid(field, R.INPUT_OUTSIDE_ROOT(path=repr(path), root=root))
     if not os.path.isfile(real):
-        raise _invalid(field, f"no image file {path!r} under the input root {root}")
+        raise _invalid(field, R.INPUT_MISSING(path=repr(path), root=root))
     return real
 
 
@@ -48,10 +51,10 @@ def _open(data: bytes | str, field: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         if image.width * image.height > _MAX_PIXELS:
-            raise _invalid(field, f"image of {image.width}x{image.height} is too large")
+            raise _invalid(field, R.IMAGE_TOO_LARGE(width=image.width, height=image.height))
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise _invalid(field, f"not a readable image ({exc.__class__.__name__}: {exc})") from None
+        raise _invalid(field, R.IMAGE_UNREADABLE(reason=f"{exc.__class__.__name__}: {exc}")) from None
     return image
 
 
@@ -60,7 +63,7 @@ def decode_image(ref: bytes | str, *, input_dir: str | None, field: str, mode: s
     if isinstance(ref, (bytes, bytearray, memoryview)):
         return _open(bytes(ref), field).convert(mode)
     if not isinstance(ref, str) or not ref.strip():
-        raise _invalid(field, "expected an image: a path, base64 text or binary")
+        raise _invalid(field, R.IMAGE.message)
     text = ref.strip()
     match = _DATA_URI.match(text)
     if match:
@@ -88,7 +91,7 @@ def _b64decode(text: str, field: str) -> bytes:
             return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4))
         return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise _invalid(field, f"neither a file under the input root nor valid base64 ({exc})") from None
+        raise _invalid(field, R.IMAGE_NOT_BASE64(reason=str(exc))) from None
 
 
 def looks_like_edge_map(image: Image.Image, share: float = 0.97) -> bool:

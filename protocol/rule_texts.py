@@ -212,8 +212,28 @@ CANCEL_TARGET_REQUIRED = _rule("cancel_target_required", "cancel_request",
                                "the request_id of the job to cancel is required", section=_X,
                                note="`data.request_id`, else the top-level `request_id`")
 
+# --- on the worker: what only it can know (its disk); JobError with errors[] ------------------
+_WORKER = "on the worker"
+INPUT_NO_ROOT = _rule("input_no_root", "image paths",
+                      "image paths are not accepted: this worker has no --input-dir; send the "
+                      "image as base64 or binary", section=_WORKER)
+INPUT_OUTSIDE_ROOT = _rule("input_outside_root", "image paths (relative or absolute)",
+                           "path {path} is outside the input root {root}", section=_WORKER,
+                           note="resolved on the worker's own disk, symlinks included: the broker "
+                                "cannot decide it")
+INPUT_MISSING = _rule("input_missing", "image paths", "no image file {path} under the input root {root}",
+                      section=_WORKER)
+IMAGE_UNREADABLE = _rule("image_unreadable", "images", "not a readable image ({reason})",
+                         section=_WORKER)
+IMAGE_TOO_LARGE = _rule("image_too_large", "images", "image of {width}x{height} is too large",
+                        section=_WORKER, note="more than 4096 x 4096 pixels (a decompression bomb)")
+IMAGE_NOT_BASE64 = _rule("image_not_base64", "images",
+                         "neither a file under the input root nor valid base64 ({reason})",
+                         section=_WORKER)
+
 _SECTIONS = (("field", "One field"), ("type", "Types"), (_X, "Across fields"),
-             (_POOL, "Against the live workers (`unsupported_feature`, with `errors[]`)"))
+             (_POOL, "Against the live workers (`unsupported_feature`, with `errors[]`)"),
+             (_WORKER, "On the worker (`validation_error`, with `errors[]`, after the job was queued)"))
 
 
 def matching(message: str) -> Rule | None:

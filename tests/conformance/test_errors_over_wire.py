@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from protocol import constants as C
-from protocol import rules
+from protocol import rule_texts, rules
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,7 @@ def test_a_missing_input_file_is_named_in_the_clients_form(client, form, body, f
     assert reply["error_code"] == C.VALIDATION_ERROR, reply
     assert [e["field"] for e in reply["errors"]] == [field]
     assert "missing.png" in reply["errors"][0]["message"]
+    assert rule_texts.matching(reply["errors"][0]["message"]) is rule_texts.INPUT_MISSING
 
 
 @pytest.mark.parametrize("body, field", [
@@ -120,4 +121,4 @@ def test_an_absolute_path_outside_the_input_root_is_named_in_the_clients_form(cl
     reply = client.request(body)
     assert reply["error_code"] == C.VALIDATION_ERROR, reply
     assert [e["field"] for e in reply["errors"]] == [field]
-    assert "outside the input root" in reply["errors"][0]["message"]
+    assert rule_texts.matching(reply["errors"][0]["message"]) is rule_texts.INPUT_OUTSIDE_ROOT

@@ -11,6 +11,7 @@ from PIL import Image
 
 from gpu_worker import postprocess
 from gpu_worker.images import canny_edges, decode_image
+from protocol import rule_texts as R
 from gpu_worker.schedulers import make_scheduler
 from protocol import constants as C
 from protocol.errors import JobError
@@ -38,13 +39,16 @@ def test_decode_bytes_base64_data_uri_and_path(tmp_path):
     ("missing.png", "no image file"),
     (b"not an image", "not a readable image"),
     ("data:image/png;base64,!!!!", "base64"),
-    ("", "expected an image"),
+    ("", "must be a path, a base64 string"),
 ])
 def test_bad_image_inputs_are_validation_errors(tmp_path, ref, needle):
     with pytest.raises(JobError) as info:
         decode_image(ref, input_dir=str(tmp_path), field="mask_image")
     assert info.value.code == C.VALIDATION_ERROR
     assert needle in info.value.message and "mask_image" in info.value.message
+    # the errors[] entry carries the rule's words (protocol.rule_texts), the field beside them
+    [entry] = info.value.details["errors"]
+    assert entry["field"] == "mask_image" and R.matching(entry["message"]) is not None
 
 
 def test_paths_refused_without_an_input_root():
