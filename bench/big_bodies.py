@@ -149,7 +149,9 @@ def run(decode_processes: int, args, tmp: str) -> dict:
     return {"baseline": stats(baseline), "attack": stats(under), "attack_s": attack_s,
             "failed": base_failed + under_failed,
             "workers_lost": text.count("no heartbeat"),
-            "reconnects": text.count("reconnecting"), "requeued": text.count("re-queued")}
+            "reconnects": text.count("reconnecting"), "requeued": text.count("re-queued"),
+            "slow_turns": [line.split("slow loop turn: ", 1)[1] for line in text.splitlines()
+                           if "slow loop turn" in line]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                      if phase == "attack" else "")
             print(f"{n:<18}{phase:<10}{s['n']:>6}{s['p50_ms']:>9.1f}{s['p99_ms']:>9.1f}"
                   f"{s['max_ms']:>9.1f}{extra}")
-        print(f"{'':<18}(attack lasted {r['attack_s']:.1f} s until every big body was answered)")
+        print(f"{'':<18}(attack lasted {r['attack_s']:.1f} s until every big body was answered; "
+              f"{len(r['slow_turns'])} loop turns over 250 ms)")
+        for line in r["slow_turns"][:5]:
+            print(f"{'':<18}  slow turn: {line}")
     print(f"(load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0
 

@@ -111,7 +111,7 @@ def _not_req() -> bool:
 class ClientRequest:
     """One frontend message as the loop read it."""
     envelope: tuple[bytes, ...]        # (identity,) or (identity, b"") as the request came
-    body: bytes                        # the last frame
+    body: bytes                        # the last frame (a memoryview of it when big)
     body_frames: int = 1               # frames after the envelope (exactly 1 is valid)
     local: bool = False                # came in on the local (NULL-security) frontend
     # whether the peer is a REQ socket (asked only for streaming jobs: it costs a metadata call)

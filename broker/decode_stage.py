@@ -61,6 +61,11 @@ _CHECK_PROCESSES_EVERY_S = 0.25
 _MAX_FAILED_STARTS = 3
 
 
+def _codec_of(body) -> str:
+    """The reply codec of a body that was not decoded (it may be a memoryview of its frame)."""
+    return codec.sniff(bytes(body[:64])) or C.CODEC_JSON
+
+
 @dataclass(slots=True)
 class _Entry:
     """One client message held by the stage until it, and every earlier one of its peer, is
@@ -109,10 +114,10 @@ class DecodeStage:
         self.decoded_count = 0       # bodies decoded off the loop (tests and logs)
 
     # --- what the loop calls ---------------------------------------------------------------------
-    def wants(self, request, size: int) -> bool:
+    def wants(self, local: bool, identity: bytes, size: int) -> bool:
         """This message goes through the stage: a big body, or its peer already has one here."""
         return size > INLINE_DECODE_MAX_BYTES or (
-            bool(self._by_peer) and (request.local, request.envelope[0]) in self._by_peer)
+            bool(self._by_peer) and (local, identity) in self._by_peer)
 
     def submit(self, request, frame) -> list[tuple[object, DecodedBody]]:
         """Take one message the loop read; returns (request, decoded) pairs ready for the core
@@ -129,7 +134,7 @@ class DecodeStage:
                         "body from %s", self.held_bytes / 2**20, self.backlog_bytes / 2**20,
                         size / 2**20, request.envelope[0].hex())
             return [(request, DecodedBody(
-                codec.sniff(request.body) or C.CODEC_JSON, body_bytes=size,
+                _codec_of(request.body), body_bytes=size,
                 reply_type=FALLBACK_REPLY_TYPE, error=ProtocolError(
                     C.QUEUE_FULL, f"the broker is decoding {self.held_bytes / 2**20:.0f} MB of "
                                   "other large requests; retry later")))]
@@ -162,7 +167,7 @@ class DecodeStage:
                 entry.decoded = DecodedBody.from_wire(frames[2])
             except Exception as exc:   # a bug in the round trip costs this request only
                 log.exception("cannot read a decode result")
-                entry.decoded = DecodedBody(codec.sniff(entry.request.body) or C.CODEC_JSON,
+                entry.decoded = DecodedBody(_codec_of(entry.request.body),
                                             body_bytes=entry.size, error=ProtocolError(
                                                 C.INTERNAL_ERROR, f"cannot decode request: {exc}"))
             self.held_bytes -= entry.size
@@ -191,7 +196,7 @@ class DecodeStage:
                       f" while decoding a {entry.size / 2**20:.1f} MB body" if entry else "")
             if entry is not None:
                 entry.decoded = DecodedBody(
-                    codec.sniff(entry.request.body) or C.CODEC_JSON, body_bytes=entry.size,
+                    _codec_of(entry.request.body), body_bytes=entry.size,
                     error=ProtocolError(C.INTERNAL_ERROR, f"the decode process died (exit {code}) "
                                                           "while decoding this request"))
                 self.held_bytes -= entry.size
@@ -208,7 +213,7 @@ class DecodeStage:
         waiting, self._waiting = self._waiting, []
         for _, _, entry in waiting:
             entry.frame = None
-            entry.decoded = DecodedBody(codec.sniff(entry.request.body) or C.CODEC_JSON,
+            entry.decoded = DecodedBody(_codec_of(entry.request.body),
                                         body_bytes=entry.size, error=ProtocolError(
                                             C.INTERNAL_ERROR, f"cannot decode request: {why}"))
             self.held_bytes -= entry.size

@@ -32,7 +32,7 @@ from runtime.curve import CLIENT_DOMAIN, WORKER_DOMAIN
 from broker.core import (FALLBACK_REPLY_TYPE, BrokerConfig, BrokerCore, ClientRequest, Output,
                          ToWorkers, request_parser)
 from broker.access import LOCAL_PEER, PeerFacts
-from broker.decode_stage import DecodeStage
+from broker.decode_stage import INLINE_DECODE_MAX_BYTES, DecodeStage
 from broker.jobs import Peer
 from broker.journal import open_journal
 from broker.metrics import BrokerMetrics
@@ -46,6 +46,7 @@ _BATCH_S = 0.02             # ... and for at most this long (then the other sock
 # worker messages read before liveness is judged: all that are queued, up to this many (a
 # worker flooding the backend cannot hold the loop forever)
 _DRAIN_BEFORE_LIVENESS = 50_000
+_SLOW_TURN_S = 0.25         # a loop turn longer than this is logged with where the time went
 # plain ints: pyzmq's enum flag arithmetic shows up in profiles of the hot loop
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 _SNDMORE, _SNDMORE_NOBLOCK = int(zmq.SNDMORE), int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -261,21 +262,32 @@ class Broker:
                 # whole milliseconds, rounded up: pyzmq truncates, and 0 would spin until the time
                 events = dict(poller.poll(math.ceil(max(wait_s, 0.0) * 1000)))
                 with self._lock:
+                    turn_start = time.monotonic()
                     if self.backend in events:
                         self._read_backend()
+                    t_backend = time.monotonic()
                     if self.frontend in events:
                         self._read_frontend(self.frontend, local=False)
                     if self.local_frontend is not None and self.local_frontend in events:
                         self._read_frontend(self.local_frontend, local=True)
+                    t_clients = time.monotonic()
                     if stage is not None and (stage.socket in events or stage.busy):
                         self._to_core(stage.on_readable())
-                        self._to_core(stage.check(time.monotonic()))
+                        self._to_core(stage.check(t_clients))
+                    t_stage = time.monotonic()
                     now = self.clock()
                     if core.liveness_due(now):
                         # every heartbeat that has arrived counts before anyone is judged lost
                         self._read_backend(limit=_DRAIN_BEFORE_LIVENESS, budget_s=None)
                         now = self.clock()
                     self._send_safely(core.tick(now))
+                    turn_end = time.monotonic()
+                    if turn_end - turn_start > _SLOW_TURN_S:
+                        log.warning("slow loop turn: %.0f ms (workers %.0f, clients %.0f, decoded "
+                                    "bodies %.0f, timers and dispatch %.0f)",
+                                    (turn_end - turn_start) * 1e3, (t_backend - turn_start) * 1e3,
+                                    (t_clients - t_backend) * 1e3, (t_stage - t_clients) * 1e3,
+                                    (turn_end - t_stage) * 1e3)
                     if self._stopping.is_set() and core.drained(now):
                         break
         except zmq.ContextTerminated:
@@ -322,12 +334,16 @@ class Broker:
             else:
                 envelope, parts = (identity,), frames[1:]
             last = parts[-1] if parts else None
-            request = ClientRequest(envelope, last.bytes if last is not None else b"",
-                                    body_frames=len(parts), local=local,
+            size = len(last) if last is not None else 0
+            to_stage = stage is not None and last is not None and stage.wants(local, identity, size)
+            # a big body for the stage stays in its zmq frame (a 62 MB copy cost the loop ~40 ms)
+            body = b"" if last is None else last.buffer if to_stage and size > INLINE_DECODE_MAX_BYTES \
+                else last.bytes
+            request = ClientRequest(envelope, body, body_frames=len(parts), local=local,
                                     # a REQ peer is told by the frame's Socket-Type
                                     is_req_peer=lambda: _is_req_peer(last),
                                     peer_facts=read_facts(frames[-1]))
-            if stage is not None and last is not None and stage.wants(request, len(last)):
+            if to_stage:
                 self._to_core(stage.submit(request, last))
             else:
                 self._send_safely(core.on_client(request, clock()))
