@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     executor = worker_main.build_executor(settings, worker_id)
     transport = WorkerTransport(executor, settings["connect"], worker_id=worker_id,
                                 heartbeat_interval_s=settings["heartbeat_interval_s"],
-                                heartbeat_liveness=settings["heartbeat_liveness"])
+                                heartbeat_liveness=settings["heartbeat_liveness"],
+                                max_batch=worker_main.default_max_batch(settings),
+                                batch_window_ms=settings["batch_window_ms"])
 
     def _stop(signum, _frame):
         transport.stop()

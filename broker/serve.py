@@ -87,7 +87,8 @@ def plan_workers(settings: dict, discover: Callable[[], list] | None = None,
     cpu_n = settings["cpu_workers"]
     if sim_n < 0 or (cpu_n is not None and cpu_n < 0):
         raise ConfigError("worker counts must be >= 0")
-    if int(settings.get("max_batch", 1)) < 1 or float(settings.get("batch_window_ms", 0.0)) < 0:
+    max_batch, window_ms = settings.get("max_batch"), settings.get("batch_window_ms")
+    if (max_batch is not None and max_batch < 1) or (window_ms is not None and window_ms < 0):
         raise ConfigError("max_batch must be >= 1 and batch_window_ms >= 0")
     only_sim = sim_n > 0 and "devices" not in explicit and "cpu_workers" not in explicit
     accelerators: list[str] = []

@@ -149,11 +149,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("single_file_config", str, None,
             "a diffusers folder (inside the model root) whose configs serve every single-file "
             "SDXL checkpoint of its architecture", (S, W), metavar="DIR", readme=True),
-    Setting("max_batch", int, 4,
+    Setting("max_batch", int, None,
             "dynamic batching: images one pipeline call may run for compatible queued jobs (same "
             "models, LoRAs, size, steps, scheduler, guidance, ControlNets; any prompts and seeds), "
             "counting each job's batch_size; 1 turns batching off", (S, W), metavar="N",
-            readme=True),
+            default_text="4; 1 on a real CPU worker (batching measured no faster there: "
+                         "docs/benchmarks.md)", readme=True),
     Setting("batch_window_ms", float, 0.0,
             "dynamic batching: how long a job about to run waits for compatible companions (0: "
             "only what is already queued on the worker, so a lone job never waits)", (S, W),

@@ -119,3 +119,20 @@ def test_real_workers_get_the_model_file_settings():
     assert argv[argv.index("--single-file-config") + 1] == "sdxl-config"
     worker = _resolve(_args(argv[argv.index("worker") + 1:], "worker"), {}, "worker")
     assert worker["upscaler"] == "4x-UltraSharp" and worker["single_file_config"] == "sdxl-config"
+
+
+def test_max_batch_defaults_by_device_and_reaches_the_workers_only_when_set():
+    from gpu_worker.main import default_max_batch
+
+    worker = lambda argv: _resolve(_args(argv, "worker"), {}, "worker")  # noqa: E731
+    assert default_max_batch(worker(["--device", "cpu"])) == 1          # no gain measured on CPU
+    assert default_max_batch(worker(["--device", "cuda:0"])) == 4
+    assert default_max_batch(worker(["--device", "cpu", "--sim"])) == 4  # simulates an accelerator
+    assert default_max_batch(worker(["--device", "cpu", "--max-batch", "8"])) == 8
+    plan = serve.WorkerPlan(worker_id="w", device="cpu")
+    unset = serve.worker_argv(plan, "ipc://be", _resolve(_args([]), {}))
+    assert "--max-batch" not in unset       # the worker decides by its device
+    given = serve.worker_argv(plan, "ipc://be", _resolve(_args(["--max-batch", "6"]), {}))
+    assert given[given.index("--max-batch") + 1] == "6"
+    with pytest.raises(ConfigError, match="max_batch"):
+        serve.plan_workers(_resolve(_args(["--max-batch", "0", "--sim-workers", "1"]), {}))
