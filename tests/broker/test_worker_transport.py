@@ -158,3 +158,29 @@ def test_a_group_sent_together_runs_as_one_call_and_an_abort_drops_only_its_job(
         assert batch["jobs"] == 3 and batch["request_ids"] == ["g1", "g2", "g3"]
         assert finals[rid].data["generated_images"][0]["seed"] == len(rid)
     assert "batch" not in finals["odd"].data["processing_metrics"]
+
+
+def test_batch_window_waits_for_a_companion_and_no_window_runs_a_lone_job_at_once(cluster):
+    """--batch-window-ms: a job about to run waits that long for compatible jobs that arrive
+    later (no batch_of group); without a window (the default) it starts alone at once."""
+    for window_ms, together in (("400", True), ("0", False)):
+        router = cluster.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(f"ipc://{cluster.tmp}/be-window-{window_ms}")
+        cluster.start_worker(f"tw{window_ms}", "--max-batch", "4", "--batch-window-ms", window_ms,
+                             step_s=0.02, backend=f"ipc://{cluster.tmp}/be-window-{window_ms}")
+        identity, _ = _next(router, (W.Ready,))
+        router.send_multipart([identity, W.encode(W.BrokerHeartbeat(registered=True))])
+        for index, rid in enumerate(("first", "late")):
+            job = Job(request_id=rid, prompt=rid, models=ModelSpec(base="m"), width=256, height=256,
+                      steps=3, seed=index).to_wire()
+            router.send_multipart([identity, W.encode(W.RunJob(request_id=rid, attempt=1,
+                                                                dispatch_id=30 + index, job=job))])
+            time.sleep(0.15)
+        results = {}
+        while len(results) < 2:
+            _, msg = _next(router, (W.JobResult,))
+            results[msg.request_id] = msg
+        batched = ["batch" in r.data["processing_metrics"] for r in results.values()]
+        assert batched == [together, together], (window_ms, results)
+        router.close(0)
