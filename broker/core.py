@@ -270,7 +270,7 @@ class BrokerCore:
                 "accepted": self.counters["accepted"],
                 "routing": self.config.routing,
                 "max_queue": self.config.max_queue,
-                "queue_mb": round(self.queue.bytes_held / 2**20, 3),
+                "queue_bytes": self.queue.bytes_held,
                 "max_queue_mb": self.config.max_queue_mb,
                 "unstored_replies": len(self._unstored),
             },

@@ -49,6 +49,12 @@ class StatusCollector:
         yield by_priority
         yield GaugeMetricFamily("sdxl_broker_jobs_inflight", "Jobs running on workers",
                                 value=float(b.get("inflight") or 0))
+        yield GaugeMetricFamily("sdxl_broker_queue_bytes", "Request bytes (images included) the "
+                                "waiting jobs hold; --max-queue-mb bounds it",
+                                value=float(b.get("queue_bytes") or 0))
+        yield GaugeMetricFamily("sdxl_broker_unstored_replies", "Final replies the journal could "
+                                "not store yet (a full disk), kept in memory and retried",
+                                value=float(b.get("unstored_replies") or 0))
         # inflow only; outcomes are sdxl_broker_jobs_finished_total (broker.metrics), so a
         # sum() over either never counts a job twice
         yield CounterMetricFamily("sdxl_broker_jobs_accepted", "Generation jobs accepted into "

@@ -6,11 +6,14 @@ queued image costs (held once, not once in the journal and once in the job). No 
 from __future__ import annotations
 
 import os
+import urllib.request
 
 import msgpack
 import psutil
 import pytest
 import zmq
+
+from tests.serve.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +71,18 @@ def test_queued_bytes_are_capped_and_long_timeouts_are_bounded(start_serve, tmp_
     """--max-queue-mb 5: a second 3 MB job is queue_full naming the limit, a 6 MB one can never
     fit; --max-timeout-s 3 turns a day-long timeout into 3 s (warned), after which the queue has
     room for the refused job again."""
-    sp = start_serve(serve_argv(tmp_path, journal, "--max-queue-mb", "5", "--max-timeout-s", "3"))
+    port = free_port()
+    sp = start_serve(serve_argv(tmp_path, journal, "--max-queue-mb", "5", "--max-timeout-s", "3",
+                                "--metrics-port", str(port)))
     image = os.urandom(3 * 2**20)
     first, second, huge = (Peer(ctx, sp.endpoint) for _ in range(3))
 
     first.send(body("big-1", image, timeout=86400))
     assert first.recv()["stage"] == "queued"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as scrape:
+        queue_bytes = [line for line in scrape.read().decode().splitlines()
+                       if line.startswith("sdxl_broker_queue_bytes ")]
+    assert len(queue_bytes) == 1 and 3 * 2**20 < float(queue_bytes[0].split()[1]) < 4 * 2**20
 
     second.send(body("big-2", image))
     refused = second.final()
