@@ -191,31 +191,31 @@ def stuck_worker(s) -> str:
         peer.start()
         peer.join(timeout=o.stuck_s + 30)
         _peer_error(s, peer)
-        left = peer.left_at or time.monotonic()
-        taken = set(peer.job_ids_seen)
-
-        def first_final(rid: str) -> float | None:
-            ats = [f.at for e in s.ledger.entries_for(rid) for f in e.finals]
-            return min(ats) if ats else None
-
-        # the jobs it took: finished elsewhere while it still heart-beat (the watchdog),
-        # after it vanished (re-queued as for a lost worker), or still open 30 s later
-        deadline = time.monotonic() + 30.0
-        while (any(first_final(r) is None for r in taken) and time.monotonic() < deadline
-               and not s.stop.is_set()):
-            time.sleep(0.5)
-        done_at = {rid: first_final(rid) for rid in taken}
+        # which of its jobs finished while it still heart-beat is settled at the end of the
+        # phase (settle_stuck_workers), when every reply that will come has come
         result = {**peer.summary(), "held_s": o.stuck_s,
-                  "finished_while_stuck": sum(1 for a in done_at.values()
-                                              if a is not None and a <= left),
-                  "finished_after_it_left": sum(1 for a in done_at.values()
-                                                if a is not None and a > left),
-                  "unfinished_30s_after": sum(1 for a in done_at.values() if a is None)}
+                  "_taken": sorted(set(peer.job_ids_seen)),
+                  "_left_at": peer.left_at or time.monotonic()}
         s.attacks.setdefault("stuck_worker", []).append(result)
         log.info("stuck worker done: %s", result)
 
     _side(s, "stuck", go)
     return f"stuck peer {peer.worker_id} for {o.stuck_s:.0f}s (copies {template['worker_id']})"
+
+
+def settle_stuck_workers(attacks: dict, ledger) -> None:
+    """For each stuck worker: of the jobs it took, how many finished elsewhere while it still
+    heart-beat (the watchdog's doing), how many only after it vanished (re-queued as for a
+    lost worker), and how many never got a final reply."""
+    for result in attacks.get("stuck_worker", []):
+        taken, left = result.pop("_taken", []), result.pop("_left_at", 0.0)
+        firsts = []
+        for rid in taken:
+            ats = [f.at for e in ledger.entries_for(rid) for f in e.finals]
+            firsts.append(min(ats) if ats else None)
+        result["finished_while_stuck"] = sum(1 for a in firsts if a is not None and a <= left)
+        result["finished_after_it_left"] = sum(1 for a in firsts if a is not None and a > left)
+        result["never_finished"] = sum(1 for a in firsts if a is None)
 
 
 def full_disk(s) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import zmq
 
-from . import bodies
+from . import bodies, hostile_faults
 from . import procs as P
 from .clients import Conn, DealerClient, LoadConfig, ReqClient, VanishingClient, resend_unanswered
 from .faults import (FAULT_KINDS, FaultScheduler, ServeOptions, ServeTopology, SplitTopology,
@@ -135,6 +135,7 @@ def run_phase(plan: PhasePlan, opts: ServeOptions, ledger: Ledger, procs: P.Proc
         stop_side.set()
         topo.stop()
     health = healthy_workers_lost(topo.broker_logs(), topo.fault_log, measured_until)
+    hostile_faults.settle_stuck_workers(scheduler.attacks, ledger)
     client_errors = [f"{d.name}: {d.error!r}" for d in drivers if getattr(d, "error", None)]
     for thing in (bad, scheduler):
         if thing is not None and thing.error is not None:
