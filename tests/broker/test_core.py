@@ -308,3 +308,24 @@ def test_a_batch_companion_never_overtakes_a_job_of_higher_priority():
     _register_batching(core, "w1", 0.0, max_batch=8)
     sent = [m for _, m in _to_workers(core.tick(0.1), W.RunJob)]
     assert [(m.request_id, m.batch_of) for m in sent] == [("high", 2), ("normal", 2)]
+
+
+def test_timing_out_one_job_of_a_batch_aborts_only_that_one_and_the_others_complete():
+    core = _core()
+    _submit(core, "short", 0.0, timeout=5)
+    _submit(core, "long-1", 0.0)
+    _submit(core, "long-2", 0.0)
+    w = _register_batching(core, "w1", 0.0, max_batch=4)
+    sent = [m for _, m in _to_workers(core.tick(0.1), W.RunJob)]
+    assert [(m.request_id, m.batch_of) for m in sent] == [("short", 3), ("long-1", 3), ("long-2", 3)]
+    for t in (1.5, 3.0, 4.5):   # the worker stays alive
+        core.on_worker(w, W.WorkerHeartbeat(busy=True, current_job="short", current_step=1), t)
+    out = core.tick(5.5)
+    aborts = [m for _, m in _to_workers(out, W.AbortJob)]
+    assert [(m.request_id, m.reason) for m in aborts] == [("short", "timeout")]
+    assert [r["error_code"] for r in _finals(out)] == ["timeout"]
+    # the call went on for the others: their results are accepted
+    for m in sent[1:]:
+        [reply] = _finals(core.on_worker(w, W.JobResult(request_id=m.request_id, dispatch_id=m.dispatch_id,
+                                                        data={"generated_images": []}), 6.0))
+        assert reply["success"] is True and reply["request_id"] == m.request_id
