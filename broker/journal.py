@@ -14,6 +14,7 @@ kept in memory (UnstoredReplies) until it can.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "broker-journal.sqlite3"
 RESERVE_FILE = "broker-journal.reserve"   # disk space held back for replies (DiskReserve)
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}
 RESERVE_RETRY_EVERY_S = 2.0   # how often a released reserve is tried again (at an accept)
 _BLOB_CHUNK = 1 << 20   # bytes per incremental write of a job body
 
@@ -118,10 +120,12 @@ class DiskReserve:
             if os.path.exists(self.path) and os.path.getsize(self.path) == self.size_bytes:
                 return True
             with open(self.path, "wb") as f:
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(f.fileno(), 0, self.size_bytes)   # blocks, not a sparse file
-                else:
-                    chunk = b"\0" * _BLOB_CHUNK
+                try:   # blocks, not a sparse file
+                    os.posix_fallocate(f.fileno(), 0, self.size_bytes)
+                except (AttributeError, OSError) as exc:
+                    if isinstance(exc, OSError) and exc.errno not in _NO_FALLOCATE:
+                        raise
+                    chunk = b"\0" * _BLOB_CHUNK   # a filesystem without fallocate: write zeros
                     for _ in range(0, self.size_bytes, len(chunk)):
                         f.write(chunk)
             return True

@@ -157,3 +157,15 @@ def test_the_disk_reserve_is_released_for_replies_and_blocks_new_jobs_until_rest
     failures.append(1)
     with pytest.raises(JournalError):
         j.finish("b", "fp", "json", {"success": False})
+
+
+def test_the_disk_reserve_is_written_where_the_filesystem_has_no_fallocate(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_fallocate(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
+    j = Journal(str(tmp_path), reserve_mb=1)
+    assert j.reserve.held and (tmp_path / "broker-journal.reserve").stat().st_size == 2**20
+    j.accept("a", b"{}", "fp")     # new jobs are taken
