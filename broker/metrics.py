@@ -48,6 +48,10 @@ class BrokerMetrics:
             "sdxl_broker_denoising_steps", "Denoising steps of completed jobs, per image (steps x "
             "images: a batch of 4 at 25 steps counts 100), per worker",
             ["worker_id"], registry=self.registry)
+        self.batched_jobs = Counter(
+            "sdxl_broker_batched_jobs", "Completed jobs that shared one pipeline call with other "
+            "jobs (dynamic batching: processing_metrics.batch), per worker",
+            ["worker_id"], registry=self.registry)
         self.queue_seconds = Histogram(
             "sdxl_broker_job_queue_seconds", "Seconds a job waited from acceptance to its "
             "(last) dispatch to a worker", buckets=LATENCY_BUCKETS_S, registry=self.registry)
@@ -103,6 +107,9 @@ class BrokerMetrics:
             worker_id = str((processing or {}).get("worker_id") or "")
             self._child(self.images, worker_id).inc(images)
             self._child(self.steps, worker_id).inc(max(int(steps), 0) * images)
+            batch = (processing or {}).get("batch")
+            if isinstance(batch, dict) and isinstance(batch.get("jobs"), int) and batch["jobs"] > 1:
+                self._child(self.batched_jobs, worker_id).inc()
         if isinstance(processing, dict):
             inference_s = processing.get("inference_time")
             if isinstance(inference_s, (int, float)) and inference_s >= 0:

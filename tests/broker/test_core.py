@@ -201,6 +201,13 @@ def test_compatible_queued_jobs_go_to_one_worker_together_up_to_its_max_batch():
                                       data={"generated_images": []}), 1.0)
     sent = [m for _, m in _to_workers(core.tick(1.1), W.RunJob)]
     assert [(m.request_id, m.batch_of) for m in sent] == [("d", 2), ("e", 2)]
+    # the worker says in each reply whether the job shared a call; /metrics counts those
+    for m in sent:
+        core.on_worker(w, W.JobResult(request_id=m.request_id, dispatch_id=m.dispatch_id, data={
+            "generated_images": [{"index": 0}], "processing_metrics": {
+                "worker_id": "w1", "batch": {"jobs": 2, "images": 2, "request_ids": ["d", "e"]}}}), 2.0)
+    assert core.metrics.registry.get_sample_value("sdxl_broker_batched_jobs_total",
+                                                  {"worker_id": "w1"}) == 2.0
 
 
 def test_a_worker_without_batching_gets_one_job_per_slot_and_batches_are_shared_out():
