@@ -12,7 +12,9 @@ Ordering: a client's messages reach the core in the order it sent them (a cancel
 generate, a resend after its request). A peer with a body in the stage has a queue here; its
 later messages, big or small, wait in it until everything before them is decoded. Peers never
 wait for one another: while one body decodes, other clients' small bodies go straight to the
-core, and waiting big bodies are handed to a decode process smallest first.
+core, and waiting big bodies are handed to a decode process smallest first; one more decode
+process takes only bodies up to SMALL_LANE_MAX_BYTES (4 MB), so requests with ordinary images
+never wait behind 60 MB bodies.
 
 Bounds: each decode process holds one body at a time; undecoded bodies held here are capped at
 `backlog_mb` (beyond it the body is refused with queue_full without being decoded, so the reply
@@ -55,6 +57,9 @@ log = logging.getLogger("broker.server")
 # zeros, 64 K list items: decode + fingerprint) is ~5 ms on a loaded machine; typical requests
 # without images are under 2 KB
 INLINE_DECODE_MAX_BYTES = 64 * 1024
+# one more decode process takes only bodies up to this size, so a request with an ordinary
+# image (or a 68 KB bad frame) never waits behind a 60 MB body that takes seconds to decode
+SMALL_LANE_MAX_BYTES = 4 * 2**20
 _READY = b"ready"
 _SEQ = struct.Struct("!Q")
 _CHECK_PROCESSES_EVERY_S = 0.25
@@ -84,6 +89,7 @@ class _Entry:
 class _Decoder:
     identity: bytes
     process: subprocess.Popen
+    small_only: bool = False         # the lane for bodies up to SMALL_LANE_MAX_BYTES
     ready: bool = False
     holding: int | None = None       # seq of the body it is decoding
 
@@ -256,12 +262,17 @@ class DecodeStage:
         """Waiting bodies (smallest first) to idle decode processes; start processes as needed."""
         if not self._waiting:
             return
-        if len(self._decoders) < self.max_processes:
-            self._start_decoder()
+        lanes = [d.small_only for d in self._decoders.values()]
+        if lanes.count(False) < self.max_processes:
+            self._start_decoder(small_only=False)
+        if True not in lanes:   # started with the first: ready before a small body comes
+            self._start_decoder(small_only=True)
         for decoder in self._decoders.values():
             if not self._waiting:
                 return
             if not decoder.ready or decoder.holding is not None:
+                continue
+            if decoder.small_only and self._waiting[0][0] > SMALL_LANE_MAX_BYTES:
                 continue
             _, seq, entry = heapq.heappop(self._waiting)
             try:
@@ -276,8 +287,8 @@ class DecodeStage:
             decoder.holding = seq
             self._in_decoder[seq] = entry
 
-    def _start_decoder(self) -> None:
-        identity = f"decode-{next(self._names)}".encode()
+    def _start_decoder(self, small_only: bool) -> None:
+        identity = f"decode-{next(self._names)}{'-small' if small_only else ''}".encode()
         argv = [sys.executable, "-m", "broker.decode_stage", "--connect", self.endpoint,
                 "--identity", identity.decode(), "--parent-pid", str(os.getpid())]
         if self._settings["default_model_base"]:
@@ -287,9 +298,10 @@ class DecodeStage:
         if self._state_dir:
             argv += ["--state-dir", self._state_dir]
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-        self._decoders[identity] = _Decoder(identity, process)
-        log.info("decode process %s started (pid %d) for bodies over %d KB",
-                 identity.decode(), process.pid, INLINE_DECODE_MAX_BYTES // 1024)
+        self._decoders[identity] = _Decoder(identity, process, small_only)
+        log.info("decode process %s started (pid %d) for bodies over %d KB%s",
+                 identity.decode(), process.pid, INLINE_DECODE_MAX_BYTES // 1024,
+                 f" up to {SMALL_LANE_MAX_BYTES // 2**20} MB" if small_only else "")
 
 
 # --- the decode process ------------------------------------------------------------------------------

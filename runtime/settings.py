@@ -196,7 +196,8 @@ SETTINGS: tuple[Setting, ...] = (
             (S, B), metavar="MB", readme=True),
     Setting("decode_processes", int, 1,
             "processes that decode, validate and fingerprint client bodies over 64 KB off the "
-            "broker loop (0: on the loop, which then stalls for seconds on a 60 MB body)",
+            "broker loop, plus one for bodies up to 4 MB (0: on the loop, which then stalls for "
+            "seconds on a 60 MB body)",
             (S, B), metavar="N"),
     Setting("decode_backlog_mb", int, 512,
             "undecoded large bodies held for the decode processes; beyond it a large body is "

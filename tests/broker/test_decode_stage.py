@@ -5,7 +5,10 @@ keeps as a staged file survives a broker restart."""
 from __future__ import annotations
 
 import os
+import struct
 import time
+
+import msgpack
 
 from broker_harness import flat_request
 
@@ -50,3 +53,23 @@ def test_a_staged_big_body_survives_a_broker_restart(cluster):
     assert reply["success"] is True, reply
     assert reply["request_id"] == "big-restart"
     assert os.listdir(bodies) == []   # removed with the finished job's row
+
+
+def test_a_small_body_from_another_peer_does_not_wait_behind_a_60_mb_one(cluster):
+    cluster.start_broker()
+    attacker, other = cluster.client(), cluster.client()
+    # 62 M msgpack zeros in an unknown field of a status request: seconds in a decode process
+    head = {"message_type": "status_request", "request_id": "huge"}
+    huge = bytes([0x80 | 3]) + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in head.items()) \
+        + msgpack.packb("padding") + b"\xdd" + struct.pack(">I", 62_000_000) + b"\x00" * 62_000_000
+    attacker.sock.send_multipart([b"", huge])
+    # the decode process has taken the huge body before the other client's 100 KB one comes
+    deadline = time.monotonic() + 60
+    while not cluster.broker._stage._in_decoder and time.monotonic() < deadline:
+        time.sleep(0.01)
+    other.send({"message_type": "status_request", "request_id": "small", "padding": _BIG})
+    reply = other.recv_final(60)
+    assert reply["request_id"] == "small" and reply["success"] is True
+    assert attacker.recv(0) is None   # the huge one is still being decoded
+    late = attacker.recv_final(120)
+    assert late["request_id"] == "huge" and late["success"] is True
