@@ -441,9 +441,12 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": round(time.monotonic() - started, 1),
     }
     (out_dir / "routing.json").write_text(json.dumps(report, indent=1, default=str))
-    plot(rows, out_dir / "routing.png", floor)
-    print(f"\nwrote {out_dir / 'routing.json'} and {out_dir / 'routing.png'} "
-          f"({report['wall_s']:.0f} s wall)")
+    try:
+        plot(rows, out_dir / "routing.png", floor)
+        drawn = f" and {out_dir / 'routing.png'}"
+    except ImportError:   # the plot is optional (the `bench` extra); the figures are printed above
+        drawn = " (no plot: matplotlib is not installed; pip install -e '.[bench]', then --replot)"
+    print(f"\nwrote {out_dir / 'routing.json'}{drawn} ({report['wall_s']:.0f} s wall)")
     return 0
 
 
