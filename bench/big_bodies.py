@@ -45,14 +45,15 @@ def big_msgpack_body(request_id: str, zeros: int = 62_000_000) -> bytes:
     return head + msgpack.packb("padding") + b"\xdd" + struct.pack(">I", zeros) + b"\x00" * zeros
 
 
-def attacker(endpoint: str, count: int, done) -> None:
+def attacker(endpoint: str, count: int, codecs: str, done) -> None:
     """Send `count` big bodies at once; set `done` when every one has its final reply."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     for i in range(count):
-        body = big_json_body(f"big-{i}") if i % 2 == 0 else big_msgpack_body(f"big-{i}")
+        use_json = codecs == "json" or (codecs == "both" and i % 2 == 0)
+        body = big_json_body(f"big-{i}") if use_json else big_msgpack_body(f"big-{i}")
         sock.send_multipart([b"", body])
         del body
     finals = 0
@@ -131,7 +132,7 @@ def run(decode_processes: int, args, tmp: str) -> dict:
         end = time.monotonic() + args.seconds
         baseline, base_failed = victim(sock, "base", lambda: time.monotonic() > end)
         done = mp.Event()
-        attack = mp.Process(target=attacker, args=(fe, args.bodies, done), daemon=True)
+        attack = mp.Process(target=attacker, args=(fe, args.bodies, args.codec, done), daemon=True)
         started = time.monotonic()
         attack.start()
         under, under_failed = victim(sock, "attack", done.is_set)
@@ -162,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-s", type=float, default=0.02, help="the SIMULATED step time")
     ap.add_argument("--heartbeat-s", type=float, default=1.0)
     ap.add_argument("--memory-journal", action="store_true", help="no --state-dir")
+    ap.add_argument("--codec", choices=("both", "json", "msgpack"), default="both",
+                    help="the big bodies' codec (both: alternating)")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bigb")
     results = {n: run(n, args, tmp) for n in args.decode_processes}
     journal = "memory" if args.memory_journal else "SQLite"
+    codecs = "JSON/msgpack alternating" if args.codec == "both" else args.codec
     print(f"\nvictim: 1-step jobs one at a time; attacker: {args.bodies} x 62 MB bodies at once "
-          f"(JSON/msgpack alternating); {journal} journal; heartbeat {args.heartbeat_s:g} s")
+          f"({codecs}); {journal} journal; heartbeat {args.heartbeat_s:g} s")
     print(f"{'decode processes':<18}{'phase':<10}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           f"{'failed':>8}{'workers lost':>14}{'reconnects':>12}{'re-queued':>11}")
     for n, r in results.items():
