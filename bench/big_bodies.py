@@ -45,8 +45,9 @@ def big_msgpack_body(request_id: str, zeros: int = 62_000_000) -> bytes:
     return head + msgpack.packb("padding") + b"\xdd" + struct.pack(">I", zeros) + b"\x00" * zeros
 
 
-def attacker(endpoint: str, count: int, codecs: str, done) -> None:
-    """Send `count` big bodies at once; set `done` when every one has its final reply."""
+def attacker(endpoint: str, count: int, codecs: str, done, outcomes) -> None:
+    """Send `count` big bodies at once; set `done` when every one has its final reply (their
+    outcomes, "ok" or the error code, go on the `outcomes` queue)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -56,13 +57,15 @@ def attacker(endpoint: str, count: int, codecs: str, done) -> None:
         body = big_json_body(f"big-{i}") if use_json else big_msgpack_body(f"big-{i}")
         sock.send_multipart([b"", body])
         del body
-    finals = 0
-    while finals < count:
+    finals = []
+    while len(finals) < count:
         if not sock.poll(600_000):
             break
         frame = sock.recv_multipart()[-1]
         reply = orjson.loads(frame) if frame[:1] == b"{" else msgpack.unpackb(frame, raw=False)
-        finals += bool(reply.get("final"))
+        if reply.get("final"):
+            finals.append("ok" if reply.get("success") else reply.get("error_code"))
+    outcomes.put(finals)
     done.set()
     sock.close()
     ctx.term()
@@ -131,12 +134,14 @@ def run(decode_processes: int, args, tmp: str) -> dict:
         victim(sock, "warm", lambda: time.monotonic() > warm_end)
         end = time.monotonic() + args.seconds
         baseline, base_failed = victim(sock, "base", lambda: time.monotonic() > end)
-        done = mp.Event()
-        attack = mp.Process(target=attacker, args=(fe, args.bodies, args.codec, done), daemon=True)
+        done, outcomes = mp.Event(), mp.Queue()
+        attack = mp.Process(target=attacker, args=(fe, args.bodies, args.codec, done, outcomes),
+                            daemon=True)
         started = time.monotonic()
         attack.start()
         under, under_failed = victim(sock, "attack", done.is_set)
         attack_s = time.monotonic() - started
+        big = outcomes.get(timeout=10)
         attack.join(10)
         sock.close()
         ctx.term()
@@ -148,6 +153,7 @@ def run(decode_processes: int, args, tmp: str) -> dict:
         log.close()
     text = Path(log_path).read_text(errors="replace")
     return {"baseline": stats(baseline), "attack": stats(under), "attack_s": attack_s,
+            "big": {o: big.count(o) for o in sorted(set(big))},
             "failed": base_failed + under_failed,
             "workers_lost": text.count("no heartbeat"),
             "reconnects": text.count("reconnecting"), "requeued": text.count("re-queued"),
@@ -181,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                      if phase == "attack" else "")
             print(f"{n:<18}{phase:<10}{s['n']:>6}{s['p50_ms']:>9.1f}{s['p99_ms']:>9.1f}"
                   f"{s['max_ms']:>9.1f}{extra}")
-        print(f"{'':<18}(attack lasted {r['attack_s']:.1f} s until every big body was answered; "
-              f"{len(r['slow_turns'])} loop turns over 250 ms)")
+        print(f"{'':<18}(attack lasted {r['attack_s']:.1f} s until every big body was answered: "
+              f"{r['big']}; {len(r['slow_turns'])} loop turns over 250 ms)")
         for line in r["slow_turns"][:5]:
             print(f"{'':<18}  slow turn: {line}")
     print(f"(load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
