@@ -17,12 +17,19 @@ import pytest
 from tests.serve.conftest import ROOT, cli, free_port, one_cpu_worker_argv, wait_for
 
 
+def _default_sigint() -> None:
+    """A person's terminal delivers Ctrl-C; pytest started in the background of a
+    non-interactive shell ignores SIGINT, and a child would inherit that and never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _generate(endpoint: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "generate", "a fox", "--model", "tiny-sdxl",
          "--size", "256x256", "--endpoint", endpoint, *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint)
 
 
 def _request_id(proc: subprocess.Popen, lines: list[str]) -> str:
