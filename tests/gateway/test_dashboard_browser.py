@@ -84,6 +84,8 @@ def test_dashboard_shows_workers_a_live_preview_then_the_image(browser, real_rig
     # list_queue / list_history: queue rows, running with prompt and step, then the image
     from clients.client import BrokerClient
 
+    # long enough (~2 s a job on a quiet box) that the 1 s dashboard poll sees each state
+    ZMQ_STEPS = 100
     zids = [f"zmq-{n}-" + uuid.uuid4().hex[:6] for n in range(3)]
     zreplies: dict = {}
 
@@ -91,7 +93,7 @@ def test_dashboard_shows_workers_a_live_preview_then_the_image(browser, real_rig
         with BrokerClient(real_rig.endpoint, timeout_s=600) as client:
             zreplies[zid] = client.generate(prompt=f"a zeromq lighthouse number {n}",
                                             model_base="tiny-sdxl", width=256, height=256,
-                                            steps=12, seed=n, request_id=zid,
+                                            steps=ZMQ_STEPS, seed=n, request_id=zid,
                                             raise_on_error=False).reply
     senders = [threading.Thread(target=send_zmq, args=(zid, n)) for n, zid in enumerate(zids)]
     for sender in senders:
@@ -103,7 +105,7 @@ def test_dashboard_shows_workers_a_live_preview_then_the_image(browser, real_rig
         running = page.wait_for_selector(f'#running .job[data-request="{zids[0]}"]', timeout=240_000)
         page.wait_for_function(
             r"id => { const c = document.querySelector(`#running .job[data-request=\"${id}\"]`);"
-            r" return c && / [0-9]+\/12/.test(c.innerText); }", arg=zids[0], timeout=240_000)
+            r" return c && / [0-9]+\/" + str(ZMQ_STEPS) + "/.test(c.innerText); }", arg=zids[0], timeout=240_000)
         assert "a zeromq lighthouse number 0" in running.inner_text()
         page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-zmq-clients.png"), full_page=True)
         for zid in zids:
