@@ -58,6 +58,14 @@ def test_a_staged_big_body_survives_a_broker_restart(cluster):
 def test_a_small_body_from_another_peer_does_not_wait_behind_a_60_mb_one(cluster):
     cluster.start_broker()
     attacker, other = cluster.client(), cluster.client()
+    # a first 100 KB body starts the decode processes; wait until both lanes are ready
+    other.send({"message_type": "status_request", "request_id": "warm", "padding": _BIG})
+    assert other.recv_final(60)["success"] is True
+    stage = cluster.broker._stage
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+            len(stage._decoders) == 2 and all(d.ready for d in stage._decoders.values())):
+        time.sleep(0.02)
     # 62 M msgpack zeros in an unknown field of a status request: seconds in a decode process
     head = {"message_type": "status_request", "request_id": "huge"}
     huge = bytes([0x80 | 3]) + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in head.items()) \
