@@ -195,22 +195,9 @@ def _finish_one(executor, member, images, seeds, inputs, model_info, shared, own
     except Exception as exc:
         log.exception("job %s (in a batch) failed while saving", job.request_id)
         return JobError(C.INTERNAL_ERROR, f"{exc.__class__.__name__}: {exc}")
-    used_mb = executor._current_memory_mb()
-    return {
-        "generated_images": generated,
-        "processing_metrics": {
-            "total_time": time.perf_counter() - started, "queue_time": 0.0,
-            "inference_time": inference_time, "preprocessing_time": preprocessing_time,
-            "postprocessing_time": postprocessing_time, "device_name": executor._device_name,
-            "worker_id": executor.worker_id, "memory_used_mb": used_mb,
-            "memory_peak_mb": max(state.memory_peak_mb, executor._peak_memory_mb(), used_mb),
-            "model_info": info,
-            # the call this job shared: how many jobs and images, and which requests
-            "batch": batch_info,
-        },
-        "features_used": state.features,
-        "warnings": state.warnings,
-    }
+    # the call this job shared (how many jobs and images, which requests) goes in its metrics
+    return executor._job_result(generated, state, info, started, preprocessing_time,
+                                inference_time, postprocessing_time, batch=batch_info)
 
 
 def _repeat(tensor, count: int):

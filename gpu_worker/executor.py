@@ -319,20 +319,27 @@ class DiffusersExecutor:
         finally:
             self._detach_adapters(pipe, job, state)
             self.cache.release(state.pinned)
+        return self._job_result(generated, state, model_info, started, preprocessing_time,
+                                inference_time, postprocessing_time)
+
+    def _job_result(self, generated: list, state: "_JobState", model_info: dict, started: float,
+                    preprocessing_time: float, inference_time: float, postprocessing_time: float,
+                    batch: dict | None = None) -> dict:
+        """A finished job's reply data (a lone job's, or one job's of a batched call, whose
+        `batch` says which call it shared)."""
         used_mb = self._current_memory_mb()
-        return {
-            "generated_images": generated,
-            "processing_metrics": {
-                "total_time": time.perf_counter() - started, "queue_time": 0.0,
-                "inference_time": inference_time, "preprocessing_time": preprocessing_time,
-                "postprocessing_time": postprocessing_time, "device_name": self._device_name,
-                "worker_id": self.worker_id, "memory_used_mb": used_mb,
-                "memory_peak_mb": max(state.memory_peak_mb, self._peak_memory_mb(), used_mb),
-                "model_info": model_info,
-            },
-            "features_used": state.features,
-            "warnings": state.warnings,
+        metrics = {
+            "total_time": time.perf_counter() - started, "queue_time": 0.0,
+            "inference_time": inference_time, "preprocessing_time": preprocessing_time,
+            "postprocessing_time": postprocessing_time, "device_name": self._device_name,
+            "worker_id": self.worker_id, "memory_used_mb": used_mb,
+            "memory_peak_mb": max(state.memory_peak_mb, self._peak_memory_mb(), used_mb),
+            "model_info": model_info,
         }
+        if batch is not None:
+            metrics["batch"] = batch
+        return {"generated_images": generated, "processing_metrics": metrics,
+                "features_used": state.features, "warnings": state.warnings}
 
     def run_batch(self, members: list) -> list:
         """Compatible jobs in one diffusers call (gpu_worker/batched_call.py)."""
