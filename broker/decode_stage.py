@@ -109,7 +109,11 @@ class DecodeStage:
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a send to a dead decoder raises
-        self.socket.bind(f"ipc://{self._dir}/decode")
+        try:
+            self.socket.bind(f"ipc://{self._dir}/decode")
+        except zmq.ZMQError as exc:   # a platform without ipc://: loopback tcp instead
+            log.warning("decode stage: no ipc:// here (%s); using loopback tcp", exc)
+            self.socket.bind("tcp://127.0.0.1:*")
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._decoders: dict[bytes, _Decoder] = {}
         self._names = itertools.count()
@@ -307,12 +311,13 @@ class DecodeStage:
 # --- the decode process ------------------------------------------------------------------------------
 def _die_with_parent(parent_pid: int) -> None:
     """SIGKILL when the thread that started us ends (Linux); elsewhere the poll loop checks."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
     if os.getppid() != parent_pid:
         sys.exit(0)
 
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the broker stops us (Ctrl-C reaches the group)
     try:   # background work: on a busy machine the broker loop and the workers come first
         os.nice(_NICENESS)
-    except OSError:
+    except (OSError, AttributeError):   # no os.nice on Windows
         pass
     request_parser()
     ctx = zmq.Context()
