@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # 10x noisier on a shared host)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench.cpu_workers import MODEL, ROOT, SCHEDULER, OtherLoad, Serve  # noqa: E402
+from bench.cpu_workers import (MODEL, SCHEDULER, OtherLoad, Serve,  # noqa: E402
+                               host_cores, tiny_kit)
 
 JOB_TIMEOUT_S = 600.0
 GUIDANCE = 5.0
@@ -132,12 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="batching-bench-") as tmp:
-        models_dir = args.models_dir
-        if models_dir is None:
-            models_dir = os.path.join(tmp, "models")
-            subprocess.run([sys.executable, "-m", "broker.cli", "demo-models", "--out", models_dir],
-                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        models_dir = tiny_kit(tmp, args.models_dir)
+        cores = host_cores()
         print(f"{args.jobs} compatible jobs (own prompt and seed each), {args.size}x{args.size}, "
               f"{args.steps} steps, float32, {MODEL}, {args.runs} runs each; this machine: {cores} "
               f"cores, load average {os.getloadavg()[0]:.2f} at start")

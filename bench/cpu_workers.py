@@ -192,6 +192,21 @@ def _runs(walls: list[float]) -> str:
     return ", ".join(f"{w:.2f}" for w in walls) + " s"
 
 
+def tiny_kit(tmp: str, models_dir: str | None) -> str:
+    """The tiny kit at --models-dir, else built into tmp (seconds, no hub)."""
+    if models_dir is not None:
+        return models_dir
+    models_dir = os.path.join(tmp, "models")
+    subprocess.run([sys.executable, "-m", "broker.cli", "demo-models", "--out", models_dir],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return models_dir
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its affinity), which is what the workers share."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default=None, help="the tiny kit (default: built in a temp dir)")
@@ -213,12 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     worker_counts = [int(n) for n in args.workers.split(",") if n.strip()]
 
     with tempfile.TemporaryDirectory(prefix="cpu-workers-bench-") as tmp:
-        models_dir = args.models_dir
-        if models_dir is None:
-            models_dir = os.path.join(tmp, "models")
-            subprocess.run([sys.executable, "-m", "broker.cli", "demo-models", "--out", models_dir],
-                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        models_dir = tiny_kit(tmp, args.models_dir)
+        cores = host_cores()
         print(f"{args.jobs} jobs, {args.size}x{args.size}, {args.steps} steps, float32, {MODEL}, "
               f"{args.runs} runs each; serve --max-batch {args.max_batch}; this machine: {cores} cores")
         os.makedirs(os.path.join(tmp, "inproc"))
