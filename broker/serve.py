@@ -214,6 +214,22 @@ def check_gateway(settings: dict) -> None:
         raise ConfigError("--http with CURVE needs --local-frontend: the gateway connects there")
 
 
+def gateway_local_frontend(settings: dict) -> str | None:
+    """With --http and no --local-frontend: an ipc endpoint in a private (0700) temporary folder
+    for the gateway, so it is the operator's trusted client (it cancels any job of its users'
+    and shows every queued prompt on the dashboard) while a process of another user on this
+    machine cannot reach that endpoint. None where ipc:// is not available (Windows): the
+    gateway then connects to the main frontend like any client. The folder goes at exit."""
+    if not settings.get("http") or settings.get("local_frontend") or os.name != "posix":
+        return None
+    import atexit
+    import shutil
+
+    folder = tempfile.mkdtemp(prefix="sdxl-broker-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return f"ipc://{folder}/gateway.sock"
+
+
 def gateway_child(settings: dict, endpoint: str):
     """The `sdxl-broker gateway` child for --http, a ZeroMQ client of `endpoint` (the plain
     frontend: the local one when CURVE guards the main one). The token goes in the

@@ -94,10 +94,11 @@ def run(args: argparse.Namespace) -> int:
 
     workers = None
     if command == "serve":
-        from broker.serve import LocalWorkers, check_gateway, plan_workers
+        from broker.serve import LocalWorkers, check_gateway, gateway_local_frontend, plan_workers
 
         try:
             check_gateway(settings)
+            settings["local_frontend"] = gateway_local_frontend(settings) or settings.get("local_frontend")
             plans = plan_workers(settings)
         except ConfigError as exc:
             log.error("%s", exc)

@@ -4,7 +4,8 @@ The bar (on stderr) shows the queue position while the job waits, then the denoi
 When it is done, stdout lists where the images are: the paths the worker saved them under
 (on the broker's host), or, with --out DIR, the files written here from the returned bytes.
 The request id goes to stderr as soon as the request is sent. Ctrl-C cancels the job on the
-broker and says whether that worked; a second Ctrl-C quits at once.
+broker (on the connection that submitted it: without CURVE the broker lets only that one cancel
+it) and says whether that worked; a second Ctrl-C quits at once.
 """
 
 from __future__ import annotations
@@ -177,28 +178,32 @@ class _ProgressView:
 CANCEL_WAIT_S = 5.0   # how long Ctrl-C waits for the broker to confirm the cancel
 
 
-def _cancel_after_interrupt(client, request_id: str) -> int:
-    """Ctrl-C: cancel the job on the broker (else it runs to the end unseen), say what happened;
-    a second Ctrl-C leaves at once. Exit code 130, as for any interrupted command."""
-    from clients.client import BrokerUnavailable, RequestFailed
+def _cancel_after_interrupt(submission) -> int:
+    """Ctrl-C: cancel the job on the broker (else it runs to the end unseen) on the socket that
+    submitted it, say what happened; a second Ctrl-C leaves at once. Exit code 130, as for any
+    interrupted command."""
+    from clients.client import BrokerUnavailable, ClientError
 
+    request_id = submission.request_id
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     print(f"\ninterrupted: cancelling request {request_id} (Ctrl-C again to quit at once)",
           file=sys.stderr, flush=True)
     try:
-        data = client.cancel(request_id, timeout_s=CANCEL_WAIT_S)
-    except RequestFailed as exc:   # e.g. it had just finished
-        print(f"request {request_id} was not cancelled: {exc.reply.get('error')}", file=sys.stderr)
-    except BrokerUnavailable as exc:
+        reply = submission.cancel(timeout_s=CANCEL_WAIT_S)
+    except (BrokerUnavailable, ClientError) as exc:
         print(f"could not cancel request {request_id}: {exc}\n"
-              f"  it may still run; try: sdxl-broker cancel {request_id}", file=sys.stderr)
-    else:
-        print(f"cancelled request {request_id} (it was {data.get('state', '?')})", file=sys.stderr)
+              f"  it may still run until its timeout", file=sys.stderr)
+        return 130
+    if reply.get("success"):
+        state = (reply.get("data") or {}).get("state", "?")
+        print(f"cancelled request {request_id} (it was {state})", file=sys.stderr)
+    else:   # e.g. it had just finished
+        print(f"request {request_id} was not cancelled: {reply.get('error')}", file=sys.stderr)
     return 130
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.client import BrokerUnavailable, client_from_args, generation_body
+    from clients.client import BrokerUnavailable, GenerationResult, client_from_args, generation_body
 
     try:
         body = generation_body(**build_fields(args))
@@ -208,18 +213,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     request_id = body["request_id"]
     show_bar = not (args.no_progress or args.json) and sys.stderr.isatty()
-    with client:
+    with client, client.generation(body) as submission:
         print(f"request {request_id} -> {client.endpoint}", file=sys.stderr, flush=True)
         view = _ProgressView(show_bar)
         try:
             with view:
-                result = client.generate(body, on_progress=view.update, raise_on_error=False)
+                for message in submission:
+                    if message.get("message_type") == C.PROGRESS:
+                        view.update(message)
                 view.finish()
         except KeyboardInterrupt:
-            return _cancel_after_interrupt(client, request_id)
+            return _cancel_after_interrupt(submission)
         except BrokerUnavailable as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
+    result = GenerationResult.from_reply(submission.final)
     reply = result.reply
     if args.json:
         printable = json.loads(json.dumps(reply, default=lambda b: f"<{len(b)} bytes>"))

@@ -23,6 +23,10 @@ the socket calls):
   answers it at once with the job's current stage (or the stored reply, after a restart from
   its journal), so a queued job never looks dead and a broker restart costs the caller nothing.
   Only resends that go unanswered are warned about; `retries` of them in a row give up.
+- Every attempt of one request uses the same random routing identity (the broker's frontend
+  hands an identity over to its newest connection), so a resend is still the connection that
+  submitted the job. Without CURVE that connection owns the job: only it may cancel it, which
+  `submit(...).cancel()` / `generation(...).cancel()` do on the request's own socket.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -279,6 +284,9 @@ class _Exchange:
         self.timeout_s = client.timeout_s if timeout_s is None else timeout_s
         self.retries = client.retries if retries is None else retries
         self.connect_timeout_s = client.connect_timeout_s
+        # the routing identity of every attempt: random (a hostile client cannot guess it, as it
+        # can ZeroMQ's counter-made ones), never starting with a zero byte (reserved by ZeroMQ)
+        self.identity = b"\x01" + os.urandom(15)
         self.heard = False          # the broker has answered this request (or a ping before it)
         self.patient = False        # connected, so a slow first answer gets up to timeout_s
         self.unanswered = 0         # resends in a row that got nothing back
@@ -304,16 +312,18 @@ class _Exchange:
     def accept(self, payload: bytes) -> dict | None:
         """The decoded reply if it answers this request, else None (a broken frame or another
         request's late reply is logged or skipped, never raised)."""
-        try:
-            message, _ = codec.decode(payload)
-        except Exception as exc:  # a broken reply must not kill the caller's loop
-            log.warning("ignoring undecodable reply frame: %s", exc)
+        message = _decode_reply(payload)
+        if message is None or not self.owns(message):
             return None
+        return message
+
+    def owns(self, message: dict) -> bool:
+        """True (and the broker counts as heard) when a decoded message answers this request."""
         if not _matches(message, self.request_id):
-            return None
+            return False
         self.heard = True
         self.unanswered = 0
-        return message
+        return True
 
     def note_event(self, event: int) -> None:
         self.events.add(event)
@@ -368,6 +378,15 @@ class _Exchange:
                 "pass --curve-server-key and --curve-client-key")
 
 
+def _decode_reply(payload: bytes) -> dict | None:
+    try:
+        message, _ = codec.decode(payload)
+    except Exception as exc:  # a broken reply must not kill the caller's loop
+        log.warning("ignoring undecodable reply frame: %s", exc)
+        return None
+    return message if isinstance(message, dict) else None
+
+
 def _matches(message: dict, request_id: str | None) -> bool:
     # an attach to a job may echo the job's id; a reply without id is still for us (one
     # request per socket), e.g. malformed_message
@@ -382,6 +401,7 @@ class _Connection:
     def __init__(self, client: "_ClientBase", exchange: _Exchange, poller_class):
         self.sock = client._context.socket(zmq.DEALER)
         client._configure(self.sock)
+        self.sock.setsockopt(zmq.IDENTITY, exchange.identity)
         self.monitor = self.sock.get_monitor_socket(_WATCHED_EVENTS) if exchange.watching else None
         self.sock.connect(client.endpoint)
         self.poller = poller_class()
@@ -460,16 +480,12 @@ class _ClientBase:
                  raise_on_error: bool = True, timeout_s: float | None = None, **fields: Any):
         """Generate from a ready body (any of the three forms) or keyword fields (flat form).
         Raises RequestFailed when the broker reports a failure (unless raise_on_error=False)."""
-        if body is None:
-            body = generation_body(**fields)
-        elif fields:
-            raise TypeError("pass either a body or keyword fields, not both")
-
         def result(reply: dict) -> GenerationResult:
             if raise_on_error and not reply.get("success"):
                 raise RequestFailed(reply)
             return GenerationResult.from_reply(reply)
-        return self._call(_with_stream(body), result, on_progress=on_progress, timeout_s=timeout_s)
+        return self._call(_generation_request(body, fields), result, on_progress=on_progress,
+                          timeout_s=timeout_s)
 
     def status(self):
         return self._call({"message_type": C.STATUS}, _data_or_raise)
@@ -485,6 +501,10 @@ class _ClientBase:
         return self._call(cleanup_body(workers, models), _data_or_raise)
 
     def cancel(self, request_id: str, *, timeout_s: float | None = None):
+        """Cancel a job from a new connection: allowed under CURVE for the job's key or an admin
+        key, and on the broker's --local-frontend; without CURVE the broker refuses another
+        connection's job (`forbidden`) unless it runs with --allow-local-cancel. The connection
+        that submitted a job cancels it with `generation(...).cancel()` / `submit(...).cancel()`."""
         return self._call(cancel_body(request_id), _data_or_raise, timeout_s=timeout_s)
 
     def list_models(self):
@@ -509,6 +529,15 @@ class _ClientBase:
         raise NotImplementedError
 
 
+def _generation_request(body: dict | None, fields: dict) -> dict:
+    """A generation body from a ready body or flat keyword fields, asking for progress."""
+    if body is None:
+        body = generation_body(**fields)
+    elif fields:
+        raise TypeError("pass either a body or keyword fields, not both")
+    return _with_stream(body)
+
+
 def _data_or_raise(reply: dict) -> dict:
     if not reply.get("success"):
         raise RequestFailed(reply)
@@ -517,6 +546,227 @@ def _data_or_raise(reply: dict) -> dict:
 
 def _ping_body() -> dict:
     return {"message_type": C.STATUS, "request_id": uuid.uuid4().hex}
+
+
+# --- one request in flight, able to cancel itself -------------------------------------------
+class _SubmissionState:
+    """What a submission has read, shared by the sync and asyncio forms: the request's own
+    messages in order, the final reply once seen, and the replies to cancels it sent."""
+
+    def __init__(self, client: "_ClientBase", body: dict, timeout_s: float | None,
+                 retries: int | None):
+        self._client = client
+        self.exchange = _Exchange(client, body, timeout_s, retries)
+        self.request_id = self.exchange.request_id
+        self.final: dict | None = None      # the request's final reply, once read
+        self._link: _Connection | None = None
+        self._inbox: deque[dict] = deque()  # the request's messages not handed out yet
+        self._cancels: dict[str, dict | None] = {}   # cancel request id -> its reply, once read
+        self._closed = False
+
+    def _dispatch(self, link: _Connection, payload: bytes) -> None:
+        message = _decode_reply(payload)
+        if message is None:
+            return
+        rid = message.get("request_id")
+        if rid is not None and rid in self._cancels:
+            self._cancels[rid] = message
+            link.heard(self.exchange)
+        elif self.exchange.owns(message):
+            link.heard(self.exchange)
+            self._inbox.append(message)
+            if _is_final(message):
+                self.final = message
+
+    def _cancel_frame(self) -> tuple[str, bytes]:
+        body = cancel_body(self.request_id)
+        self._cancels[body["request_id"]] = None
+        return body["request_id"], codec.encode(body, self._client.codec_name)
+
+    def _cancel_done(self, cancel_id: str, timeout_s: float | None) -> dict:
+        """The cancel's reply, forgotten here; BrokerUnavailable when none came (timeout_s None:
+        the wait was given up on for another error, which the caller raises)."""
+        reply = self._cancels.pop(cancel_id, None)
+        if self._closed and not self._cancels:
+            self._close_link()
+        if reply is None and timeout_s is not None:
+            raise BrokerUnavailable(f"the broker at {self.exchange.endpoint} did not answer the "
+                                    f"cancel of request {self.request_id} within {timeout_s:g}s")
+        return reply
+
+    @property
+    def open(self) -> bool:
+        """Not closed: it can still be read and cancelled."""
+        return not self._closed
+
+    def close(self) -> None:
+        """Close the socket (at once, or when the cancels still waiting for a reply are done)."""
+        self._closed = True
+        if not self._cancels:
+            self._close_link()
+
+    def _close_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    @staticmethod
+    def _wait_ms(link: _Connection, deadline: float | None) -> int:
+        if deadline is None:
+            return link.remaining_ms()
+        return min(link.remaining_ms(), max(int((deadline - time.monotonic()) * 1000), 0))
+
+    def _after_silence(self) -> bool:
+        """The link's wait ran out: True when the request goes again on a fresh socket (Lazy
+        Pirate; raises BrokerUnavailable to give up), False to keep waiting on this one."""
+        if self.final is not None:   # only a cancel's reply is awaited: its caller's deadline
+            return False
+        if self.exchange.silence() == "wait":
+            self._link.deadline = time.monotonic() + self.exchange.wait_s()
+            return False
+        self._link.close()
+        self._link = _Connection(self._client, self.exchange, self._poller_class)
+        return True
+
+    _poller_class: Any = zmq.Poller
+
+
+class Submission(_SubmissionState):
+    """One request in flight on its own DEALER socket (`BrokerClient.submit`), open until closed.
+    Iterate it for the progress events and then the final reply (with the Lazy Pirate resends
+    of `BrokerClient.stream`); `cancel()` sends a cancel_request for it on the same socket,
+    which the broker lets the submitting connection do without CURVE. Not thread-safe: use it
+    from one thread (a Ctrl-C handler in that thread is fine)."""
+
+    def _ensure_link(self) -> _Connection:
+        if self._closed:
+            raise ClientError(f"request {self.request_id}: the submission is closed")
+        if self._link is None:
+            if self.exchange.needs_ping:
+                self._client.request(_ping_body(), timeout_s=self.exchange.timeout_s,
+                                     retries=self.exchange.retries)
+                self.exchange.heard = True
+            self._link = _Connection(self._client, self.exchange, zmq.Poller)
+            self._link.sock.send_multipart([b"", self.exchange.frame])
+        return self._link
+
+    def __iter__(self) -> "Submission":
+        return self
+
+    def __next__(self) -> dict:
+        while not self._inbox:
+            if self.final is not None or self._closed:
+                raise StopIteration
+            self._step(None)
+        return self._inbox.popleft()
+
+    def _step(self, deadline: float | None) -> None:
+        """Wait for one thing (a message, a socket event, the end of a wait) and handle it."""
+        link = self._ensure_link()
+        ready = dict(link.poller.poll(self._wait_ms(link, deadline)))
+        if link.monitor is not None and link.monitor in ready:
+            self.exchange.note_event(_event_of(link.monitor.recv_multipart()))
+        elif link.sock in ready:
+            self._dispatch(link, link.sock.recv_multipart()[-1])
+        elif link.remaining_ms() <= 0 and self._after_silence():
+            self._link.sock.send_multipart([b"", self.exchange.frame])
+
+    def cancel(self, timeout_s: float = 5.0) -> dict:
+        """Cancel this request on its own socket; return the broker's cancel_response (check
+        `success`: a job that had just finished is `validation_error`). The request's own
+        messages read meanwhile (its `cancelled` final reply) stay for iteration. Raises
+        BrokerUnavailable when no answer comes within timeout_s."""
+        link = self._ensure_link()
+        cancel_id, frame = self._cancel_frame()
+        deadline = time.monotonic() + timeout_s
+        try:
+            link.sock.send_multipart([b"", frame])
+            while self._cancels.get(cancel_id) is None and time.monotonic() < deadline:
+                self._step(deadline)
+        except BaseException:
+            self._cancel_done(cancel_id, None)
+            raise
+        return self._cancel_done(cancel_id, timeout_s)
+
+    def __enter__(self) -> "Submission":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncSubmission(_SubmissionState):
+    """`Submission` for asyncio (`AsyncBrokerClient.submit`): `async for` its messages in one
+    task while another task may `await cancel()`; whichever waits reads the socket (one at a
+    time) and hands the other what is its."""
+
+    _poller_class = zmq.asyncio.Poller
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self._reading = asyncio.Lock()   # one coroutine reads the socket at a time
+        self._opening = asyncio.Lock()
+
+    async def _ensure_link(self) -> _Connection:
+        if self._closed and not self._cancels:
+            raise ClientError(f"request {self.request_id}: the submission is closed")
+        async with self._opening:
+            if self._link is None:
+                if self.exchange.needs_ping:
+                    await self._client.request(_ping_body(), timeout_s=self.exchange.timeout_s,
+                                               retries=self.exchange.retries)
+                    self.exchange.heard = True
+                self._link = _Connection(self._client, self.exchange, zmq.asyncio.Poller)
+                await self._link.sock.send_multipart([b"", self.exchange.frame])
+        return self._link
+
+    def __aiter__(self) -> "AsyncSubmission":
+        return self
+
+    async def __anext__(self) -> dict:
+        while not self._inbox:
+            if self.final is not None or self._closed:
+                raise StopAsyncIteration
+            async with self._reading:
+                if not self._inbox and self.final is None:
+                    await self._step(None)
+        return self._inbox.popleft()
+
+    async def _step(self, deadline: float | None) -> None:
+        link = await self._ensure_link()
+        ready = dict(await link.poller.poll(self._wait_ms(link, deadline)))
+        if link.monitor is not None and link.monitor in ready:
+            self.exchange.note_event(_event_of(await link.monitor.recv_multipart()))
+        elif link.sock in ready:
+            self._dispatch(link, (await link.sock.recv_multipart())[-1])
+        elif link.remaining_ms() <= 0 and self._after_silence():
+            await self._link.sock.send_multipart([b"", self.exchange.frame])
+
+    async def cancel(self, timeout_s: float = 5.0) -> dict:
+        """As Submission.cancel. A task iterating this submission meanwhile gets the request's
+        messages as usual (its `cancelled` final reply among them)."""
+        link = await self._ensure_link()
+        cancel_id, frame = self._cancel_frame()
+        deadline = time.monotonic() + timeout_s
+        try:
+            await link.sock.send_multipart([b"", frame])
+            while self._cancels.get(cancel_id) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:   # a reader holding the socket hands the reply over, or lets go of it
+                    await asyncio.wait_for(self._reading.acquire(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                try:
+                    if self._cancels.get(cancel_id) is None:
+                        await self._step(deadline)
+                finally:
+                    self._reading.release()
+        except BaseException:
+            self._cancel_done(cancel_id, None)
+            raise
+        return self._cancel_done(cancel_id, timeout_s)
 
 
 # --- the sync client ------------------------------------------------------------------------
@@ -534,40 +784,24 @@ class BrokerClient(_ClientBase):
                          curve_server_key=curve_server_key, curve_client_keys=curve_client_keys,
                          context=context or zmq.Context())
 
+    def submit(self, body: dict, *, timeout_s: float | None = None,
+               retries: int | None = None) -> Submission:
+        """Send one request and keep its socket: iterate the Submission for its messages (the
+        final reply last), `cancel()` it on that socket, close it (or use `with`)."""
+        return Submission(self, body, timeout_s, retries)
+
+    def generation(self, body: dict | None = None, /, *, timeout_s: float | None = None,
+                   **fields: Any) -> Submission:
+        """`submit` for a generation (a body or flat keyword fields, asking for progress as
+        `generate` does): the handle to follow it and to cancel it, e.g. on Ctrl-C."""
+        return self.submit(_generation_request(body, fields), timeout_s=timeout_s)
+
     def stream(self, body: dict, *, timeout_s: float | None = None,
                retries: int | None = None) -> Iterator[dict]:
         """Send one request; yield every progress event, then the final reply (last item).
         Raises BrokerUnavailable when the broker cannot be reached or stops answering."""
-        exchange = _Exchange(self, body, timeout_s, retries)
-        if exchange.needs_ping:
-            self.request(_ping_body(), timeout_s=timeout_s, retries=retries)
-            exchange.heard = True
-        link = _Connection(self, exchange, zmq.Poller)
-        try:
-            link.sock.send_multipart([b"", exchange.frame])
-            while True:
-                ready = dict(link.poller.poll(link.remaining_ms()))
-                if link.monitor is not None and link.monitor in ready:
-                    exchange.note_event(_event_of(link.monitor.recv_multipart()))
-                    continue
-                if link.sock in ready:
-                    message = exchange.accept(link.sock.recv_multipart()[-1])
-                    if message is not None:
-                        link.heard(exchange)
-                        yield message
-                        if _is_final(message):
-                            return
-                    continue
-                if link.remaining_ms() > 0:
-                    continue
-                if exchange.silence() == "wait":   # raises BrokerUnavailable to give up
-                    link.deadline = time.monotonic() + exchange.wait_s()
-                    continue
-                link.close()
-                link = _Connection(self, exchange, zmq.Poller)
-                link.sock.send_multipart([b"", exchange.frame])
-        finally:
-            link.close()
+        with self.submit(body, timeout_s=timeout_s, retries=retries) as submission:
+            yield from submission
 
     def request(self, body: dict, *, on_progress: ProgressCallback | None = None,
                 timeout_s: float | None = None, retries: int | None = None) -> dict:
@@ -612,38 +846,23 @@ class AsyncBrokerClient(_ClientBase):
                          curve_server_key=curve_server_key, curve_client_keys=curve_client_keys,
                          context=context or zmq.asyncio.Context())
 
+    def submit(self, body: dict, *, timeout_s: float | None = None,
+               retries: int | None = None) -> AsyncSubmission:
+        """As BrokerClient.submit: `async for` its messages, `await cancel()`, `close()`."""
+        return AsyncSubmission(self, body, timeout_s, retries)
+
+    def generation(self, body: dict | None = None, /, *, timeout_s: float | None = None,
+                   **fields: Any) -> AsyncSubmission:
+        return self.submit(_generation_request(body, fields), timeout_s=timeout_s)
+
     async def stream(self, body: dict, *, timeout_s: float | None = None,
                      retries: int | None = None) -> AsyncIterator[dict]:
-        exchange = _Exchange(self, body, timeout_s, retries)
-        if exchange.needs_ping:
-            await self.request(_ping_body(), timeout_s=timeout_s, retries=retries)
-            exchange.heard = True
-        link = _Connection(self, exchange, zmq.asyncio.Poller)
+        submission = self.submit(body, timeout_s=timeout_s, retries=retries)
         try:
-            await link.sock.send_multipart([b"", exchange.frame])
-            while True:
-                ready = dict(await link.poller.poll(link.remaining_ms()))
-                if link.monitor is not None and link.monitor in ready:
-                    exchange.note_event(_event_of(await link.monitor.recv_multipart()))
-                    continue
-                if link.sock in ready:
-                    message = exchange.accept((await link.sock.recv_multipart())[-1])
-                    if message is not None:
-                        link.heard(exchange)
-                        yield message
-                        if _is_final(message):
-                            return
-                    continue
-                if link.remaining_ms() > 0:
-                    continue
-                if exchange.silence() == "wait":
-                    link.deadline = time.monotonic() + exchange.wait_s()
-                    continue
-                link.close()
-                link = _Connection(self, exchange, zmq.asyncio.Poller)
-                await link.sock.send_multipart([b"", exchange.frame])
+            async for message in submission:
+                yield message
         finally:
-            link.close()
+            submission.close()
 
     async def request(self, body: dict, *, on_progress: ProgressCallback | None = None,
                       timeout_s: float | None = None, retries: int | None = None) -> dict:

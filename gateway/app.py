@@ -384,9 +384,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """Cancel the running A1111 job(s) of this gateway (as A1111's Interrupt button)."""
         cancelled = []
         for tracked in [t for t in gw.hub.running() if t.source == "a1111"]:
-            reply = await gw.client.request({"message_type": C.CANCEL, "request_id": uuid.uuid4().hex,
-                                             "data": {"request_id": tracked.request_id}},
-                                            timeout_s=10, retries=0)
+            reply = await gw.hub.cancel(tracked.request_id)   # on the job's own exchange
             if reply and reply.get("success"):
                 cancelled.append(tracked.request_id)
         return {"cancelled": cancelled}
@@ -659,8 +657,7 @@ async def ws_session(gw: Gateway, ws: WebSocket) -> None:
                 follow(tracked)
             elif kind == "cancel":
                 request_id = str(message.get("request_id") or "")
-                reply = await gw.client.request({"message_type": C.CANCEL, "request_id": uuid.uuid4().hex,
-                                                 "data": {"request_id": request_id}}, timeout_s=10, retries=0)
+                reply = await gw.hub.cancel(request_id)
                 await outbox.put({"type": "cancel", "request_id": request_id, "reply": jsonable(reply)})
             elif kind == "watch":
                 if watch_queue is None:

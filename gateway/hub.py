@@ -6,7 +6,8 @@ Listeners (a waiting HTTP call, WebSocket connections, the dashboard) get every 
 and exactly one final reply through their own queue. A listener going away (a browser tab
 closed mid-job) never cancels the job; attaching again with the same id gets the rest, or the
 stored final reply once it is done. A resubmission of a running id attaches to it, so an
-`Idempotency-Key` retried over HTTP is one job.
+`Idempotency-Key` retried over HTTP is one job. A job is cancelled on the exchange that
+submitted it (`cancel`): without CURVE the broker lets only that connection cancel it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from clients.client import AsyncBrokerClient, BrokerUnavailable
+from clients.client import AsyncBrokerClient, AsyncSubmission, BrokerUnavailable, cancel_body
 from protocol import constants as C
 from protocol.parse import body_fingerprint
 
@@ -41,6 +42,7 @@ class TrackedJob:
     listeners: set = field(default_factory=set)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: Optional[asyncio.Task] = None
+    submission: Optional[AsyncSubmission] = None   # the broker exchange: its socket cancels it
 
     def summary(self) -> dict:
         """What the dashboard shows of a job (no prompt text, no images)."""
@@ -72,11 +74,13 @@ class JobHub:
         tracked = self.jobs.get(request_id)
         if tracked is not None and body_fingerprint(tracked.body) != body_fingerprint(body):
             stray = TrackedJob(request_id=request_id, body=body, source=source)
+            stray.submission = self.client.submit(body)
             stray.task = asyncio.create_task(self._run(stray, notify=False), name=f"duplicate {request_id}")
             return stray
         if tracked is not None and (tracked.final is None or tracked.final.get("success")):
             return tracked
         tracked = TrackedJob(request_id=request_id, body=body, source=source)
+        tracked.submission = self.client.submit(body)
         self.jobs[request_id] = tracked
         tracked.task = asyncio.create_task(self._run(tracked), name=f"job {request_id}")
         self._notify_watchers({"type": "job", "job": tracked.summary()})
@@ -110,11 +114,23 @@ class JobHub:
     def finished(self) -> list[TrackedJob]:
         return [t for t in self.jobs.values() if t.final is not None]
 
+    async def cancel(self, request_id: str, timeout_s: float = 10.0) -> dict:
+        """Cancel a job; the broker's cancel_response. A job this gateway runs is cancelled on
+        its own exchange (the connection that submitted it, which the broker always lets
+        cancel); any other id by a cancel_request from a new connection, which the broker
+        refuses (`forbidden`) unless this gateway is trusted (the local frontend, an admin key,
+        serve --allow-local-cancel). BrokerUnavailable when no answer comes."""
+        tracked = self.jobs.get(request_id)
+        submission = tracked.submission if tracked is not None else None
+        if submission is not None and submission.open and submission.final is None:
+            return await submission.cancel(timeout_s)
+        return await self.client.request(cancel_body(request_id), timeout_s=timeout_s, retries=0)
+
     # --- the exchange -------------------------------------------------------------------------
     async def _run(self, tracked: TrackedJob, notify: bool = True) -> None:
         final = None
         try:
-            async for message in self.client.stream(tracked.body):
+            async for message in tracked.submission:
                 if message.get("message_type") == C.PROGRESS:
                     if notify:
                         self._on_progress(tracked, message)
@@ -129,6 +145,8 @@ class JobHub:
                      "error_code": C.TIMEOUT if unavailable else C.INTERNAL_ERROR,
                      "errors": [], "warnings": [], "execution_time": 0.0,
                      "timestamp": time.time(), "data": None}
+        finally:
+            tracked.submission.close()   # deferred while a cancel waits for its reply
         if notify:
             self._on_final(tracked, final)
         else:

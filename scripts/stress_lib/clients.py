@@ -10,6 +10,7 @@ promises per request id.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -45,14 +46,24 @@ class LoadConfig:
     think_s: float = 0.0             # pause between a client's requests
 
 
+def _identity() -> bytes:
+    """A random routing identity (never a leading zero byte: ZeroMQ reserves those)."""
+    return b"\x01" + os.urandom(15)
+
+
 class Conn:
     """One DEALER socket and the requests awaiting a final reply on it."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, ledger: Ledger, rng: random.Random,
-                 socket_type: int = zmq.DEALER):
+                 socket_type: int = zmq.DEALER, identity: bytes | None = None):
         self.ledger = ledger
         self.socket = ctx.socket(socket_type)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            # a resend's fresh socket keeps the routing identity (the broker's frontend hands
+            # it over): without CURVE the job's owner, so a later cancel is still allowed
+            self.socket.setsockopt(zmq.IDENTITY, identity)
+        self.identity = identity
         self.socket.connect(endpoint)
         self.delimiter = rng.random() < 0.5  # DEALER may send ["", body] or [body]
         self.routes: dict[tuple[str, str], str] = {}   # (request_id, family) -> ledger key
@@ -163,7 +174,7 @@ class DealerClient(_Driver):
     from a second socket (same body: must attach or replay; changed body: must be refused)."""
 
     def drive(self) -> None:
-        self.main = Conn(self.ctx, self.endpoint, self.ledger, self.rng)
+        self.main = Conn(self.ctx, self.endpoint, self.ledger, self.rng, identity=_identity())
         self.probe = Conn(self.ctx, self.endpoint, self.ledger, self.rng)
         self.specs: dict[str, bodies.GenerationSpec] = {}
         self.cancel_due: list[tuple[float, str]] = []
@@ -249,7 +260,7 @@ class DealerClient(_Driver):
             return conn
         keys = list(conn.pending)
         conn.close()
-        fresh = Conn(self.ctx, self.endpoint, self.ledger, self.rng)
+        fresh = Conn(self.ctx, self.endpoint, self.ledger, self.rng, identity=conn.identity)
         for key in keys:
             entry = self.ledger.get(key)
             if entry.sends > self.cfg.max_resends:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 
 import pytest
@@ -91,12 +92,19 @@ def test_dashboard_shows_workers_a_live_preview_then_the_image(browser, real_rig
 
     def send_zmq(zid: str, n: int) -> None:
         with BrokerClient(real_rig.endpoint, timeout_s=600) as client:
+            # steps differ, so the three cannot share one batched call (dynamic batching)
             zreplies[zid] = client.generate(prompt=f"a zeromq lighthouse number {n}",
                                             model_base="tiny-sdxl", width=256, height=256,
-                                            steps=ZMQ_STEPS, seed=n, request_id=zid,
+                                            steps=ZMQ_STEPS + n, seed=n, request_id=zid,
                                             raise_on_error=False).reply
     senders = [threading.Thread(target=send_zmq, args=(zid, n)) for n, zid in enumerate(zids)]
-    for sender in senders:
+    senders[0].start()   # the first one runs first: its card is the one checked for steps
+    with BrokerClient(real_rig.endpoint, timeout_s=30) as watcher:
+        deadline = time.monotonic() + 60
+        while zids[0] not in [j["request_id"] for j in watcher.list_queue()["jobs"]]:
+            assert time.monotonic() < deadline, "the first ZeroMQ job never reached the broker"
+            time.sleep(0.02)
+    for sender in senders[1:]:
         sender.start()
     try:
         # one cpu worker holds one running and one prefetched job: the third waits in the queue
