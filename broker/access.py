@@ -12,9 +12,12 @@ exactly when the message came through a CURVE socket) and the IP address it conn
   socket (no CURVE, or the local frontend) a peer on this machine (loopback address, ipc://,
   inproc://), or any peer when the operator says the network is trusted
   (--allow-remote-management).
-- A job may be cancelled by its owner or an admin peer; only they see its prompt in list_queue
-  (`include_prompts`).
 - Management that changes workers (cleanup, model loads) needs an admin peer.
+- A job may be cancelled by its owner, an admin key (CURVE), or a client of the local frontend
+  (the operator's own endpoint: `serve --http`'s gateway, local tools); only they see its prompt
+  in list_queue (`include_prompts`). Being on this machine is not enough without CURVE: every
+  local process reaches the main frontend, and the contract lets only the submitter cancel.
+  The operator may restore "any admin peer cancels any job" without CURVE (--allow-local-cancel).
 
 Pure functions of the facts: no sockets, no clock.
 """
@@ -66,16 +69,33 @@ def is_admin(facts: PeerFacts, allow_remote_management: bool = False) -> bool:
     return allow_remote_management or facts.on_this_machine
 
 
-def owner_or_admin(facts: PeerFacts, requester: str, job_owner: str | None,
-                   allow_remote_management: bool = False) -> bool:
-    """The job's owner, or an admin peer (also for a job whose owner is not known): who may
-    cancel a job, and read its prompt in list_queue."""
-    return ((job_owner is not None and requester == job_owner)
-            or is_admin(facts, allow_remote_management))
+def may_cancel(facts: PeerFacts, requester: str, job_owner: str | None, *, local: bool = False,
+               allow_local_cancel: bool = False, allow_remote_management: bool = False) -> bool:
+    """Who may cancel a job (and read its prompt in list_queue): its owner; under CURVE an
+    admin key; a client of the local frontend (`local`); without CURVE, with
+    --allow-local-cancel, an admin peer (on this machine, or any under
+    --allow-remote-management). A job whose owner is not known (restored from the journal, not
+    resent yet) is no one's own."""
+    if job_owner is not None and requester == job_owner:
+        return True
+    if facts.curve_key is not None:
+        return facts.admin_key
+    return local or (allow_local_cancel and is_admin(facts, allow_remote_management))
 
 
-may_cancel = owner_or_admin
-may_read_prompt = owner_or_admin
+may_read_prompt = may_cancel
+
+
+def cancel_refusal(facts: PeerFacts, request_id: str) -> str:
+    """The `forbidden` message of a refused cancel: whose job it is, and how it can be cancelled."""
+    if facts.curve_key is not None:
+        return (f"job {request_id!r} was submitted by another CURVE key: only its submitter's "
+                f"key or an admin key (--curve-admin-keys) may cancel it")
+    return (f"job {request_id!r} was submitted by another connection (without CURVE a job "
+            f"belongs to the connection that sent it): only its submitter may cancel it, on the "
+            f"connection that sent it (Ctrl-C in the `sdxl-broker generate` that sent it), or a "
+            f"client of the broker's --local-frontend; a broker started with --allow-local-cancel "
+            f"lets any client on its machine cancel any job; under CURVE, an admin key may")
 
 
 def may_manage(facts: PeerFacts, allow_remote_management: bool = False) -> bool:

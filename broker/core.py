@@ -82,9 +82,12 @@ class BrokerConfig:
     curve_worker_keys: str | None = None   # dir of the public .key files of allowed workers
     curve_admin_keys: str | None = None    # dir of client keys that may manage and cancel any job
     curve_local_worker_keys: tuple = ()    # public .key files of serve's own workers (backend)
-    # without CURVE: every peer is an admin (manages workers, cancels any job), not only the
-    # ones on this machine (broker.access); no effect on a CURVE socket
+    # without CURVE: every peer is an admin (manages workers), not only the ones on this
+    # machine (broker.access); no effect on a CURVE socket
     allow_remote_management: bool = False
+    # without CURVE: an admin peer (see above) may also cancel any job, not only its own;
+    # off, only the owner, an admin key or the local frontend may (the contract's rule)
+    allow_local_cancel: bool = False
     local_frontend: str | None = None      # a second, NULL-security client endpoint (loopback only)
     # jobs one worker may hold (one running + one prefetched); bench/replay.py varies it
     max_jobs_per_worker: int = W.MAX_JOBS_PER_WORKER
@@ -554,15 +557,18 @@ class BrokerCore:
                        listings.LIST_MODELS_TIMEOUT_S)
 
     def _on_list_queue(self, peer: Peer, parsed) -> None:
-        requester, trust_remote = peer.owner, self.config.allow_remote_management
         data = listings.queue_view(
             self.jobs, self.queue, self._now,
             include_prompts=management.param(parsed, "include_prompts", default=False),
-            # another client's prompt is its own: shown to its owner and admins only
-            prompt_visible=lambda state: access.may_read_prompt(peer.facts, requester, state.owner,
-                                                                trust_remote))
+            # another client's prompt is its own: shown to whoever may cancel that job
+            prompt_visible=lambda state: self._may_cancel(peer, state))
         self._send_to(peer, final_reply(parsed.reply_type, parsed.request_id, success=True,
                                         data=data, warnings=parsed.warnings or ()))
+
+    def _may_cancel(self, peer: Peer, state: JobState) -> bool:
+        return access.may_cancel(peer.facts, peer.owner, state.owner, local=peer.local,
+                                 allow_local_cancel=self.config.allow_local_cancel,
+                                 allow_remote_management=self.config.allow_remote_management)
 
     def _on_list_history(self, peer: Peer, parsed) -> None:
         limit = management.param(parsed, "limit", default=C.DEFAULT_HISTORY_LIMIT)
@@ -601,14 +607,9 @@ class BrokerCore:
             self._refuse_request(peer, parsed, ProtocolError(
                 C.VALIDATION_ERROR, f"no queued or running job with request_id {target!r}"))
             return
-        if not access.may_cancel(peer.facts, peer.owner, state.owner,
-                                 self.config.allow_remote_management):
-            owner = ("another CURVE key" if peer.facts.curve_key is not None else
-                     "another connection (without CURVE a job belongs to the connection that "
-                     "sent it)")
+        if not self._may_cancel(peer, state):
             self._forbid(peer, parsed, f"cancel of job {state.request_id}",
-                         f"job {state.request_id!r} was submitted by {owner}: only its "
-                         f"submitter or an admin may cancel it")
+                         access.cancel_refusal(peer.facts, state.request_id))
             return
         was = "queued" if state.state == QUEUED else "running"
         self._abort(state, "cancelled")

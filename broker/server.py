@@ -130,8 +130,11 @@ class Broker:
         if self.config.allow_remote_management:
             log.warning("--allow-remote-management: %s", "no effect on the CURVE frontend (admins "
                         "are --curve-admin-keys)" if self.config.curve_secret_key else
-                        "every client that reaches the frontend may run cleanup and model loads "
-                        "and cancel any job")
+                        "every client that reaches the frontend may run cleanup and model loads")
+        if self.config.allow_local_cancel and not self.config.curve_secret_key:
+            log.warning("--allow-local-cancel: every client %s may cancel any job",
+                        "that reaches the frontend" if self.config.allow_remote_management
+                        else "on this machine")
         log.info("broker accepting on %s, workers on %s (routing %s)",
                  self.frontend_endpoint, self.backend_endpoint, self.config.routing)
 

@@ -34,7 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "status")
         parser.add_argument("--model", action="append", default=[], metavar="NAME",
                             help="only this model (repeatable; default all)")
     elif command_name == "cancel":
-        parser.description = "Cancel a queued or running job."
+        parser.description = (
+            "Cancel a queued or running job from this new connection. The broker allows it for "
+            "the job's own CURVE key or an admin key (--curve-admin-keys) under CURVE, and on "
+            "its --local-frontend. Without CURVE a job belongs to the connection that sent it, "
+            "so another process is refused (forbidden): cancel with Ctrl-C in the `sdxl-broker "
+            "generate` that sent it, or run serve with --allow-local-cancel to let any client "
+            "on the broker's machine cancel any job.")
         parser.add_argument("request_id", help="request_id of the job")
     elif command_name == "models":
         parser.description = ("Every model the workers can load, by kind (base, refiner, vae, "
@@ -148,6 +154,15 @@ def render_history(data: dict, console) -> None:
     console.print(table)
 
 
+CANCEL_REFUSED_HINT = (
+    "  this command is a new connection, not the one that submitted the job. To cancel it:\n"
+    "  - press Ctrl-C in the `sdxl-broker generate` that sent it (it cancels on its own connection);\n"
+    "  - under CURVE, use an admin key: --curve-client-key with a key listed in the broker's "
+    "--curve-admin-keys;\n"
+    "  - without CURVE, connect to the broker's --local-frontend (--endpoint), or restart serve "
+    "with --allow-local-cancel (any client on its machine may then cancel any job).")
+
+
 _LISTINGS = {"models": ("list_models", render_models), "queue": ("list_queue", render_queue),
              "history": ("list_history", render_history)}
 
@@ -189,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error ({exc.code}): {exc.reply.get('error')}", file=sys.stderr)
             for problem in exc.errors:
                 print(f"  {problem.get('field')}: {problem.get('message')}", file=sys.stderr)
+            if args.command == "cancel" and exc.code == "forbidden":
+                print(CANCEL_REFUSED_HINT, file=sys.stderr)
             return 1
     if args.json or args.command not in ("status", *_LISTINGS):
         print(json.dumps(data, indent=2, default=str))

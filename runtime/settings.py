@@ -225,8 +225,12 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="DIR", readme=True),
     Setting("allow_remote_management", boolean, False,
             "without CURVE, treat clients on other machines like those on the broker's "
-            "machine: they may run cleanup and model loads and cancel any job (a trusted "
-            "network); under CURVE only --curve-admin-keys may", (S, B)),
+            "machine: they may run cleanup and model loads (a trusted network); under CURVE "
+            "only --curve-admin-keys may", (S, B)),
+    Setting("allow_local_cancel", boolean, False,
+            "without CURVE, let any client on the broker's machine (any client at all with "
+            "--allow-remote-management) cancel any job, not only the connection that submitted "
+            "it; under CURVE only the submitter's key and --curve-admin-keys may", (S, B)),
     Setting("curve_server_key", str, None,
             "the broker's public CURVE .key file: talk CURVE to the backend", (W,), metavar="FILE"),
     Setting("curve_client_key", str, None,

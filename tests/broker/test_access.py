@@ -1,5 +1,6 @@
 """Who may cancel a job and who may manage the workers (broker/access.py), through BrokerCore
-without sockets: the peer facts are what the loop reads off a message (CURVE key, address).
+without sockets: the peer facts are what the loop reads off a message (CURVE key, address),
+`local` says it came in on the --local-frontend.
 The same rules against a real `serve` over real sockets: tests/serve/test_ownership.py."""
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ def _core(**config) -> BrokerCore:
     return core
 
 
-def _send(core, identity: bytes, facts: PeerFacts, body: dict, now: float = 1.0) -> list[dict]:
+def _send(core, identity: bytes, facts: PeerFacts, body: dict, now: float = 1.0,
+          local: bool = False) -> list[dict]:
     out = core.on_client(ClientRequest((identity, b""), json.dumps(body).encode(),
-                                       peer_facts=facts), now)
+                                       peer_facts=facts, local=local), now)
     return [o.message for o in out if isinstance(o, ToClient) and o.message.get("final")]
 
 
-def _cancel(core, identity: bytes, facts: PeerFacts, rid: str) -> dict:
+def _cancel(core, identity: bytes, facts: PeerFacts, rid: str, local: bool = False) -> dict:
     """The cancel_response (a successful cancel also sends the job's own `cancelled` reply)."""
     cancel_id = f"c-{identity.decode()}"
     [reply] = [r for r in _send(core, identity, facts, {"message_type": "cancel_request",
                                                         "request_id": cancel_id,
-                                                        "data": {"request_id": rid}})
+                                                        "data": {"request_id": rid}}, local=local)
                if r["request_id"] == cancel_id]
     return reply
 
@@ -50,8 +52,11 @@ def test_without_curve_only_the_submitting_identity_cancels_a_remote_clients_job
     assert _send(core, b"alice", REMOTE_A, flat_request("job-a")) == []
     refused = _cancel(core, b"mallory", REMOTE_B, "job-a")
     assert refused["success"] is False and refused["error_code"] == "forbidden"
-    assert "only its submitter or an admin" in refused["error"]
+    assert "only its submitter may cancel it" in refused["error"]
     assert "without CURVE a job belongs to the connection that sent it" in refused["error"]
+    # the refusal says how it can be cancelled
+    assert "Ctrl-C in the `sdxl-broker generate`" in refused["error"]
+    assert "--allow-local-cancel" in refused["error"] and "--local-frontend" in refused["error"]
     assert refused["message_type"] == "cancel_response" and refused["request_id"] == "c-mallory"
     assert _queued(core) == ["job-a"]                      # the job is untouched
     # the same address with another identity is another client too
@@ -60,12 +65,43 @@ def test_without_curve_only_the_submitting_identity_cancels_a_remote_clients_job
     assert done["success"] is True and done["data"]["state"] == "queued"
 
 
-def test_without_curve_a_client_on_the_brokers_machine_may_cancel_any_job():
+LOOPBACK = PeerFacts(address="127.0.0.1")      # no CURVE, tcp from this machine
+
+
+def test_without_curve_being_on_the_brokers_machine_is_not_enough_to_cancel_another_job():
+    """The contract: only the submitter (or an admin key under CURVE). Every local process
+    reaches the main frontend, over loopback tcp or ipc: neither makes it the owner."""
+    core = _core()
+    _send(core, b"alice", LOOPBACK, flat_request("job-a"))
+    _send(core, b"bob", LOCAL_PEER, flat_request("job-b"))
+    for facts in (LOOPBACK, LOCAL_PEER):
+        for rid in ("job-a", "job-b"):
+            refused = _cancel(core, b"mallory", facts, rid)
+            assert refused["error_code"] == "forbidden", (facts, rid, refused)
+    assert _queued(core) == ["job-a", "job-b"]
+    assert _cancel(core, b"alice", LOOPBACK, "job-a")["success"] is True     # its own connection
+    assert _cancel(core, b"bob", LOCAL_PEER, "job-b")["success"] is True
+
+
+def test_a_client_of_the_local_frontend_may_cancel_any_job():
+    """The operator's own endpoint (serve --http's gateway, local tools) stays trusted."""
     core = _core()
     _send(core, b"alice", REMOTE_A, flat_request("job-a"))
-    _send(core, b"bob", REMOTE_B, flat_request("job-b"))
-    assert _cancel(core, b"tool", LOCAL_PEER, "job-a")["success"] is True             # ipc
-    assert _cancel(core, b"tool", PeerFacts(address="127.0.0.1"), "job-b")["success"] is True
+    _send(core, b"carol", KEY_A, flat_request("job-c"))
+    assert _cancel(core, b"tool", LOCAL_PEER, "job-a", local=True)["success"] is True
+    assert _cancel(core, b"tool", LOCAL_PEER, "job-c", local=True)["success"] is True
+
+
+def test_allow_local_cancel_lets_a_client_on_the_brokers_machine_cancel_any_job():
+    core = _core(allow_local_cancel=True)
+    for rid, facts in (("job-a", REMOTE_A), ("job-b", REMOTE_B), ("job-c", KEY_A)):
+        _send(core, rid.encode(), facts, flat_request(rid))
+    assert _cancel(core, b"tool", LOCAL_PEER, "job-a")["success"] is True            # ipc
+    assert _cancel(core, b"tool", LOOPBACK, "job-b")["success"] is True              # loopback tcp
+    # not a client on another machine, and under CURVE still only the key or an admin key
+    _send(core, b"alice", REMOTE_A, flat_request("job-a2"))
+    assert _cancel(core, b"bob", REMOTE_B, "job-a2")["error_code"] == "forbidden"
+    assert _cancel(core, b"dave", KEY_B, "job-c")["error_code"] == "forbidden"
 
 
 def test_under_curve_the_key_owns_the_job_on_any_connection_and_an_admin_may_cancel():
@@ -75,6 +111,7 @@ def test_under_curve_the_key_owns_the_job_on_any_connection_and_an_admin_may_can
     # another key on this very machine is not the owner: CURVE decides, not the address
     refused = _cancel(core, b"conn-3", KEY_B, "job-a")
     assert refused["error_code"] == "forbidden" and "another CURVE key" in refused["error"]
+    assert "only its submitter's key or an admin key (--curve-admin-keys)" in refused["error"]
     # the owner's key from a new connection (a REQ client that reconnected) may
     assert _cancel(core, b"conn-9", KEY_A, "job-a")["success"] is True
     assert _cancel(core, b"admin", ADMIN, "job-a2")["success"] is True
@@ -143,12 +180,15 @@ def test_management_needs_an_admin_peer_unless_the_operator_allows_it():
     assert reply["error_code"] == "forbidden"
 
 
-def test_allow_remote_management_lets_a_remote_client_cancel_any_job_without_curve():
+def test_remote_management_alone_does_not_cancel_others_jobs_with_local_cancel_it_does():
     core = _core(allow_remote_management=True)
     _send(core, b"alice", REMOTE_A, flat_request("job-a"))
-    _send(core, b"carol", KEY_A, flat_request("job-c"))
-    assert _cancel(core, b"bob", REMOTE_B, "job-a")["success"] is True
-    assert _cancel(core, b"dave", KEY_B, "job-c")["error_code"] == "forbidden"
+    assert _cancel(core, b"bob", REMOTE_B, "job-a")["error_code"] == "forbidden"
+    both = _core(allow_remote_management=True, allow_local_cancel=True)
+    _send(both, b"alice", REMOTE_A, flat_request("job-a"))
+    _send(both, b"carol", KEY_A, flat_request("job-c"))
+    assert _cancel(both, b"bob", REMOTE_B, "job-a")["success"] is True
+    assert _cancel(both, b"dave", KEY_B, "job-c")["error_code"] == "forbidden"
 
 
 def test_refusals_are_counted_and_logged_once_per_interval(caplog):
@@ -181,12 +221,14 @@ def test_list_queue_shows_a_prompt_only_to_its_owner_and_admins():
     _send(core, b"carol", KEY_A, flat_request("job-c", prompt="carol's secret"))
     listing = {"message_type": "list_queue", "request_id": "lq", "data": {"include_prompts": True}}
 
-    def prompts(identity: bytes, facts: PeerFacts) -> dict:
-        [reply] = _send(core, identity, facts, listing)
+    def prompts(identity: bytes, facts: PeerFacts, local: bool = False) -> dict:
+        [reply] = _send(core, identity, facts, listing, local=local)
         return {row["request_id"]: row.get("prompt") for row in reply["data"]["jobs"]}
 
     assert prompts(b"mallory", REMOTE_B) == {"job-a": None, "job-c": None}
+    assert prompts(b"mallory", LOOPBACK) == {"job-a": None, "job-c": None}
     assert prompts(b"alice", REMOTE_A) == {"job-a": "alice's secret", "job-c": None}
     assert prompts(b"carol-2", KEY_A) == {"job-a": None, "job-c": "carol's secret"}
     both = {"job-a": "alice's secret", "job-c": "carol's secret"}
-    assert prompts(b"admin", ADMIN) == both and prompts(b"tool", LOCAL_PEER) == both
+    assert prompts(b"admin", ADMIN) == both
+    assert prompts(b"gateway", LOCAL_PEER, local=True) == both    # the local frontend

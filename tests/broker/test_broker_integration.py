@@ -165,29 +165,39 @@ def test_running_timeout_aborts_the_worker(cluster):
 
 
 def test_cancel_queued_and_running(cluster):
+    """The submitting DEALER cancels its own queued and running jobs on the same socket (the
+    owner without CURVE); another connection is refused and the job goes on."""
     cluster.start_broker()
     cluster.start_worker("w1", step_s=0.1)
     cluster.wait_workers("w1")
-    c, canceller = cluster.client(), cluster.client(zmq.REQ)
+    c, other = cluster.client(), cluster.client(zmq.REQ)
     c.send(flat_request("run-a", steps=100))
     c.send(flat_request("pre-b", steps=2))
     c.send(flat_request("queued-c", steps=2))
     cluster.running_on("pre-b")
-    canceller.send({"message_type": "cancel_request", "request_id": "queued-c"})
-    resp = canceller.recv(5)
+    other.send({"message_type": "cancel_request", "request_id": "other-c", "data": {"request_id": "queued-c"}})
+    refused = other.recv(5)
+    assert refused["success"] is False and refused["error_code"] == "forbidden", refused
+
+    def finals(count: int) -> dict[str, dict]:
+        replies = [c.recv_final(5) for _ in range(count)]
+        return {r["request_id"]: r for r in replies}
+
+    c.send({"message_type": "cancel_request", "request_id": "cancel-c", "data": {"request_id": "queued-c"}})
+    got = finals(2)
+    resp = got["cancel-c"]
     assert resp["message_type"] == "cancel_response" and resp["success"], resp
     assert resp["data"]["state"] == "queued"
-    reply_c = c.recv_final(5)
-    assert reply_c["request_id"] == "queued-c" and reply_c["error_code"] == "cancelled"
+    assert got["queued-c"]["error_code"] == "cancelled"
 
-    canceller.send({"message_type": "cancel_request", "request_id": "run-a"})
-    assert canceller.recv(5)["data"]["state"] == "running"
-    reply_a = c.recv_final(5)
-    assert reply_a["request_id"] == "run-a" and reply_a["error_code"] == "cancelled"
+    c.send({"message_type": "cancel_request", "request_id": "cancel-a", "data": {"request_id": "run-a"}})
+    got = finals(2)
+    assert got["cancel-a"]["data"]["state"] == "running"
+    assert got["run-a"]["error_code"] == "cancelled"
     reply_b = c.recv_final(5)   # the worker stopped run-a, so the prefetched job runs now
     assert reply_b["request_id"] == "pre-b" and reply_b["success"]
-    canceller.send({"message_type": "cancel_request", "request_id": "run-a"})
-    assert canceller.recv(5)["success"] is False
+    c.send({"message_type": "cancel_request", "request_id": "cancel-a2", "data": {"request_id": "run-a"}})
+    assert c.recv_final(5)["success"] is False
     assert c.drain(0.3) == []
 
 

@@ -60,8 +60,9 @@ def test_models_lists_every_file_a_worker_can_load_by_kind(start_serve, demo_mod
 
 
 def test_queue_and_history_show_jobs_without_prompts(start_serve, tmp_path):
+    local = f"ipc://{tmp_path}/local.sock"   # the operator's endpoint (a dashboard, tools)
     sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                      "--sim-workers", "1", "--sim-step-s", "0.1"])
+                      "--sim-workers", "1", "--sim-step-s", "0.1", "--local-frontend", local])
     secret = "a secret prompt nobody else may read"
     with BrokerClient(sp.endpoint, timeout_s=30.0) as client:
         first = client.generate(prompt="a fox", model_base="tiny-sdxl", steps=2, width=256,
@@ -99,8 +100,14 @@ def test_queue_and_history_show_jobs_without_prompts(start_serve, tmp_path):
         # the running job's step as its worker reported it; queued ones have none
         assert listed[0]["total_steps"] == 150 and 1 <= listed[0]["step"] <= 150
         assert [(j["step"], j["total_steps"]) for j in listed[2:]] == [(0, 0), (0, 0)]
-        # an operator's dashboard asks for the prompts
-        with_prompts = client.request({"message_type": "list_queue", "data": {"include_prompts": True}})
+        # another client asking for the prompts gets none of them: they are their owners'
+        asked = client.request({"message_type": "list_queue", "data": {"include_prompts": True}})
+        assert [j.get("prompt") for j in asked["data"]["jobs"]] == [None] * 4
+        assert secret not in json.dumps(asked)
+        # an operator's dashboard on the local frontend gets them
+        with BrokerClient(local, timeout_s=30.0) as operator:
+            with_prompts = operator.request({"message_type": "list_queue",
+                                             "data": {"include_prompts": True}})
         _validate(with_prompts, "reply.list_queue")
         assert [j["prompt"] for j in with_prompts["data"]["jobs"]] == [secret] * 4
         assert wait_for(lambda: client.list_queue()["jobs"][0]["step"] > listed[0]["step"])
@@ -108,9 +115,10 @@ def test_queue_and_history_show_jobs_without_prompts(start_serve, tmp_path):
         table = cli("queue", "--endpoint", sp.endpoint, timeout_s=60)
         assert table.returncode == 0 and "2 running, 2 queued" in table.stdout, table.stdout
         assert "q-high" in table.stdout and secret not in table.stdout
-        table = cli("queue", "--endpoint", sp.endpoint, "--prompts", timeout_s=60)
+        table = cli("queue", "--endpoint", local, "--prompts", timeout_s=60)
         assert table.returncode == 0 and "secret" in table.stdout and "prompt" in table.stdout, table.stdout
-        client.cancel("long-1")
+        with BrokerClient(local, timeout_s=30.0) as operator:
+            operator.cancel("long-1")
         for thread in threads:
             thread.join(30)
         history_reply = client.request({"message_type": "list_history", "data": {"limit": 10}})

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.server import Broker, BrokerConfig
 from clients.client import BrokerClient
 from protocol import worker_protocol as W
-from tests.serve.conftest import ROOT, free_port, start_long_job, stop_processes, wait_for
+from tests.serve.conftest import ROOT, free_port, stop_processes, wait_for
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -77,12 +77,14 @@ def test_scrape_shows_outcomes_error_codes_latency_queue_and_cache(processes, tm
         invalid = client.generate(prompt="a fox", model_base="tiny-sdxl", steps=999,
                                   raise_on_error=False, request_id="bad-1").reply
         assert invalid["error_code"] == "validation_error"
-        # one cancelled while running
-        job, running, outcome = start_long_job(frontend, client_timeout_s=15.0)
-        assert running.wait(15), outcome
-        assert client.cancel("to-cancel")["cancelled"] is True
-        job.join(15)
-        assert outcome["reply"]["error_code"] == "cancelled"
+        # one cancelled while running, by the connection that submitted it
+        with client.generation(prompt="slow", model_base="tiny-sdxl", steps=150, width=256,
+                               height=256, request_id="to-cancel") as job:
+            for message in job:
+                if message.get("stage") == "denoising":
+                    break
+            assert job.cancel()["data"]["cancelled"] is True
+            assert [m for m in job][-1]["error_code"] == "cancelled"
 
         # the worker's next heartbeat carries its cache counters
         assert wait_for(lambda: client.status()["workers"][0]["cache_hits"] >= 2, timeout_s=5)

@@ -4,10 +4,15 @@ sockets (SIMULATED workers, named as such: the rules are the broker's, not the e
 - Under CURVE a job belongs to its submitter's key: another client key cannot cancel it (the
   job finishes for its owner), the owner can from a new connection, an admin key can; cleanup
   needs an admin key.
+- Without CURVE a job belongs to the connection that submitted it: another connection, even on
+  the broker's machine over loopback, is refused (`forbidden`, the job finishes for its owner);
+  the owner cancels on its own socket (a raw DEALER, the Python client's `generation().cancel()`,
+  `sdxl-broker generate`'s Ctrl-C: tests/serve/test_cli_people.py); `sdxl-broker cancel` from
+  another process says how to cancel instead; serve --allow-local-cancel lets any local
+  connection cancel any job; the local frontend (the operator's) always may.
 - Without CURVE, a client on another machine (here: this machine's own non-loopback address,
-  which the broker cannot tell from another host's) may not run cleanup or cancel another
-  client's job, unless serve runs with --allow-remote-management; a client on the broker's
-  machine (the local ipc frontend) may.
+  which the broker cannot tell from another host's) may not run cleanup, unless serve runs with
+  --allow-remote-management; a client on the broker's machine may.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import zmq
 
 from clients.client import BrokerClient, RequestFailed
 from runtime.curve import make_keys
-from tests.serve.conftest import wait_for
+from tests.serve.conftest import cli, wait_for
 
 SIM = ["--sim-workers", "1", "--sim-load-s", "0.01", "--sim-step-s", "0.05"]
 LONG_STEPS = 60            # 3 s on the simulated worker: long enough to be cancelled while running
@@ -76,7 +81,7 @@ def test_under_curve_only_the_owners_key_or_an_admin_key_cancels_and_only_an_adm
         job, running, outcome = _long_job(alice, "alice-1")
         assert running.wait(30), sp.log()
         refused = _refused(lambda: bob.cancel("alice-1"))
-        assert refused.code == "forbidden" and "only its submitter or an admin" in refused.reply["error"]
+        assert refused.code == "forbidden" and "only its submitter's key or an admin key" in refused.reply["error"]
         job.join(60)
         assert outcome["reply"]["success"] is True, outcome   # bob's cancel changed nothing
 
@@ -220,12 +225,85 @@ def test_allow_remote_management_trusts_remote_clients_without_curve(start_serve
                       *SIM, "--allow-remote-management"])
     with BrokerClient(sp.endpoint, timeout_s=30.0) as remote:
         assert set(remote.cleanup()["workers"]) == {"sim-0"}
-        job, running, outcome = _long_job(remote, "theirs")
+        # managing the workers is not cancelling another connection's job (--allow-local-cancel)
+        with remote.generation(prompt="mine", model_base="tiny-sdxl", steps=LONG_STEPS, width=256,
+                               height=256, request_id="theirs") as job:
+            _until_denoising(job)
+            assert _refused(lambda: remote.cancel("theirs")).code == "forbidden"
+            assert job.cancel()["data"]["cancelled"] is True     # its own connection may
+            assert list(job)[-1]["error_code"] == "cancelled"
+    assert any("--allow-remote-management: every client" in line for line in sp.stderr_lines)
+
+
+# --- without CURVE, on the broker's machine ---------------------------------------------------------
+def _until_denoising(job) -> None:
+    for message in job:
+        if message.get("stage") == "denoising":
+            return
+    raise AssertionError(f"job {job.request_id} ended before denoising: {job.final}")
+
+
+@pytest.mark.slow
+def test_without_curve_on_loopback_only_the_submitting_connection_cancels(start_serve, tmp_path):
+    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", f"ipc://{tmp_path}/be.sock", *SIM])
+    ctx = zmq.Context()
+    try:
+        owner, other = RawDealer(ctx, sp.endpoint), RawDealer(ctx, sp.endpoint)
+        owner.send(_generate_body("local-1"))
+        assert wait_for(lambda: _running(sp.endpoint, "local-1"), timeout_s=30), sp.log()
+        other.send(_cancel_body("c-other", "local-1"))
+        refused = other.final("c-other")
+        assert refused["error_code"] == "forbidden", refused
+        assert "Ctrl-C in the `sdxl-broker generate`" in refused["error"]
+        # another process's `sdxl-broker cancel` is refused too, and told how to cancel
+        terminal = cli("cancel", "local-1", "--endpoint", sp.endpoint)
+        assert terminal.returncode == 1 and "error (forbidden)" in terminal.stderr, terminal.stderr
+        for how in ("press Ctrl-C in the `sdxl-broker generate` that sent it", "admin key",
+                    "--local-frontend", "--allow-local-cancel"):
+            assert how in terminal.stderr, terminal.stderr
+        # nobody else reads its prompt either
+        with BrokerClient(sp.endpoint, timeout_s=10.0) as stranger:
+            [row] = stranger.list_queue(include_prompts=True)["jobs"]
+            assert row["request_id"] == "local-1" and "prompt" not in row
+        assert owner.final("local-1", timeout_s=60)["success"] is True   # finished for its owner
+
+        # its owner cancels it on the socket that sent it
+        owner.send(_generate_body("local-2"))
+        assert wait_for(lambda: _running(sp.endpoint, "local-2"), timeout_s=30), sp.log()
+        owner.send(_cancel_body("c-owner", "local-2"))
+        assert owner.final("c-owner")["data"]["cancelled"] is True
+        assert owner.final("local-2")["error_code"] == "cancelled"
+    finally:
+        ctx.destroy(linger=0)
+
+    # the Python client: the exchange that submitted a job cancels it on its own socket, while
+    # a cancel from another connection of the same client object is refused
+    with BrokerClient(sp.endpoint, timeout_s=30.0) as client:
+        with client.generation(prompt="mine", model_base="tiny-sdxl", steps=LONG_STEPS, width=256,
+                               height=256, request_id="local-3") as job:
+            _until_denoising(job)
+            assert _refused(lambda: client.cancel("local-3")).code == "forbidden"
+            reply = job.cancel()
+            assert reply["success"] is True and reply["data"]["state"] == "running", reply
+            assert list(job)[-1]["error_code"] == "cancelled"
+        # management from this machine is unchanged: loopback may clean up
+        assert set(client.cleanup()["workers"]) == {"sim-0"}
+
+
+@pytest.mark.slow
+def test_allow_local_cancel_lets_any_local_connection_cancel_any_job(start_serve, tmp_path):
+    sp = start_serve(["--frontend", "tcp://127.0.0.1:*", "--backend", f"ipc://{tmp_path}/be.sock",
+                      *SIM, "--allow-local-cancel"])
+    with BrokerClient(sp.endpoint, timeout_s=30.0) as alice, BrokerClient(sp.endpoint, timeout_s=30.0) as bob:
+        job, running, outcome = _long_job(alice, "alices")
         assert running.wait(30), sp.log()
-        assert remote.cancel("theirs")["cancelled"] is True   # another socket: trusted anyway
+        [row] = bob.list_queue(include_prompts=True)["jobs"]
+        assert row["prompt"] == "mine"
+        assert bob.cancel("alices")["cancelled"] is True
         job.join(30)
         assert outcome["reply"]["error_code"] == "cancelled"
-    assert any("--allow-remote-management: every client" in line for line in sp.stderr_lines)
+    assert any("--allow-local-cancel: every client on this machine may cancel any job" in line
+               for line in sp.stderr_lines), sp.log()
 
 
 def _running(endpoint: str, request_id: str) -> bool:

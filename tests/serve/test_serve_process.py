@@ -69,10 +69,16 @@ def test_serve_starts_shows_every_worker_and_stops_leaving_nothing(start_serve, 
     assert cleaned.returncode == 0 and list(json.loads(cleaned.stdout)["workers"]) == ["sim-0"]
     refused = cli("cancel", "no-such-job", "--endpoint", frontend)
     assert refused.returncode == 1 and "no-such-job" in refused.stderr
-    # cancel a running job from the terminal: its caller gets `cancelled`
+    # cancel a running job from the terminal: on the main frontend another connection's job is
+    # refused, saying how; on the local frontend (the operator's) it is cancelled and its
+    # caller gets `cancelled`
     job, running, outcome = start_long_job(frontend, client_timeout_s=10.0)
     assert running.wait(20)
-    cancelled = cli("cancel", "to-cancel", "--endpoint", frontend)
+    refused = cli("cancel", "to-cancel", "--endpoint", frontend)
+    assert refused.returncode == 1 and "error (forbidden)" in refused.stderr, refused.stderr
+    assert "Ctrl-C in the `sdxl-broker generate`" in refused.stderr
+    assert "--allow-local-cancel" in refused.stderr
+    cancelled = cli("cancel", "to-cancel", "--endpoint", f"ipc://{tmp_path}/local.sock")
     assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["cancelled"] is True
     job.join(20)
     assert outcome["reply"]["error_code"] == "cancelled"
