@@ -16,8 +16,9 @@
 // - first contact fails fast: when nothing at all arrives within ConnectTimeout, the request
 //   fails naming the endpoint and the likely causes instead of retrying for minutes.
 // The broker's frontend hands a reused socket identity over to the newest connection
-// (ROUTER_HANDOVER), so setting Options.Identity on the fresh socket is safe too; it is not
-// needed and this client leaves it unset.
+// (ROUTER_HANDOVER). Every attempt of one request, and the cancel_request sent when its token
+// is cancelled, use one random Options.Identity: without CURVE the broker lets only the
+// connection (routing identity) that submitted a job cancel it.
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -76,7 +77,10 @@ public sealed class SdxlBrokerClient : IDisposable
     public JsonObject Status() =>
         Request(new JsonObject { ["message_type"] = "status_request", ["request_id"] = NewId() });
 
-    /// <summary>Cancel a queued or running job by its request_id.</summary>
+    /// <summary>Cancel a queued or running job by its request_id, from a new connection: the
+    /// broker allows it for the job's CURVE key or an admin key, on its --local-frontend, or
+    /// with --allow-local-cancel; a job this client is waiting for is cancelled through the
+    /// CancellationToken of its request (the same routing identity).</summary>
     public JsonObject Cancel(string requestId) =>
         Request(new JsonObject
         {
@@ -91,16 +95,21 @@ public sealed class SdxlBrokerClient : IDisposable
     public JsonObject Request(JsonObject body, CancellationToken cancellation = default)
     {
         body["request_id"] ??= NewId();
+        return Request(body, NewIdentity(), cancellation);
+    }
+
+    private JsonObject Request(JsonObject body, byte[] identity, CancellationToken cancellation)
+    {
         var requestId = body["request_id"]!.GetValue<string>();
         var frame = JsonSerializer.SerializeToUtf8Bytes(body);
-        var exchange = new Exchange(this, requestId, frame);
+        var exchange = new Exchange(this, requestId, frame, identity);
         exchange.Run(cancellation);
         if (exchange.Reply is null)
         {
             if (cancellation.IsCancellationRequested)
             {
                 if (body["message_type"]?.GetValue<string>() != "cancel_request")
-                    TryCancel(requestId);
+                    TryCancel(requestId, identity);
                 cancellation.ThrowIfCancellationRequested();
             }
             throw new BrokerUnavailableException(exchange.Failure ?? "no reply");
@@ -108,13 +117,29 @@ public sealed class SdxlBrokerClient : IDisposable
         return exchange.Reply;
     }
 
-    private void TryCancel(string requestId)
+    /// <summary>The cancel of a job this client is waiting for, as the connection that
+    /// submitted it (the same routing identity).</summary>
+    private void TryCancel(string requestId, byte[] identity)
     {
-        try { Cancel(requestId); }
+        var body = new JsonObject
+        {
+            ["message_type"] = "cancel_request",
+            ["request_id"] = NewId(),
+            ["data"] = new JsonObject { ["request_id"] = requestId },
+        };
+        try { Request(body, identity, CancellationToken.None); }
         catch (BrokerUnavailableException) { /* nobody to tell; the job times out on the broker */ }
     }
 
     private static string NewId() => Guid.NewGuid().ToString("N");
+
+    /// <summary>A random routing identity (not starting with a zero byte: ZeroMQ reserves those).</summary>
+    private static byte[] NewIdentity()
+    {
+        var identity = Guid.NewGuid().ToByteArray();
+        identity[0] = 1;
+        return identity;
+    }
 
     public void Dispose() { /* sockets live only inside a request */ }
 
@@ -124,16 +149,18 @@ public sealed class SdxlBrokerClient : IDisposable
         private readonly SdxlBrokerClient _client;
         private readonly string _requestId;
         private readonly byte[] _frame;
+        private readonly byte[] _identity;   // the same for every attempt: the job's owner
         private bool _heard;          // the broker has answered this request
         private int _unanswered;      // resends in a row that got nothing back
         public JsonObject? Reply { get; private set; }
         public string? Failure { get; private set; }
 
-        public Exchange(SdxlBrokerClient client, string requestId, byte[] frame)
+        public Exchange(SdxlBrokerClient client, string requestId, byte[] frame, byte[] identity)
         {
             _client = client;
             _requestId = requestId;
             _frame = frame;
+            _identity = identity;
         }
 
         public void Run(CancellationToken cancellation)
@@ -204,6 +231,7 @@ public sealed class SdxlBrokerClient : IDisposable
         {
             var socket = new DealerSocket();
             socket.Options.Linger = TimeSpan.Zero;
+            socket.Options.Identity = _identity;
             socket.Connect(_client._endpoint);
             // ["", body]: the REQ-style envelope; the reply comes back with the same envelope
             socket.SendMoreFrameEmpty().SendFrame(_frame);
