@@ -204,18 +204,29 @@ def stuck_worker(s) -> str:
 
 
 def settle_stuck_workers(attacks: dict, ledger) -> None:
-    """For each stuck worker: of the jobs it took, how many finished elsewhere while it still
-    heart-beat (the watchdog's doing), how many only after it vanished (re-queued as for a
-    lost worker), and how many never got a final reply."""
+    """For each stuck worker: of the client requests it took, how many finished elsewhere
+    while it still heart-beat (the watchdog's doing), how many only after it vanished
+    (re-queued as for a lost worker), and how many never got a final reply. Requests nobody
+    waited for are counted apart: a vanished client's (its reply is only read by the
+    end-of-run resend) and the bad-input stream's (not in the ledger)."""
     for result in attacks.get("stuck_worker", []):
         taken, left = result.pop("_taken", []), result.pop("_left_at", 0.0)
-        firsts = []
+        result["job_ids"] = taken
+        counts = {"finished_while_stuck": 0, "finished_after_it_left": 0, "never_finished": 0,
+                  "nobody_waiting": 0}
         for rid in taken:
-            ats = [f.at for e in ledger.entries_for(rid) for f in e.finals]
-            firsts.append(min(ats) if ats else None)
-        result["finished_while_stuck"] = sum(1 for a in firsts if a is not None and a <= left)
-        result["finished_after_it_left"] = sum(1 for a in firsts if a is not None and a > left)
-        result["never_finished"] = sum(1 for a in firsts if a is None)
+            entries = [e for e in ledger.entries_for(rid) if not e.vanished]
+            if not entries:
+                counts["nobody_waiting"] += 1
+                continue
+            ats = [f.at for e in entries for f in e.finals]
+            if not ats:
+                counts["never_finished"] += 1
+            elif min(ats) <= left:
+                counts["finished_while_stuck"] += 1
+            else:
+                counts["finished_after_it_left"] += 1
+        result.update(counts)
 
 
 def full_disk(s) -> str:

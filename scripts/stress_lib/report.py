@@ -109,10 +109,12 @@ ATTACK_ROWS = [
         f"{sum(n for x in r for k, n in (x.get('frames_sent') or {}).items() if 'forged' in k)}"))),
     ("stuck worker: jobs taken / aborts to it", _cell("stuck_worker", lambda r: (
         f"{_sum(r, 'jobs_taken')} / {_sum(r, 'aborts_received')}"))),
-    ("stuck worker's jobs: done while it was stuck / after it left / never", _cell(
+    ("stuck worker's jobs: done while it was stuck / after it left / never "
+     "(+ nobody waiting)", _cell(
         "stuck_worker", lambda r: (f"{_sum(r, 'finished_while_stuck')} / "
                                    f"{_sum(r, 'finished_after_it_left')} / "
-                                   f"{_sum(r, 'never_finished')}"))),
+                                   f"{_sum(r, 'never_finished')} "
+                                   f"(+{_sum(r, 'nobody_waiting')})"))),
     ("full disk: answered while full / sent (outcomes)", _cell("full_disk", lambda r: (
         f"{_sum(r, 'answered_while_full')} / {_sum(r, 'requests_while_full')} "
         f"({_fmt(_merge({o: 1} for x in r for o in x.get('outcomes_while_full') or []))})"))),

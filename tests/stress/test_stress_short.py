@@ -249,22 +249,18 @@ def test_short_stress_run_with_big_bodies_and_a_full_disk(tmp_path):
     60 MB bodies per phase from a hostile client (JSON with 30 M zeros, msgpack with a 60 MB
     image), and the split phase's journal disk (a tmpfs the script mounts as root) filled for
     10 s with requests sent meanwhile. Nothing lost or duplicated; every big body answered;
-    with the in-memory journal (serve) no healthy worker is lost; every request sent while the
-    disk is full is answered (a job, or `unavailable`), and sending each again after the disk
-    is freed gives the stored outcome or runs it once. Not asserted, because it does not hold
-    yet (docs/reliability.md): no healthy worker lost in the split phase, where the SQLite
-    journal writes each 60 MB body on the broker's loop."""
-    # no bad-input stream here (the test above has it): its 20 s reply rule would flag a
-    # 68 KB frame queued behind 60 MB bodies in the broker's decode stage (docs/reliability.md)
+    every request sent while the disk is full is answered (a job, or `unavailable`), and sending each again after the disk
+    is freed gives the stored outcome or runs it once; no healthy worker lost in either phase
+    (the loop decodes big bodies off the loop and counts queued heartbeats before judging)."""
+    # no bad-input stream here (the test above has it): its 20 s reply rule would flag its
+    # 10 MB frames, which queue behind the 60 MB bodies in the decode stage's lane for bodies
+    # over 4 MB (docs/reliability.md)
     code, summary, output = _run_stress(tmp_path, "--seconds", "40", "--seed", "4321",
                                         "--fault-kinds", "big_bodies,full_disk", "--no-bad-input")
-    assert code in (0, 1), (summary["tool_errors"], output[-3000:])
-    allowed = [f for f in summary["failures"]
-               if f.startswith("split: ") and "healthy workers lost" in f]
-    assert summary["failures"] == allowed, (summary["failures"], output[-3000:])
+    assert code == 0, (summary["failures"], summary["tool_errors"], output[-3000:])
     totals = summary["totals"]
     assert totals["lost"] == 0 and totals["duplicated"] == 0
-    assert summary["phases"]["serve"]["healthy_workers_lost"] == 0
+    assert totals["healthy_workers_lost"] == 0
     for name, phase in summary["phases"].items():
         assert phase["broker_ok"] and not phase["unplanned_broker_deaths"], (name, output[-3000:])
     big = _attacks(summary, "big_bodies")
@@ -284,3 +280,24 @@ def test_short_stress_run_with_big_bodies_and_a_full_disk(tmp_path):
     assert d["status_answered_while_full"] is True
     assert d["resends_answered"] == d["resent_after_free"] == 4, d
     assert "dedupe_mismatch" not in summary["violations"]
+
+
+def test_a_stuck_workers_jobs_are_classified_by_when_their_client_got_a_reply():
+    from stress_lib.hostile_faults import settle_stuck_workers
+    ledger = Ledger(clock=iter([1.0, 5.0, 6.0, 20.0, 21.0, 22.0]).__next__)
+    for key in ("early", "late", "never"):
+        _entry(ledger, key)
+    ledger.sent("early")                          # t=1
+    ledger.final("early", _final("early"))        # t=5: while the stuck worker lived (left 10)
+    ledger.sent("late")                           # t=6
+    ledger.final("late", _final("late"))          # t=20: after it left
+    ledger.sent("never")                          # t=21
+    vanished = _entry(ledger, "gone")
+    vanished.vanished = True
+    attacks = {"stuck_worker": [{"_taken": ["early", "late", "never", "gone", "bad-1"],
+                                 "_left_at": 10.0}]}
+    settle_stuck_workers(attacks, ledger)
+    r = attacks["stuck_worker"][0]
+    assert (r["finished_while_stuck"], r["finished_after_it_left"], r["never_finished"],
+            r["nobody_waiting"]) == (1, 1, 1, 2)
+    assert r["job_ids"] == ["early", "late", "never", "gone", "bad-1"] and "_taken" not in r
