@@ -355,9 +355,11 @@ class Broker:
         """Client messages the decode stage has decoded (or refused), in their peers' order."""
         core, clock = self.core, self.clock
         for request, body in decoded:
-            self._send_safely(core.on_decoded_client(request, body, clock()))
-            if body.journal_body is not None:   # a staged file the core did not take
+            out = core.on_decoded_client(request, body, clock())
+            if body.journal_body is not None:   # a staged file the core did not take goes
+                # before the reply is sent (a resend answered from the journal, a refusal)
                 self.journal.drop_staged_unless_accepted(body.parsed.request_id, body.journal_body)
+            self._send_safely(out)
 
     def _send_safely(self, outputs: list[Output]) -> None:
         try:

@@ -47,12 +47,17 @@ def test_a_staged_big_body_survives_a_broker_restart(cluster):
 
     cluster.start_broker(state_dir=state_dir)   # same endpoints, same journal
     cluster.start_worker("w1")
+    deadline = time.monotonic() + 30   # the re-queued job runs from the staged body
+    while cluster.broker.status()["broker"]["completed"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster.broker.status()["broker"]["completed"] == 1
+    assert os.listdir(bodies) == []   # removed with the finished job's row
     resend = cluster.client()
-    resend.send(body)   # the same request again: attached to the re-queued job
+    resend.send(body)   # the same request again: its stored reply; its new staged file goes
     reply = resend.recv_final(30)
     assert reply["success"] is True, reply
     assert reply["request_id"] == "big-restart"
-    assert os.listdir(bodies) == []   # removed with the finished job's row
+    assert os.listdir(bodies) == []
 
 
 def test_a_small_body_from_another_peer_does_not_wait_behind_a_60_mb_one(cluster):
