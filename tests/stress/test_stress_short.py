@@ -215,6 +215,8 @@ def test_short_stress_run_loses_nothing(tmp_path):
     assert code == 0, (summary["failures"], summary["tool_errors"], output[-3000:])
     assert totals["lost"] == 0 and totals["duplicated"] == 0
     assert totals["healthy_workers_lost"] == 0
+    # ...and that 0 is read from real broker logs: the faulted workers' give-ups are found
+    assert all(p["worker_give_ups"] > 0 for p in summary["phases"].values())
     assert totals["accepted"] > 0 and totals["completed"] > 0
     assert set(summary["phases"]) == {"serve", "split"}
     events = summary["events"]
