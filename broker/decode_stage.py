@@ -310,14 +310,11 @@ class DecodeStage:
 
 # --- the decode process ------------------------------------------------------------------------------
 def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL when the thread that started us ends (Linux); elsewhere the poll loop checks."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    """SIGKILL when the thread that started us ends (Linux, runtime.parent_watch); elsewhere
+    the poll loop checks the parent pid."""
+    from runtime.parent_watch import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent_pid:
         sys.exit(0)
 
