@@ -164,6 +164,10 @@ class BrokerCore:
         self._unstored = UnstoredReplies()      # final replies the journal failed to store
         self._next_store_retry = now
         self._bad_frames = BadFrames()
+        # answers for jobs a worker no longer runs: a rogue worker forges thousands; one log
+        # line per connection per window, the rest only counted (never a disconnect: a slow
+        # real worker sends these after a re-queue too)
+        self._discarded_answers = BadFrames(limit=2**62)
         self.counters = {"completed": 0, "failed": 0, "accepted": 0, "malformed": 0}
         self._ops = management.PendingOps()
         self._rr = routing.RoundRobin()
@@ -628,9 +632,11 @@ class BrokerCore:
             return
         worker = self.registry.by_identity(identity)
         if worker is None:
-            if isinstance(msg, (W.JobResult, W.JobFailed)):
-                log.warning("discarding late %s for %s from a lost or unknown worker",
-                            type(msg).__name__, msg.request_id)
+            if (isinstance(msg, (W.JobResult, W.JobFailed))
+                    and self._discarded_answers.strike(identity, self._now)[0]):
+                log.warning("discarding late %s for %s from a lost or unknown worker (more "
+                            "from this connection within %.0f s are not logged)",
+                            type(msg).__name__, msg.request_id, self._discarded_answers.window_s)
             if type(msg) is not W.Disconnect:
                 self._out.append(ToWorkers([identity], W.Disconnect(
                     reason="not registered; send READY again")))
@@ -749,8 +755,10 @@ class BrokerCore:
         self._dirty = True
         state = self._current_job(worker, msg)
         if state is None:
-            log.info("discarding %s for %s (dispatch %s) from %s: job no longer runs there",
-                     type(msg).__name__, rid, msg.dispatch_id, worker.worker_id)
+            if self._discarded_answers.strike(worker.identity, now=self._now)[0]:
+                log.info("discarding %s for %s (dispatch %s) from %s: job no longer runs there "
+                         "(more from this worker within %.0f s are not logged)", type(msg).__name__,
+                         rid, msg.dispatch_id, worker.worker_id, self._discarded_answers.window_s)
             return
         now = self._now
         success = type(msg) is W.JobResult

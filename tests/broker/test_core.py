@@ -336,3 +336,21 @@ def test_timing_out_one_job_of_a_batch_aborts_only_that_one_and_the_others_compl
         [reply] = _finals(core.on_worker(w, W.JobResult(request_id=m.request_id, dispatch_id=m.dispatch_id,
                                                         data={"generated_images": []}), 6.0))
         assert reply["success"] is True and reply["request_id"] == m.request_id
+
+
+def test_forged_answers_are_dropped_and_logged_once_a_minute_per_connection(caplog):
+    """A rogue worker sending results for jobs it does not run (thousands in the stress run)
+    cannot flood the log: the first per connection per minute is logged, the rest dropped."""
+    core = _core()
+    rogue = _register(core, "rogue", 0.0)
+    caplog.set_level("INFO", logger="broker.server")   # the core logs under this name
+    for n in range(50):
+        out = core.on_worker(rogue, W.JobResult(request_id=f"forged-{n}", dispatch_id=7), 1.0 + n)
+        assert not _finals(out)                         # nobody gets a forged reply
+    for n in range(50):   # from a connection that never registered
+        core.on_worker(b"stranger", W.JobResult(request_id=f"late-{n}", dispatch_id=7), 1.0 + n)
+    logged = [r.getMessage() for r in caplog.records if "discarding" in r.getMessage()]
+    assert len(logged) == 2, logged
+    core.on_worker(rogue, W.JobResult(request_id="forged-again", dispatch_id=7), 61.5)
+    logged = [r.getMessage() for r in caplog.records if "discarding" in r.getMessage()]
+    assert len(logged) == 3 and "forged-again" in logged[-1]
