@@ -31,6 +31,8 @@ class FakeBroker:
     def __init__(self, tmp_path, drop_first=0, codec_out=None, mute=False):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # as the broker's frontend: a resend's
+        # fresh socket keeps the request's identity and takes it over
         self.endpoint = f"ipc://{tmp_path}/fake-broker.sock"
         self.sock.bind(self.endpoint)
         self.drop_first = drop_first
